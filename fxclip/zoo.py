@@ -1,0 +1,199 @@
+"""Reference models: every family fxclip claims to support, small enough to test on a CPU.
+
+Each entry of `ZOO` names a factory and a function that makes a batch of inputs and targets for
+it, so tests, the benchmark and the `fxclip train` command all draw from one table.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+class MLP(nn.Module):
+    """Two hidden layers with tanh, on flattened inputs."""
+
+    def __init__(self, in_features: int = 64, hidden: int = 128, num_classes: int = 10):
+        super().__init__()
+        self.net = nn.Sequential(
+            nn.Flatten(),
+            nn.Linear(in_features, hidden),
+            nn.Tanh(),
+            nn.Linear(hidden, hidden),
+            nn.Tanh(),
+            nn.Linear(hidden, num_classes),
+        )
+
+    def forward(self, x):
+        return self.net(x)
+
+
+class MnistCNN(nn.Module):
+    """The CNN of Abadi et al. and Lee & Kifer (Opacus' MNIST example) for 28x28 images."""
+
+    def __init__(self, in_channels: int = 1, num_classes: int = 10):
+        super().__init__()
+        self.conv1 = nn.Conv2d(in_channels, 16, 8, stride=2, padding=3)
+        self.conv2 = nn.Conv2d(16, 32, 4, stride=2)
+        self.fc1 = nn.Linear(32 * 4 * 4, 32)
+        self.fc2 = nn.Linear(32, num_classes)
+
+    def forward(self, x):
+        x = F.max_pool2d(F.relu(self.conv1(x)), 2, 1)  # [B, 16, 13, 13]
+        x = F.max_pool2d(F.relu(self.conv2(x)), 2, 1)  # [B, 32, 4, 4]
+        return self.fc2(F.relu(self.fc1(x.flatten(1))))
+
+
+class SmallCNN(nn.Module):
+    """A CNN for small images (scikit-learn's 8x8 digits): two 3x3 convs and a linear head."""
+
+    def __init__(self, in_channels: int = 1, num_classes: int = 10, width: int = 16):
+        super().__init__()
+        self.conv1 = nn.Conv2d(in_channels, width, 3, padding=1)
+        self.conv2 = nn.Conv2d(width, 2 * width, 3, stride=2, padding=1)
+        self.norm = nn.GroupNorm(4, 2 * width)
+        self.head = nn.Linear(2 * width, num_classes)
+
+    def forward(self, x):
+        x = F.relu(self.conv1(x))
+        x = F.relu(self.norm(self.conv2(x)))
+        return self.head(x.mean((2, 3)))
+
+
+class BasicBlock(nn.Module):
+    """ResNet basic block with GroupNorm; a strided 1x1 conv downsamples the shortcut."""
+
+    def __init__(self, cin: int, cout: int, stride: int):
+        super().__init__()
+        self.conv1 = nn.Conv2d(cin, cout, 3, stride=stride, padding=1, bias=False)
+        self.norm1 = nn.GroupNorm(min(8, cout), cout)
+        self.conv2 = nn.Conv2d(cout, cout, 3, padding=1, bias=False)
+        self.norm2 = nn.GroupNorm(min(8, cout), cout)
+        self.downsample = None
+        if stride != 1 or cin != cout:
+            self.downsample = nn.Sequential(
+                nn.Conv2d(cin, cout, 1, stride=stride, bias=False), nn.GroupNorm(min(8, cout), cout)
+            )
+
+    def forward(self, x):
+        out = F.relu(self.norm1(self.conv1(x)))
+        out = self.norm2(self.conv2(out))
+        shortcut = x if self.downsample is None else self.downsample(x)
+        return F.relu(out + shortcut)
+
+
+class ResNetGN(nn.Module):
+    """A small ResNet with GroupNorm in place of BatchNorm (BatchNorm mixes examples)."""
+
+    def __init__(self, in_channels: int = 3, num_classes: int = 10, widths=(16, 32, 64)):
+        super().__init__()
+        self.stem = nn.Conv2d(in_channels, widths[0], 3, padding=1, bias=False)
+        self.norm = nn.GroupNorm(min(8, widths[0]), widths[0])
+        blocks, cin = [], widths[0]
+        for i, w in enumerate(widths):
+            blocks.append(BasicBlock(cin, w, stride=1 if i == 0 else 2))
+            cin = w
+        self.blocks = nn.Sequential(*blocks)
+        self.fc = nn.Linear(cin, num_classes)
+
+    def forward(self, x):
+        x = F.relu(self.norm(self.stem(x)))
+        x = self.blocks(x)
+        return self.fc(x.mean((2, 3)))
+
+
+class DepthwiseSeparableNet(nn.Module):
+    """MobileNet-style blocks: depthwise 3x3 conv (groups = channels) then pointwise 1x1 conv."""
+
+    def __init__(self, in_channels: int = 3, num_classes: int = 10, width: int = 16):
+        super().__init__()
+        self.stem = nn.Conv2d(in_channels, width, 3, padding=1)
+        layers = []
+        for cin, cout, stride in [(width, 2 * width, 1), (2 * width, 4 * width, 2)]:
+            layers += [
+                nn.Conv2d(cin, cin, 3, stride=stride, padding=1, groups=cin),
+                nn.GroupNorm(4, cin),
+                nn.ReLU(),
+                nn.Conv2d(cin, cout, 1),
+                nn.ReLU(),
+            ]
+        self.features = nn.Sequential(*layers)
+        self.fc = nn.Linear(4 * width, num_classes)
+
+    def forward(self, x):
+        return self.fc(self.features(F.relu(self.stem(x))).mean((2, 3)))
+
+
+class BagOfWords(nn.Module):
+    """Embedding bag-of-words text classifier: mean of token embeddings (padding ignored)."""
+
+    def __init__(self, vocab: int = 1000, dim: int = 32, num_classes: int = 4, padding_idx: int = 0):
+        super().__init__()
+        self.embed = nn.Embedding(vocab, dim, padding_idx=padding_idx)
+        self.padding_idx = padding_idx
+        self.fc = nn.Linear(dim, num_classes)
+
+    def forward(self, tokens):
+        mask = (tokens != self.padding_idx).unsqueeze(-1).to(self.embed.weight.dtype)
+        pooled = (self.embed(tokens) * mask).sum(1) / mask.sum(1).clamp(min=1.0)
+        return self.fc(pooled)
+
+
+class TiedAutoencoder(nn.Module):
+    """Token embedding reused (tied) as the output layer, plus a learned scale: a shared parameter."""
+
+    def __init__(self, vocab: int = 100, dim: int = 16):
+        super().__init__()
+        self.embed = nn.Embedding(vocab, dim)
+        self.hidden = nn.Linear(dim, dim)
+        self.scale = nn.Parameter(torch.ones(dim))
+
+    def forward(self, tokens):
+        h = torch.tanh(self.hidden(self.embed(tokens))) * self.scale
+        return F.linear(h.mean(1), self.embed.weight)  # logits over the vocabulary
+
+
+@dataclass(frozen=True)
+class ZooEntry:
+    """A model factory and a batch maker: `make_batch(B, generator) -> (inputs_tuple, targets)`."""
+
+    name: str
+    factory: Callable[[], nn.Module]
+    make_batch: Callable[[int, torch.Generator], tuple]
+    description: str
+
+
+def _images(channels: int, side: int, classes: int):
+    def make(batch: int, gen: torch.Generator):
+        x = torch.randn(batch, channels, side, side, generator=gen)
+        return (x,), torch.randint(0, classes, (batch,), generator=gen)
+
+    return make
+
+
+def _tokens(vocab: int, length: int, classes: int):
+    def make(batch: int, gen: torch.Generator):
+        x = torch.randint(0, vocab, (batch, length), generator=gen)
+        return (x,), torch.randint(0, classes, (batch,), generator=gen)
+
+    return make
+
+
+ZOO: dict[str, ZooEntry] = {
+    e.name: e
+    for e in [
+        ZooEntry("mlp", lambda: MLP(64, 128, 10), _images(1, 8, 10), "MLP on 8x8 images"),
+        ZooEntry("mnist_cnn", lambda: MnistCNN(1, 10), _images(1, 28, 10), "paper's MNIST CNN"),
+        ZooEntry("small_cnn", lambda: SmallCNN(1, 10), _images(1, 8, 10), "CNN for 8x8 digits"),
+        ZooEntry("resnet_gn", lambda: ResNetGN(3, 10), _images(3, 32, 10), "ResNet with GroupNorm"),
+        ZooEntry(
+            "depthwise", lambda: DepthwiseSeparableNet(3, 10), _images(3, 32, 10), "depthwise-separable"
+        ),
+        ZooEntry("bow", lambda: BagOfWords(1000, 32, 4), _tokens(1000, 64, 4), "embedding bag of words"),
+        ZooEntry("tied", lambda: TiedAutoencoder(100, 16), _tokens(100, 12, 100), "tied embedding"),
+    ]
+}
