@@ -1,0 +1,107 @@
+"""The private optimizer step of DP-SGD: noise the clipped gradient sum, average, then step.
+
+`fxclip.transform(...).step` accumulates into each `p.grad` the sum over examples of the clipped
+per-example gradients. `PrivateOptimizer.step` then adds Gaussian noise of standard deviation
+sigma*C to that sum, divides by the expected batch size, and lets any torch optimizer (SGD, Adam,
+AdamW, ...) take its step. Calling `transform.step` on several physical batches before one
+`PrivateOptimizer.step` is gradient accumulation: clipped per example, noised once.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+
+import numpy as np
+import torch
+
+
+def secure_standard_normal(shape: torch.Size | tuple, dtype: torch.dtype, device: torch.device | str) -> torch.Tensor:
+    """Standard normal samples from the operating system's CSPRNG (os.urandom), by Box-Muller.
+
+    Uniforms have 53 random bits (float64), so the sampler is unpredictable and not seedable, unlike
+    torch's Mersenne-Twister/Philox generators.
+    """
+    n = math.prod(shape)
+    bits = np.frombuffer(os.urandom(16 * ((n + 1) // 2)), dtype=np.uint64) >> np.uint64(11)
+    u1, u2 = np.split((bits.astype(np.float64) + 1.0) * 2.0**-53, 2)  # both in (0, 1]
+    radius = np.sqrt(-2.0 * np.log(u1))
+    normals = np.concatenate([radius * np.cos(2 * np.pi * u2), radius * np.sin(2 * np.pi * u2)])[:n]
+    return torch.from_numpy(normals).reshape(shape).to(device=device, dtype=dtype)
+
+
+def gaussian_noise(
+    like: torch.Tensor, std: float, *, secure: bool = False, generator: torch.Generator | None = None
+) -> torch.Tensor:
+    """Gaussian noise with mean 0 and standard deviation `std`, shaped like `like`.
+
+    secure=True draws from the OS's cryptographically secure source (`generator` must be None);
+    otherwise from torch's generator (`generator`, or the global one for `like`'s device).
+    """
+    if secure:
+        if generator is not None:
+            raise ValueError("secure noise cannot be seeded: pass generator=None with secure=True.")
+        return std * secure_standard_normal(like.shape, like.dtype, like.device)
+    return torch.normal(0.0, std, like.shape, generator=generator, dtype=like.dtype, device=like.device)
+
+
+class PrivateOptimizer:
+    """Wraps a torch optimizer so that its step is the DP-SGD step on clipped gradient sums.
+
+    Args:
+        optimizer: any torch.optim optimizer over the model's parameters.
+        noise_multiplier: sigma; the noise added to each clipped sum has std sigma * max_grad_norm.
+        max_grad_norm: C, the clip bound used by the transform.
+        expected_batch_size: q*N, the divisor of the noisy sum (fixed, not the drawn batch size,
+            so that the divisor reveals nothing about the batch).
+        secure_noise: draw noise from the OS's cryptographically secure source.
+        generator: torch.Generator for reproducible (non-secure) noise.
+    """
+
+    def __init__(
+        self,
+        optimizer: torch.optim.Optimizer,
+        *,
+        noise_multiplier: float,
+        max_grad_norm: float,
+        expected_batch_size: float,
+        secure_noise: bool = False,
+        generator: torch.Generator | None = None,
+    ):
+        if noise_multiplier < 0:
+            raise ValueError(f"noise_multiplier must be >= 0, got {noise_multiplier}.")
+        if not max_grad_norm > 0:
+            raise ValueError(f"max_grad_norm (clip bound C) must be > 0, got {max_grad_norm}.")
+        if not expected_batch_size > 0:
+            raise ValueError(f"expected_batch_size must be > 0, got {expected_batch_size}.")
+        if secure_noise and generator is not None:
+            raise ValueError("secure noise cannot be seeded: pass generator=None with secure_noise=True.")
+        self.optimizer = optimizer
+        self.noise_multiplier = noise_multiplier
+        self.max_grad_norm = max_grad_norm
+        self.expected_batch_size = expected_batch_size
+        self.secure_noise = secure_noise
+        self.generator = generator
+        self.params = [p for g in optimizer.param_groups for p in g["params"] if p.requires_grad]
+
+    @property
+    def noise_std(self) -> float:
+        """sigma * C, the standard deviation of the noise added to each clipped gradient sum."""
+        return self.noise_multiplier * self.max_grad_norm
+
+    def zero_grad(self) -> None:
+        """Clear the accumulated clipped sums (sets p.grad to None)."""
+        self.optimizer.zero_grad(set_to_none=True)
+
+    def add_noise_and_average(self) -> None:
+        """Replace each p.grad (clipped sum; None counts as 0) by (sum + N(0, (sigma C)^2)) / (q N)."""
+        for p in self.params:
+            grad = torch.zeros_like(p) if p.grad is None else p.grad
+            if self.noise_std > 0:
+                grad = grad + gaussian_noise(grad, self.noise_std, secure=self.secure_noise, generator=self.generator)
+            p.grad = grad / self.expected_batch_size
+
+    def step(self) -> None:
+        """Noise and average the accumulated clipped sums, then take the wrapped optimizer's step."""
+        self.add_noise_and_average()
+        self.optimizer.step()
