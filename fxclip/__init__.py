@@ -1,1 +1,17 @@
-"""fxclip: fast per-example gradient clipping for DP-SGD, as a torch.fx graph rewrite."""
+"""fxclip: fast per-example gradient clipping for DP-SGD, as a torch.fx graph rewrite.
+
+    t = fxclip.transform(model, loss_fn, max_grad_norm=1.0)
+    res = t.step(inputs, targets)   # p.grad += Σ_i min(1, C/‖g_i‖) g_i ; res.norms = ‖g_i‖
+"""
+
+from . import rules  # noqa: F401  (registers the built-in rules)
+from .api import PrivateStep, StepResult, transform
+from .errors import CaptureError, ExampleMixingError, FxclipError, VerificationError
+from .forms import Dense, LinearForm, OneHot, PerExampleGrad
+from .rules import OpCall, register_rule, unregister_rule
+
+__all__ = [
+    "transform", "PrivateStep", "StepResult", "register_rule", "unregister_rule", "OpCall",
+    "LinearForm", "PerExampleGrad", "Dense", "OneHot",
+    "FxclipError", "CaptureError", "ExampleMixingError", "VerificationError",
+]

@@ -1,0 +1,205 @@
+"""The public entry point: `transform(model, loss_fn, max_grad_norm)` -> a private training step."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+import torch
+import torch.utils._pytree as pytree
+
+from .errors import FxclipError, VerificationError
+from .passes import Context, StepProgram, run_passes
+from .passes.capture import reject_batchnorm_in_training
+from .passes.emit import EPS
+
+STRATEGIES = ("auto", "ghost", "materialize")
+
+
+@dataclass
+class StepResult:
+    """What one private step computed (all detached, one entry per example)."""
+
+    losses: torch.Tensor
+    norms: torch.Tensor  # ‖∇θ L_i‖ over all trainable parameters, before clipping
+    clip_factors: torch.Tensor  # min(1, C / (norm + 1e-6))
+
+    @property
+    def batch_size(self) -> int:
+        return self.losses.shape[0]
+
+
+def transform(
+    model: torch.nn.Module,
+    loss_fn: Callable,
+    max_grad_norm: float,
+    *,
+    batch_dims: Sequence[int] | None = None,
+    strategy: str = "auto",
+    verify: bool = False,
+    memory_budget: float | None = None,
+) -> "PrivateStep":
+    """Make `model` trainable with per-example clipping.
+
+    loss_fn(output, targets) must return one loss per example ([B]). `batch_dims` gives, per model
+    input, the dim that holds the batch (default 0 for each). `strategy` forces "ghost" or
+    "materialize" for every linear-form parameter; "auto" picks per parameter from the cost
+    formulas. `verify=True` checks the first step against the torch.func reference.
+    `memory_budget` (elements per example) makes "auto" prefer strategies that fit."""
+    return PrivateStep(model, loss_fn, max_grad_norm, batch_dims, strategy, verify, memory_budget)
+
+
+class PrivateStep:
+    """`step(inputs, targets)` accumulates Σ_i clip_i ∇θ L_i into each trainable `p.grad` (as
+    `loss.backward()` accumulates), and returns the per-example losses and norms."""
+
+    def __init__(self, model, loss_fn, max_grad_norm, batch_dims, strategy, verify, memory_budget):
+        if not isinstance(max_grad_norm, (int, float)) or not math.isfinite(max_grad_norm) or max_grad_norm <= 0:
+            raise FxclipError(f"max_grad_norm must be a positive finite number, got {max_grad_norm!r}")
+        if strategy not in STRATEGIES:
+            raise FxclipError(f"strategy must be one of {STRATEGIES}, got {strategy!r}")
+        reject_batchnorm_in_training(model)
+        self.model = model
+        self.loss_fn = loss_fn
+        self.max_grad_norm = float(max_grad_norm)
+        self.batch_dims = None if batch_dims is None else tuple(batch_dims)
+        self.strategy = strategy
+        self.verify = verify
+        self.memory_budget = memory_budget
+        self._programs: dict[bool, tuple[Context, StepProgram]] = {}  # by model.training
+
+    # ---- public -----------------------------------------------------------------------------
+
+    def step(self, inputs, targets) -> StepResult:
+        inputs = inputs if isinstance(inputs, tuple) else (inputs,)
+        batch = self._check_inputs(inputs, targets)
+        params = dict(self.model.named_parameters())
+        trainable = {k: p for k, p in params.items() if p.requires_grad}
+        if batch == 0:
+            empty = torch.zeros(0)
+            self._accumulate(trainable, {})
+            return StepResult(empty, empty, empty)
+        ctx, program = self._program(inputs, targets)
+        losses, norms, clip, grads = program(self._flat_args(ctx, inputs, targets), self.max_grad_norm, self.strategy)
+        if not torch.isfinite(losses).all():
+            bad = (~torch.isfinite(losses)).nonzero().flatten().tolist()
+            raise FxclipError(f"loss is NaN or infinite for examples {bad[:10]}; no gradients were written")
+        if not torch.isfinite(norms).all():
+            bad = (~torch.isfinite(norms)).nonzero().flatten().tolist()
+            raise FxclipError(f"gradient norm is NaN or infinite for examples {bad[:10]}; no gradients were written")
+        if self.verify:
+            self._verify(ctx, program, inputs, targets)
+            self.verify = False
+        self._accumulate(trainable, grads)
+        return StepResult(losses, norms, clip)
+
+    @property
+    def fallbacks(self) -> list[str]:
+        """'<param> in <op> (<module>)' for each parameter use that no rule covers (fallback)."""
+        from .passes.analyze import where
+
+        return [f"{u.params} at {where(u.node)}" for ctx, _ in self._programs.values() for u in ctx.fallbacks]
+
+    @property
+    def program(self) -> StepProgram:
+        """The step program of the most recent capture (its plan says what the last step did)."""
+        if not self._programs:
+            raise FxclipError("no step has run yet: call step(inputs, targets) first")
+        return self._programs[self.model.training][1]
+
+    # ---- internals --------------------------------------------------------------------------
+
+    def _batch_dims(self, inputs) -> tuple[int, ...]:
+        dims = self.batch_dims or (0,) * len(inputs)
+        if len(dims) != len(inputs):
+            raise FxclipError(f"batch_dims has {len(dims)} entries but the model gets {len(inputs)} inputs")
+        return dims
+
+    def _check_inputs(self, inputs, targets) -> int:
+        dims = self._batch_dims(inputs)
+        sizes = []
+        for i, (x, d) in enumerate(zip(inputs, dims)):
+            if not isinstance(x, torch.Tensor):
+                raise FxclipError(f"input {i} is a {type(x).__name__}; step() takes tensors")
+            if x.dim() <= d:
+                raise FxclipError(f"input {i} has shape {tuple(x.shape)}, which has no dim {d} for the batch")
+            sizes.append(x.shape[d])
+            if x.is_floating_point() and not torch.isfinite(x).all():
+                raise FxclipError(f"input {i} contains NaN or infinite values; clean the data before the step")
+        for t in pytree.tree_leaves(targets):
+            if isinstance(t, torch.Tensor):
+                sizes.append(t.shape[0] if t.dim() else -1)
+        if len(set(sizes)) != 1:
+            raise FxclipError(
+                f"inputs and targets disagree on the batch size: {sizes} (inputs along batch_dims={dims}, "
+                "targets along dim 0)"
+            )
+        return sizes[0]
+
+    def _program(self, inputs, targets):
+        key = self.model.training
+        if key not in self._programs:
+            ctx = Context(
+                model=self.model,
+                loss_fn=self.loss_fn,
+                example_inputs=inputs,
+                example_targets=targets,
+                batch_dims=self._batch_dims(inputs),
+                strategy=self.strategy,
+                memory_budget=self.memory_budget,
+            )
+            self._programs[key] = (ctx, run_passes(ctx))
+        return self._programs[key]
+
+    def _flat_args(self, ctx: Context, inputs, targets) -> list:
+        params = dict(self.model.named_parameters())
+        buffers = dict(self.model.named_buffers())
+        user = iter(pytree.tree_leaves((inputs, targets)))
+        constants = ctx.exported.constants
+        args = []
+        for kind, key in ctx.placeholders:
+            if kind == "param":
+                args.append(params[key])
+            elif kind == "buffer":
+                args.append(buffers[key])
+            elif kind == "constant":
+                args.append(constants[key])
+            else:
+                args.append(next(user))
+        return args
+
+    def _accumulate(self, trainable: dict, grads: dict) -> None:
+        for key, p in trainable.items():
+            g = grads.get(key)
+            g = torch.zeros_like(p) if g is None else g.to(p.dtype).reshape(p.shape)
+            p.grad = g if p.grad is None else p.grad + g
+
+    def _verify(self, ctx: Context, program: StepProgram, inputs, targets, examples: int = 8) -> None:
+        """Compare the first few examples' norms and clipped sum with the torch.func reference."""
+        from .reference import clipped_sum, per_example_grads
+
+        dims = self._batch_dims(inputs)
+        k = min(examples, pytree.tree_leaves(targets)[0].shape[0])
+        sub_inputs = tuple(x.narrow(d, 0, k) for x, d in zip(inputs, dims))
+        sub_targets = pytree.tree_map(lambda t: t[:k], targets)
+        _, norms, _, grads = program(self._flat_args(ctx, sub_inputs, sub_targets), self.max_grad_norm, self.strategy)
+        try:
+            ref = per_example_grads(self.model, self.loss_fn, sub_inputs, sub_targets, dims)
+        except RuntimeError as e:
+            raise VerificationError(
+                f"verify=True could not run the torch.func reference on this model ({e}). Models with "
+                "randomness (dropout) need verify=False, or verify in eval() mode."
+            ) from e
+        ref_norms, ref_clipped = clipped_sum(ref, self.max_grad_norm, EPS)
+        tol = 1e-6 if norms.dtype == torch.float64 else 1e-3
+        scale = ref_norms.abs().max().clamp(min=1e-12)
+        if ((norms - ref_norms).abs() > tol * scale).any():
+            raise VerificationError(f"per-example norms differ from the reference: fxclip {norms.tolist()} vs {ref_norms.tolist()}")
+        bad = []
+        for key, expected in ref_clipped.items():
+            got = grads.get(key, torch.zeros_like(expected))
+            if (got - expected).abs().max() > tol * max(float(expected.abs().max()), self.max_grad_norm):
+                bad.append(key)
+        if bad:
+            raise VerificationError(f"clipped gradients differ from the reference for parameters {bad}")

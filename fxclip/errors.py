@@ -1,0 +1,18 @@
+"""Errors fxclip raises. Each message says what is wrong and how to fix it."""
+
+
+class FxclipError(ValueError):
+    """Base class: bad input or a model fxclip cannot make private as it stands."""
+
+
+class CaptureError(FxclipError):
+    """The model could not be captured as a graph by torch.export."""
+
+
+class ExampleMixingError(FxclipError):
+    """An op lets one example influence another's output (BatchNorm in training mode, a batch
+    reduction); per-example gradients, and so DP-SGD clipping, are then undefined."""
+
+
+class VerificationError(FxclipError):
+    """`verify=True` found norms or clipped gradients that differ from the torch.func reference."""

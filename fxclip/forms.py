@@ -1,0 +1,241 @@
+"""What a rule returns: a per-example gradient in a form fxclip can take norms of and sum cheaply.
+
+A rule never builds per-example gradients unless that is the cheap way. It returns one of:
+
+- `LinearForm(left, right)`: example i's gradient is G_i = L_iᵀ R_i (one [k_L, k_R] block per
+  group g), where L_i ∈ R^{T×k_L} and R_i ∈ R^{T×k_R} are factors over T positions. Linear layers,
+  convolutions (patches), embeddings (one-hot rows) and biases (a column of ones) have this form.
+  Its squared norm is available two ways, which must agree:
+    ghost:        ‖L_iᵀ R_i‖² = ⟨L_i L_iᵀ, R_i R_iᵀ⟩      cost per example G·T²·(k_L + k_R)
+    materialize:  build G_i, square and sum                  cost per example G·T·k_L·k_R
+  and the clipped sum Σ_i c_i G_i is one contraction of (c ⊙ L) with R over (i, t).
+- `PerExampleGrad(grads)`: G_i itself, [B, *parameter shape]. For parameters whose per-example
+  gradient is small (normalization affine weights, scales, broadcast biases) and for the fallback.
+
+A factor is `Dense([B, G, T, k])` or `OneHot(index [B, G, T], k, weight [B, G, T])`, the latter
+standing for rows of one-hot vectors scaled by `weight` (embeddings; weight 0 drops padding).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from itertools import groupby
+from typing import Sequence, Union
+
+import sympy
+import torch
+
+# Cost formulas are per example (every strategy is linear in the batch size B).
+T, KL, KR, G = sympy.symbols("T k_L k_R G", positive=True, integer=True)
+
+
+def _accumulate(x: torch.Tensor) -> torch.Tensor:
+    """Norm arithmetic runs in at least float32 (bf16/fp16 Gram products lose too much)."""
+    return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
+
+
+@dataclass
+class Dense:
+    """A dense factor: values [B, G, T, k]."""
+
+    values: torch.Tensor
+
+    @property
+    def k(self) -> int:
+        return self.values.shape[-1]
+
+    @property
+    def positions(self) -> int:
+        return self.values.shape[2]
+
+    def scaled(self, c: torch.Tensor) -> "Dense":
+        return Dense(self.values * c.to(self.values.dtype).view(-1, 1, 1, 1))
+
+
+@dataclass
+class OneHot:
+    """Rows e_{index[b,g,t]} · weight[b,g,t] of a k-column one-hot matrix, index [B, G, T]."""
+
+    index: torch.Tensor
+    k: int
+    weight: torch.Tensor
+
+    @property
+    def positions(self) -> int:
+        return self.index.shape[2]
+
+    def scaled(self, c: torch.Tensor) -> "OneHot":
+        return OneHot(self.index, self.k, self.weight * c.to(self.weight.dtype).view(-1, 1, 1))
+
+
+Factor = Union[Dense, OneHot]
+
+
+def gram(x: Factor, y: Factor) -> torch.Tensor:
+    """Per example and group, the T_x × T_y matrix of row inner products X Yᵀ."""
+    if isinstance(x, Dense) and isinstance(y, Dense):
+        return _accumulate(x.values) @ _accumulate(y.values).transpose(-1, -2)
+    if isinstance(x, OneHot) and isinstance(y, OneHot):
+        same = x.index.unsqueeze(-1) == y.index.unsqueeze(-2)
+        return same * (_accumulate(x.weight).unsqueeze(-1) * _accumulate(y.weight).unsqueeze(-2))
+    if isinstance(x, Dense):
+        return gram(y, x).transpose(-1, -2)
+    # x one-hot, y dense: (X Yᵀ)[t, s] = weight_t · Y[s, index_t]
+    yt = _accumulate(y.values).transpose(-1, -2)  # [B, G, k, Ty]
+    idx = x.index.unsqueeze(-1).expand(*x.index.shape, yt.shape[-1])
+    return yt.gather(2, idx) * _accumulate(x.weight).unsqueeze(-1)
+
+
+def outer_sum(left: Factor, right: Factor) -> torch.Tensor:
+    """Per example and group, Σ_t left_tᵀ right_t: the materialized gradient [B, G, k_L, k_R]."""
+    if isinstance(left, Dense) and isinstance(right, Dense):
+        return left.values.transpose(-1, -2) @ right.values
+    if isinstance(left, Dense):
+        return outer_sum(right, left).transpose(-1, -2)
+    if isinstance(right, OneHot):
+        rows = torch.nn.functional.one_hot(right.index, right.k).to(left.weight.dtype)
+        return outer_sum(left, Dense(rows * right.weight.unsqueeze(-1)))
+    values = right.values * left.weight.unsqueeze(-1).to(right.values.dtype)
+    b, g, _, kr = values.shape
+    out = values.new_zeros(b, g, left.k, kr)
+    return out.scatter_add(2, left.index.unsqueeze(-1).expand_as(values), values)
+
+
+def _fold_batch(f: Factor) -> Factor:
+    """[B, G, T, ...] -> [1, G, B·T, ...]: the batch becomes more positions."""
+    if isinstance(f, Dense):
+        return Dense(f.values.transpose(0, 1).flatten(1, 2).unsqueeze(0))
+    return OneHot(
+        f.index.transpose(0, 1).flatten(1, 2).unsqueeze(0),
+        f.k,
+        f.weight.transpose(0, 1).flatten(1, 2).unsqueeze(0),
+    )
+
+
+@dataclass
+class LinearForm:
+    """G_i = L_iᵀ R_i per group; materialized gradients are reshaped to `shape`."""
+
+    left: Factor
+    right: Factor
+    shape: torch.Size
+
+    def transposed(self) -> "LinearForm":
+        """The same gradient seen through a 2-D transpose of the parameter."""
+        return LinearForm(self.right, self.left, torch.Size(reversed(self.shape)))
+
+    def materialize(self) -> torch.Tensor:
+        grads = outer_sum(self.left, self.right)
+        return grads.reshape(grads.shape[0], *self.shape)
+
+    def clipped_sum(self, c: torch.Tensor) -> torch.Tensor:
+        """Σ_i c_i G_i as one contraction over examples and positions (book-keeping)."""
+        grads = outer_sum(_fold_batch(self.left.scaled(c)), _fold_batch(self.right))
+        return grads.reshape(self.shape)
+
+
+@dataclass
+class PerExampleGrad:
+    """Per-example gradients [B, *shape], already materialized."""
+
+    grads: torch.Tensor
+
+    @property
+    def shape(self) -> torch.Size:
+        return self.grads.shape[1:]
+
+    def materialize(self) -> torch.Tensor:
+        return self.grads
+
+    def clipped_sum(self, c: torch.Tensor) -> torch.Tensor:
+        return torch.tensordot(c.to(self.grads.dtype), self.grads, dims=1)
+
+
+Form = Union[LinearForm, PerExampleGrad]
+
+
+# ---- norms ------------------------------------------------------------------------------------
+
+STRATEGIES = ("ghost", "materialize")
+
+
+def _factor_cost_symbols(f: Factor, k) -> sympy.Expr:
+    """Gram cost per pair of positions: a dense dot product costs k, a one-hot compare costs 1."""
+    return k if isinstance(f, Dense) else sympy.Integer(1)
+
+
+def cost_formulas(forms: Sequence[LinearForm]) -> dict[str, sympy.Expr]:
+    """Per-example multiply-adds of each strategy for the squared norm of Σ_u G_u, symbolically."""
+    left, right = forms[0].left, forms[0].right
+    ghost = G * T**2 * (_factor_cost_symbols(left, KL) + _factor_cost_symbols(right, KR) + 1)
+    materialize = G * T * KL * KR + G * KL * KR
+    return {"ghost": ghost, "materialize": materialize}
+
+
+def cost_values(forms: Sequence[LinearForm]) -> dict:
+    """The formulas evaluated on these forms' shapes, plus the extra memory each needs (elements)."""
+    f = forms[0]
+    groups = (f.left.values if isinstance(f.left, Dense) else f.left.index).shape[1]
+    subs = {
+        T: sum(u.left.positions for u in forms),
+        KL: f.left.k,
+        KR: f.right.k,
+        G: groups,
+    }
+    flops = {name: int(expr.subs(subs)) for name, expr in cost_formulas(forms).items()}
+    memory = {"ghost": 2 * groups * subs[T] ** 2, "materialize": groups * subs[KL] * subs[KR]}
+    return {"flops": flops, "memory": memory, "shapes": {str(k): v for k, v in subs.items()}}
+
+
+def choose_strategy(forms: Sequence[LinearForm], strategy: str, memory_budget: float | None = None) -> str:
+    """`strategy` if forced, else the cheaper one in flops among those within `memory_budget`
+    (elements per example)."""
+    if strategy != "auto":
+        return strategy
+    costs = cost_values(forms)
+    allowed = [s for s in STRATEGIES if memory_budget is None or costs["memory"][s] <= memory_budget]
+    candidates = allowed or [min(STRATEGIES, key=lambda s: costs["memory"][s])]
+    return min(candidates, key=lambda s: costs["flops"][s])
+
+
+def _concat(factors: Sequence[Factor]) -> Factor:
+    if isinstance(factors[0], Dense):
+        return Dense(torch.cat([f.values for f in factors], dim=2))
+    return OneHot(
+        torch.cat([f.index for f in factors], dim=2),
+        factors[0].k,
+        torch.cat([f.weight for f in factors], dim=2),
+    )
+
+
+def ghost_norm_sq(forms: Sequence[LinearForm]) -> torch.Tensor:
+    """‖Σ_u L_uᵀ R_u‖² per example without materializing: Σ_{u,v} ⟨L_u L_vᵀ, R_u R_vᵀ⟩.
+
+    Uses whose factors have the same kinds are concatenated along T first, so a weight used at
+    every step of a recurrence costs one Gram product, not T² of them."""
+    key = lambda f: (type(f.left).__name__, type(f.right).__name__)
+    blocks = [
+        (_concat([f.left for f in grp]), _concat([f.right for f in grp]))
+        for _, grp in ((k, list(g)) for k, g in groupby(sorted(forms, key=key), key=key))
+    ]
+    total = None
+    for left_u, right_u in blocks:
+        for left_v, right_v in blocks:
+            term = (gram(left_u, left_v) * gram(right_u, right_v)).sum((1, 2, 3))
+            total = term if total is None else total + term
+    return total
+
+
+def materialized_norm_sq(grads: torch.Tensor) -> torch.Tensor:
+    """Σ over all but the batch dim of the squares of per-example gradients [B, ...]."""
+    return _accumulate(grads).pow(2).flatten(1).sum(1)
+
+
+def linear_forms_norm_sq(forms: Sequence[LinearForm], strategy: str) -> torch.Tensor:
+    """Squared norm of Σ_u G_u (uses of one parameter in one orientation) by `strategy`."""
+    if strategy == "ghost":
+        return ghost_norm_sq(forms)
+    total = forms[0].materialize()
+    for f in forms[1:]:
+        total = total + f.materialize()
+    return materialized_norm_sq(total)

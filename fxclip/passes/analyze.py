@@ -1,0 +1,245 @@
+"""Pass 3, analyze: where each tensor's batch axis is, which ops would mix examples, and which
+operands carry trainable parameters (followed through views, slices, casts and any other
+parameter-only computation)."""
+
+from __future__ import annotations
+
+import math
+import operator
+
+import networkx as nx
+import torch
+from torch.fx import GraphModule, Node
+
+from ..batch import BatchAxis
+from ..errors import ExampleMixingError, FxclipError
+from ..rules.registry import argument_nodes
+from .context import Context, ParamUse
+
+aten = torch.ops.aten
+
+# Ops that only reinterpret the row-major order of their input: the batch keeps its flat position.
+RESHAPES = {
+    aten.view.default, aten.reshape.default, aten._unsafe_view.default, aten.flatten.using_ints,
+    aten.unflatten.int, aten.squeeze.dim, aten.squeeze.dims, aten.squeeze.default,
+    aten.unsqueeze.default, aten.contiguous.default, aten.clone.default, aten.alias.default,
+}
+# Ops that only reorder dims.
+PERMUTES = {aten.permute.default, aten.transpose.int, aten.t.default, aten.movedim.int, aten.swapaxes.default}
+
+# Parameter chains: ops that return the parameter unchanged (up to aliasing or dtype) ...
+IDENTITY_OPS = {
+    aten.alias.default, aten.detach.default, aten.clone.default, aten.contiguous.default,
+    aten._to_copy.default, aten.to.dtype, aten.to.dtype_layout, aten.lift_fresh_copy.default,
+    aten.type_as.default,
+}
+CAST_OPS = {aten._to_copy.default, aten.to.dtype, aten.to.dtype_layout, aten.type_as.default}
+# ... and ops that copy a subset of its entries (the norm of a gradient is then unchanged).
+GATHER_OPS = IDENTITY_OPS | RESHAPES | PERMUTES | {
+    aten.select.int, aten.slice.Tensor, aten.narrow.default, aten.split.Tensor, aten.chunk.default,
+    aten.split_with_sizes.default, aten.unbind.int, aten.index_select.default, aten.embedding.default,
+    aten.index.Tensor, aten.diagonal.default, operator.getitem,
+}
+
+# Ops that work along one dim: along the batch axis they mix examples.
+ALONG_DIM = {
+    aten.softmax.int, aten._softmax.default, aten.log_softmax.int, aten._log_softmax.default,
+    aten.cumsum.default, aten.cumprod.default, aten.logcumsumexp.default, aten.sort.default,
+    aten.argsort.default, aten.cummax.default, aten.cummin.default,
+}
+
+
+def where(node: Node) -> str:
+    """The module path and source line a node came from, for error messages."""
+    stack = node.meta.get("nn_module_stack") or {}
+    path = ""
+    if stack:
+        path, cls = list(stack.values())[-1]
+        path = path.removeprefix("L['self'].").removeprefix("model.").removeprefix("model")
+        cls = getattr(cls, "__name__", str(cls).split(".")[-1].rstrip("'>"))
+        path = f"module '{path or '<root>'}' ({cls})"
+    lines = (node.meta.get("stack_trace") or "").strip().splitlines()
+    code = lines[-1].strip() if lines else ""
+    return ", ".join(p for p in (path, f"op {node.target}", code and f"code: {code}") if p)
+
+
+class _BatchLocator:
+    """Finds `BatchAxis` of every node from the symbolic batch size in torch.export's shapes."""
+
+    def __init__(self, symbol):
+        self.symbol = symbol
+
+    def has_batch(self, size) -> bool:
+        return isinstance(size, torch.SymInt) and self.symbol in size.node.expr.free_symbols
+
+    def is_batch(self, size) -> bool:
+        return isinstance(size, torch.SymInt) and size.node.expr == self.symbol
+
+    def locate(self, node: Node, val, in_axes: list[tuple[torch.Tensor, BatchAxis]]):
+        if isinstance(val, (tuple, list)):
+            return tuple(self.locate(node, v, in_axes) for v in val)
+        if not isinstance(val, torch.Tensor):
+            return None
+        dims = [d for d, s in enumerate(val.shape) if self.has_batch(s)]
+        if not dims:
+            if in_axes:
+                raise ExampleMixingError(
+                    f"{where(node)} reduces over the batch (its output has no batch axis), so "
+                    "examples mix. Reduce over the other dims only; loss_fn must return one loss per example."
+                )
+            return None
+        if len(dims) > 1:
+            raise ExampleMixingError(
+                f"{where(node)} produces a tensor with the batch in several dims {tuple(val.shape)}: "
+                "examples interact (e.g. a product of the batch with itself)."
+            )
+        d = dims[0]
+        if self.is_batch(val.shape[d]):
+            return BatchAxis(d, 1)
+        if in_axes and node.target in RESHAPES:
+            x, ax = in_axes[0]
+            flat_inner = ax.inner * math.prod(int(s) for s in x.shape[ax.dim + 1 :])
+            trailing = math.prod(int(s) for s in val.shape[d + 1 :])
+            if flat_inner % trailing == 0:
+                return BatchAxis(d, flat_inner // trailing)
+        if in_axes and node.target in PERMUTES:
+            return BatchAxis(d, in_axes[0][1].inner)
+        for x, ax in in_axes:
+            if x.shape[ax.dim] == val.shape[d]:
+                return BatchAxis(d, ax.inner)
+        raise FxclipError(
+            f"cannot tell where the batch is in the output {tuple(val.shape)} of {where(node)}; "
+            "register a rule for this op or reshape so the batch stays a separate dim"
+        )
+
+
+def _tensor_inputs(node: Node) -> list[Node]:
+    return [n for n in node.all_input_nodes if isinstance(n.meta.get("val"), torch.Tensor)]
+
+
+def _check_mixing(node: Node, in_axis) -> None:
+    """Ops whose output keeps its batch axis but still mixes examples."""
+    target = node.target
+    args = argument_nodes(node) if isinstance(target, torch._ops.OpOverload) else {}
+    if target is aten.batch_norm.default and args.get("training"):
+        raise ExampleMixingError(
+            f"{where(node)}: batch normalization with batch statistics mixes examples. Replace it "
+            "with nn.GroupNorm or nn.LayerNorm, or put the module in eval() mode."
+        )
+    if target is aten.embedding.default and args.get("scale_grad_by_freq"):
+        raise ExampleMixingError(
+            f"{where(node)}: scale_grad_by_freq=True scales gradients by token counts over the whole "
+            "batch, which couples examples. Create the embedding with scale_grad_by_freq=False."
+        )
+    if in_axis is None:
+        return
+    ndim = node.args[0].meta["val"].dim()
+    reduced: list[int] = []
+    if target in ALONG_DIM:
+        reduced = [args["dim"] % ndim]
+    elif target in (aten.layer_norm.default, aten.rms_norm.default):
+        reduced = list(range(ndim - len(args["normalized_shape"]), ndim))
+    elif target in (aten.group_norm.default, aten.instance_norm.default):
+        reduced = list(range(1, ndim))
+    if in_axis.dim in reduced:
+        raise ExampleMixingError(
+            f"{where(node)} normalizes or accumulates along dim {in_axis.dim}, which holds the batch: "
+            "examples mix. Check batch_dims, or apply the op along another dim."
+        )
+
+
+def _chain_kind(chain: list[Node], params: tuple) -> str:
+    if len(params) != 1:
+        return "general"
+    targets = [n.target for n in chain]
+    if all(t in IDENTITY_OPS for t in targets):
+        return "identity"
+    transposes = [n for n in chain if n.target not in IDENTITY_OPS]
+    if len(transposes) == 1 and transposes[0].target in PERMUTES and transposes[0].meta["val"].dim() == 2:
+        return "transpose"
+    if all(t in GATHER_OPS for t in targets):
+        return "gather"
+    return "general"
+
+
+def analyze(gm: GraphModule, ctx: Context) -> GraphModule:
+    """Guarantees: every node has meta["fxclip_batch_axis"] (a BatchAxis, None for batch-free
+    values, a tuple for multi-output ops); no op mixes examples (else ExampleMixingError naming the
+    module); `ctx.uses` lists every (op, operand) where trainable parameters meet the batch, and
+    every trainable parameter that reaches the loss appears in some use."""
+    graph = gm.graph
+    placeholders = [n for n in graph.nodes if n.op == "placeholder"]
+    params = dict(ctx.model.named_parameters())
+    inputs = [n for n, (kind, _) in zip(placeholders, ctx.placeholders) if kind == "input"]
+    input_vals = [n.meta["val"] for n in inputs]
+    ctx.batch_symbol = input_vals[-1].shape[0].node.expr  # targets: batch in dim 0
+    locator = _BatchLocator(ctx.batch_symbol)
+    trainable: dict[str, Node] = {}
+    for node, (kind, key) in zip(placeholders, ctx.placeholders):
+        if kind == "param" and params[key].requires_grad:
+            trainable[key] = node
+    ctx.trainable = trainable
+
+    derived: set[Node] = set(trainable.values())  # values computed from parameters only
+    for node in graph.nodes:
+        if node.op == "placeholder":
+            node.meta["fxclip_batch_axis"] = locator.locate(node, node.meta.get("val"), []) if node in inputs else None
+            continue
+        if node.op != "call_function":
+            continue
+        tensor_inputs = _tensor_inputs(node)
+        if node.target is operator.getitem:
+            parent_axes = node.args[0].meta.get("fxclip_batch_axis")
+            axis = parent_axes[node.args[1]] if isinstance(parent_axes, tuple) else parent_axes
+        else:
+            in_axes = [
+                (n.meta["val"], n.meta["fxclip_batch_axis"])
+                for n in tensor_inputs
+                if isinstance(n.meta.get("fxclip_batch_axis"), BatchAxis)
+            ]
+            axis = locator.locate(node, node.meta.get("val"), in_axes)
+            first = node.args[0] if node.args and isinstance(node.args[0], Node) else None
+            first_axis = first.meta.get("fxclip_batch_axis") if first is not None else None
+            _check_mixing(node, first_axis if isinstance(first_axis, BatchAxis) else None)
+        node.meta["fxclip_batch_axis"] = axis
+        if axis is None and any(n in derived for n in tensor_inputs):
+            derived.add(node)
+
+    dependency = nx.DiGraph()
+    dependency.add_edges_from((i, n) for n in graph.nodes for i in n.all_input_nodes)
+    ctx.uses = []
+    for node in graph.nodes:
+        if node.op != "call_function" or node in derived or node.meta.get("fxclip_batch_axis") is None:
+            continue
+        for name, value in _operands(node):
+            if value not in derived:
+                continue
+            ancestors = nx.ancestors(dependency, value) if value in dependency else set()
+            chain = [n for n in graph.nodes if (n in ancestors or n is value) and n in derived and n.op != "placeholder"]
+            used = tuple(k for k, p in trainable.items() if p in ancestors or p is value)
+            ctx.uses.append(ParamUse(node, name, value, used, chain, _chain_kind(chain, used)))
+    _check_every_parameter_used(ctx, dependency, graph)
+    return gm
+
+
+def _operands(node: Node):
+    """(schema name, node) for each node operand; "name.j" for element j of a list operand."""
+    if not isinstance(node.target, torch._ops.OpOverload):
+        raise FxclipError(f"{where(node)}: fxclip handles aten ops; got {node.target}")
+    for name, value in argument_nodes(node).items():
+        if isinstance(value, Node):
+            yield name, value
+        elif isinstance(value, (list, tuple)):
+            for j, v in enumerate(value):
+                if isinstance(v, Node):
+                    yield f"{name}.{j}", v
+
+
+def _check_every_parameter_used(ctx: Context, dependency: nx.DiGraph, graph) -> None:
+    """Every trainable parameter the loss depends on must have a norm term (the paper's ResNet
+    code silently left the downsample convs out; the privacy bound then fails)."""
+    output = next(n for n in graph.nodes if n.op == "output")
+    covered = {k for use in ctx.uses for k in use.params}
+    for key, node in ctx.trainable.items():
+        if node in dependency and nx.has_path(dependency, node, output) and key not in covered:
+            raise FxclipError(f"internal error: parameter {key} reaches the loss but no use was found")

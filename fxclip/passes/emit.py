@@ -1,0 +1,309 @@
+"""Pass 5, emit: the private step program.
+
+One forward (the captured graph, also returning what the rules read), one backward to the
+outputs of the parameter-using ops (never to the weights), each rule's forms, the per-example
+norms, the clip factors, and each rule's book-keeping contraction into the parameters' gradients.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from itertools import combinations
+from typing import Any
+
+import networkx as nx
+import torch
+from torch.fx import GraphModule, Node
+from torch.fx.node import map_arg
+
+from ..batch import BatchAxis
+from ..forms import (
+    LinearForm,
+    choose_strategy,
+    cost_values,
+    linear_forms_norm_sq,
+    materialized_norm_sq,
+)
+from ..rules.registry import OpCall, bind_arguments, fallback_rule
+from .analyze import CAST_OPS
+from .context import Context, ParamUse
+
+EPS = 1e-6  # the clip factor is min(1, C / (norm + EPS))
+
+
+@dataclass
+class Component:
+    """Parameters whose squared norms must be computed together, and the uses that touch them.
+
+    kind: "separate"  each use's norm adds (one use, or uses reading disjoint entries)
+          "shared"    one parameter used several times whole (tied, recurrent): ‖Σ_u G_u‖²
+          "general"   anything else: per-example gradients mapped back through the chains"""
+
+    params: tuple[str, ...]
+    uses: list[ParamUse]
+    kind: str = ""
+
+
+@dataclass
+class PlanEntry:
+    """What the last step did for one use (for explain and tests)."""
+
+    use: ParamUse
+    component: Component
+    strategy: str
+    costs: dict = field(default_factory=dict)
+
+
+def _flat_nodes(args) -> list[Node]:
+    out = []
+    map_arg(args, out.append)
+    return out
+
+
+def _components(uses: list[ParamUse]) -> list[Component]:
+    graph = nx.Graph()
+    for i, use in enumerate(uses):
+        graph.add_node(("use", i))
+        graph.add_edges_from((("use", i), ("param", p)) for p in use.params)
+    comps = []
+    for nodes in nx.connected_components(graph):
+        idx = sorted(i for kind, i in nodes if kind == "use")
+        params = tuple(sorted(p for kind, p in nodes if kind == "param"))
+        comps.append(Component(params, [uses[i] for i in idx]))
+    return sorted(comps, key=lambda c: c.params)
+
+
+class StepProgram:
+    """Computes (losses, norms, clip factors, clipped gradient sums) for a batch; pure: it reads
+    parameters and writes nothing."""
+
+    def __init__(self, gm: GraphModule, ctx: Context):
+        self.ctx = ctx
+        self.uses = ctx.uses
+        self.components = _components(ctx.uses)
+        self.use_nodes = list(dict.fromkeys(u.node for u in ctx.uses))
+        needed: list[Node] = []
+        for node in self.use_nodes:
+            needed += [node, *_flat_nodes((node.args, node.kwargs))]
+        for use in ctx.uses:
+            needed += [n for c in use.chain for n in c.all_input_nodes if n not in use.chain]
+        self.saved = list(dict.fromkeys(needed))
+        self.forward = _with_extra_outputs(gm, self.saved)
+        self.plan: list[PlanEntry] = []
+        self._footprints: dict[int, torch.Tensor] = {}
+
+    # ---- running the step -------------------------------------------------------------------
+
+    def __call__(self, flat_args: list, max_grad_norm: float, strategy: str = "auto"):
+        outs = self.forward(*flat_args)
+        losses, env = outs[0], dict(zip(self.saved, outs[1:]))
+        batch = losses.shape[0]
+        outputs = [self._tensors(env[n]) for n in self.use_nodes]
+        flat_z = [z for zs in outputs for z in zs]
+        dz = torch.autograd.grad(losses.sum(), flat_z, allow_unused=True) if flat_z else []
+        dz = [torch.zeros_like(z) if g is None else g for z, g in zip(flat_z, dz)]
+        grads_by_node, i = {}, 0
+        for node, zs in zip(self.use_nodes, outputs):
+            grads_by_node[node] = dz[i : i + len(zs)]
+            i += len(zs)
+        with torch.no_grad():
+            forms = self._forms(env, grads_by_node, batch)
+            if not self._footprints:
+                self._classify(env)
+            norm_sq = losses.new_zeros(batch, dtype=torch.float32 if losses.dtype != torch.float64 else torch.float64)
+            plan = []
+            for comp in self.components:
+                norm_sq = norm_sq + self._norm_sq(comp, forms, env, strategy, plan)
+            norms = norm_sq.clamp_min(0).sqrt()
+            clip = (max_grad_norm / (norms + EPS)).clamp(max=1.0)
+            clipped = self._clipped_sums(forms, env, clip)
+        self.plan = plan
+        return losses.detach(), norms, clip, clipped
+
+    @staticmethod
+    def _tensors(value) -> list[torch.Tensor]:
+        items = value if isinstance(value, (tuple, list)) else [value]
+        return [v for v in items if isinstance(v, torch.Tensor) and v.requires_grad]
+
+    def _forms(self, env: dict, grads_by_node: dict, batch: int) -> dict[int, Any]:
+        """Each use's form, calling each rule once per op with all the operands it handles."""
+        forms: dict[int, Any] = {}
+        by_rule: dict[tuple, list[int]] = {}
+        for i, use in enumerate(self.uses):
+            by_rule.setdefault((use.node, use.rule.name, id(use.rule)), []).append(i)
+        for (node, _, _), idx in by_rule.items():
+            rule = self.uses[idx[0]].rule
+            args = map_arg(node.args, lambda n: env[n])
+            kwargs = map_arg(node.kwargs, lambda n: env[n])
+            arguments = bind_arguments(node, args, kwargs)
+            axes = {}
+            for name, value in bind_arguments(node, node.args, node.kwargs).items():
+                items = value if isinstance(value, (list, tuple)) else [value]
+                for j, v in enumerate(items):
+                    if isinstance(v, Node) and isinstance(v.meta.get("fxclip_batch_axis"), BatchAxis):
+                        axes[name if v is value else f"{name}.{j}"] = v.meta["fxclip_batch_axis"]
+            out = env[node]
+            g = grads_by_node[node]
+            call = OpCall(
+                node=node,
+                arguments=arguments,
+                output=out,
+                grad=g[0] if len(g) == 1 else tuple(g),
+                batch_size=batch,
+                axes=axes,
+                output_axis=_first_axis(node.meta["fxclip_batch_axis"]),
+                param_names=tuple(self.uses[i].operand for i in idx),
+            )
+            result = rule.fn(call)
+            for i in idx:
+                forms[i] = result[self.uses[i].operand]
+        return forms
+
+    # ---- norms ------------------------------------------------------------------------------
+
+    def _classify(self, env: dict) -> None:
+        """Decide each component's kind; footprints (which parameter entries a use reads) are
+        found by running gather chains on parameters filled with their own entry indices."""
+        for i, use in enumerate(self.uses):
+            if use.chain_kind in ("identity", "transpose", "gather"):
+                self._footprints[i] = self._footprint(use, env)
+        index = {id(u): i for i, u in enumerate(self.uses)}
+        for comp in self.components:
+            ids = [index[id(u)] for u in comp.uses]
+            if any(self.uses[i].chain_kind == "general" for i in ids):
+                comp.kind = "general"
+            elif len(ids) == 1 or all(_disjoint(self._footprints[a], self._footprints[b]) for a, b in combinations(ids, 2)):
+                comp.kind = "separate"
+            elif all(self.uses[i].chain_kind in ("identity", "transpose") for i in ids):
+                comp.kind = "shared"
+            else:
+                comp.kind = "general"
+
+    def _footprint(self, use: ParamUse, env: dict) -> torch.Tensor | None:
+        """Entry indices of the parameter that `use.value` copies; None if some entry repeats
+        (then the chain is not a norm-preserving gather)."""
+        param = self.ctx.trainable[use.params[0]]
+        shape = param.meta["val"].shape
+        ids = torch.arange(int(torch.Size(shape).numel()), dtype=torch.float64).reshape(shape)
+        values = self._replay(use, env, {param: ids}, skip_casts=True)
+        flat = values.flatten()
+        return flat if flat.unique().numel() == flat.numel() else None
+
+    def _replay(self, use: ParamUse, env: dict, start: dict, skip_casts: bool = False):
+        local = dict(start)
+        for n in use.chain:
+            if skip_casts and n.target in CAST_OPS:
+                local[n] = local[n.args[0]] if n.args[0] in local else env[n.args[0]]
+                continue
+            args = map_arg(n.args, lambda a: local[a] if a in local else env[a])
+            kwargs = map_arg(n.kwargs, lambda a: local[a] if a in local else env[a])
+            local[n] = n.target(*args, **kwargs)
+        return local[use.value]
+
+    def _norm_sq(self, comp: Component, forms: dict, env: dict, strategy: str, plan: list) -> torch.Tensor:
+        index = {id(u): i for i, u in enumerate(self.uses)}
+        ids = [index[id(u)] for u in comp.uses]
+        budget = self.ctx.memory_budget
+        if comp.kind == "separate":
+            total = 0
+            for i in ids:
+                form = forms[i]
+                if isinstance(form, LinearForm):
+                    chosen = choose_strategy([form], strategy, budget)
+                    total = total + linear_forms_norm_sq([form], chosen)
+                    plan.append(PlanEntry(self.uses[i], comp, chosen, cost_values([form])))
+                else:
+                    total = total + materialized_norm_sq(form.grads)
+                    plan.append(PlanEntry(self.uses[i], comp, self._materialized_label(i)))
+            return total
+        oriented = [forms[i].transposed() if self.uses[i].chain_kind == "transpose" else forms[i] for i in ids]
+        if comp.kind == "shared" and _concatenable(oriented):
+            chosen = choose_strategy(oriented, strategy, budget)
+            costs = cost_values(oriented)
+            plan.extend(PlanEntry(self.uses[i], comp, chosen, costs) for i in ids)
+            return linear_forms_norm_sq(oriented, chosen)
+        if comp.kind == "shared":
+            total = sum(f.materialize() for f in oriented)
+            plan.extend(PlanEntry(self.uses[i], comp, self._materialized_label(i)) for i in ids)
+            return materialized_norm_sq(total)
+        per_param = self._per_example_param_grads(comp, ids, forms, env)
+        plan.extend(PlanEntry(self.uses[i], comp, self._materialized_label(i)) for i in ids)
+        return sum(materialized_norm_sq(g) for g in per_param.values())
+
+    def _materialized_label(self, i: int) -> str:
+        return "fallback" if self.uses[i].rule is fallback_rule() else "materialize"
+
+    def _per_example_param_grads(self, comp, ids, forms, env) -> dict[str, torch.Tensor]:
+        """Per-example gradients of each parameter, through any chain: vmap of the chain's vjp."""
+        total: dict[str, torch.Tensor] = {}
+        for i in ids:
+            use = self.uses[i]
+            grads_v = forms[i].materialize()
+            params = [self.ctx.trainable[p] for p in use.params]
+            vjp = self._chain_vjp(use, env, params)
+            for key, g in zip(use.params, torch.func.vmap(vjp)(grads_v)):
+                total[key] = total[key] + g if key in total else g
+        return total
+
+    def _chain_vjp(self, use: ParamUse, env: dict, params: list[Node]):
+        def chain(*values):
+            return self._replay(use, env, dict(zip(params, values)))
+
+        _, vjp = torch.func.vjp(chain, *(env_param(env, p) for p in params))
+        return vjp
+
+    # ---- book-keeping -----------------------------------------------------------------------
+
+    def _clipped_sums(self, forms: dict, env: dict, clip: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Σ_i c_i ∇_W L_i for every trainable parameter, one contraction per use."""
+        grads: dict[str, torch.Tensor] = {}
+        for i, use in enumerate(self.uses):
+            in_value_space = forms[i].clipped_sum(clip)
+            if use.chain_kind == "identity":
+                param_grads = [in_value_space.reshape(self.ctx.trainable[use.params[0]].meta["val"].shape)]
+            elif use.chain_kind == "transpose":
+                param_grads = [in_value_space.t()]
+            else:
+                params = [self.ctx.trainable[p] for p in use.params]
+                param_grads = self._chain_vjp(use, env, params)(in_value_space)
+            for key, g in zip(use.params, param_grads):
+                grads[key] = grads[key] + g if key in grads else g
+        return grads
+
+
+def env_param(env: dict, node: Node) -> torch.Tensor:
+    return env[node].detach()
+
+
+def _first_axis(axis):
+    return axis[0] if isinstance(axis, tuple) else axis
+
+
+def _disjoint(a, b) -> bool:
+    if a is None or b is None:
+        return False
+    return not bool(torch.isin(a, b).any())
+
+
+def _concatenable(forms) -> bool:
+    if not all(isinstance(f, LinearForm) for f in forms):
+        return False
+    first = forms[0]
+    return all(f.shape == first.shape and f.left.k == first.left.k and f.right.k == first.right.k for f in forms)
+
+
+def _with_extra_outputs(gm: GraphModule, saved: list[Node]) -> GraphModule:
+    """`gm` rewritten to return (loss, *saved values)."""
+    graph = gm.graph
+    output = next(n for n in graph.nodes if n.op == "output")
+    loss = output.args[0][0]
+    output.args = ((loss, *saved),)
+    gm.recompile()
+    return gm
+
+
+def emit(gm: GraphModule, ctx: Context) -> GraphModule:
+    """Guarantees: `ctx.program` is a StepProgram over `gm`, whose forward now also returns every
+    value a rule or a parameter chain reads."""
+    ctx.program = StepProgram(gm, ctx)
+    return ctx.program.forward

@@ -1,0 +1,57 @@
+"""The reference every test and `verify=True` compare against: per-example gradients by
+`torch.func.vmap(torch.func.grad(...))` over `functional_call`, with no fxclip code involved."""
+
+from __future__ import annotations
+
+from typing import Callable, Sequence
+
+import torch
+from torch.func import functional_call, grad, vmap
+
+
+def per_example_grads(
+    model: torch.nn.Module,
+    loss_fn: Callable,
+    inputs: Sequence[torch.Tensor],
+    targets: torch.Tensor,
+    batch_dims: Sequence[int] | None = None,
+    chunk_size: int | None = None,
+) -> dict[str, torch.Tensor]:
+    """{name: [B, *param.shape]} for every parameter with requires_grad, each example run alone."""
+    inputs = tuple(inputs)
+    batch_dims = tuple(batch_dims or (0,) * len(inputs))
+    trainable = {k: p.detach() for k, p in model.named_parameters() if p.requires_grad}
+    frozen = {k: p.detach() for k, p in model.named_parameters() if not p.requires_grad}
+    buffers = dict(model.named_buffers())
+
+    def loss_of_one(params, xs, y):
+        xs = tuple(x.unsqueeze(d) for x, d in zip(xs, batch_dims))
+        out = functional_call(model, {**params, **frozen, **buffers}, xs)
+        return loss_fn(out, y.unsqueeze(0)).sum()
+
+    per_example = vmap(grad(loss_of_one), in_dims=(None, batch_dims, 0), chunk_size=chunk_size)
+    return per_example(trainable, inputs, targets)
+
+
+def clipped_sum(grads: dict[str, torch.Tensor], max_grad_norm: float, eps: float = 1e-6):
+    """(norms [B], {name: Σ_i min(1, C/(‖g_i‖+eps)) g_i}) from per-example gradients."""
+    flat = torch.cat([g.flatten(1) for g in grads.values()], dim=1)
+    norms = flat.norm(dim=1)
+    clip = (max_grad_norm / (norms + eps)).clamp(max=1.0)
+    return norms, {k: torch.tensordot(clip.to(g.dtype), g, dims=1) for k, g in grads.items()}
+
+
+def naive_per_example_grads(model, loss_fn, inputs, targets, batch_dims=None) -> dict[str, torch.Tensor]:
+    """One forward and backward per example (the method DP-SGD started with; also the reference
+    for modules torch.func cannot vmap)."""
+    inputs = tuple(inputs)
+    batch_dims = tuple(batch_dims or (0,) * len(inputs))
+    params = {k: p for k, p in model.named_parameters() if p.requires_grad}
+    out = {k: [] for k in params}
+    for i in range(targets.shape[0]):
+        xs = tuple(x.narrow(d, i, 1) for x, d in zip(inputs, batch_dims))
+        loss = loss_fn(model(*xs), targets[i : i + 1]).sum()
+        gs = torch.autograd.grad(loss, list(params.values()), allow_unused=True)
+        for (k, p), g in zip(params.items(), gs):
+            out[k].append(torch.zeros_like(p) if g is None else g)
+    return {k: torch.stack(v) for k, v in out.items()}

@@ -1,0 +1,72 @@
+"""Dense layers: linear, and matrix products with a parameter operand."""
+
+from __future__ import annotations
+
+import torch
+
+from ..forms import Dense, LinearForm, PerExampleGrad
+from ._util import bias_form, moved_axis, per_example_sum_to, positions
+from .registry import OpCall, register_rule
+
+aten = torch.ops.aten
+
+
+@register_rule(aten.linear.default, params=("weight", "bias"))
+def linear(call: OpCall):
+    """y = x Wᵀ + b over any leading dims (T = their product per example).
+
+    weight: G_i = g_iᵀ x_i, LinearForm(L = g, R = x); ghost T²(d+p), materialize T·d·p.
+    bias:   G_i = Σ_t g_it, LinearForm(L = g, R = 1); materialize T·p."""
+    g = positions(call.grad_examples())
+    forms = {}
+    if "weight" in call.param_names:
+        forms["weight"] = LinearForm(Dense(g), Dense(positions(call.examples("input"))), call["weight"].shape)
+    if "bias" in call.param_names:
+        forms["bias"] = bias_form(g, call["bias"].shape)
+    return forms
+
+
+def _product_form(call: OpCall, x_name: str, param_name: str, param_on_right: bool) -> LinearForm:
+    """z = x V (V on the right): G_V = xᵀ g, LinearForm(L = x, R = g).
+    z = V x (V on the left):      G_V = g xᵀ = (xᵀ gᵀ)ᵀ, the transposed form of the right case."""
+    shape = call[param_name].shape
+    if param_on_right:
+        x, g = call.examples(x_name), call.grad_examples()
+        return LinearForm(Dense(positions(x)), Dense(positions(g)), shape)
+    x, g = call[x_name], call.grad
+    xt = moved_axis(call.axes[x_name], x.dim()).split(x.transpose(-1, -2), call.batch_size)
+    gt = moved_axis(call.output_axis, g.dim()).split(g.transpose(-1, -2), call.batch_size)
+    return LinearForm(Dense(positions(xt)), Dense(positions(gt)), torch.Size(reversed(shape))).transposed()
+
+
+def _two_dim_param(node) -> bool:
+    """matmul: the rule covers a 2-D parameter times an activation of at least 2 dims."""
+    a, b = (arg.meta["val"] for arg in node.args[:2])
+    return a.dim() >= 2 and b.dim() >= 2 and (a.dim() == 2 or b.dim() == 2)
+
+
+@register_rule(aten.mm.default, params=("self", "mat2"))
+@register_rule(aten.matmul.default, params=("self", "other"), extra_check=_two_dim_param)
+def matmul(call: OpCall):
+    """z = x @ V or V @ x with a 2-D parameter V: the linear identity (see `linear`)."""
+    first = "self"
+    second = "mat2" if "mat2" in call.arguments else "other"
+    forms = {}
+    if second in call.param_names:
+        forms[second] = _product_form(call, first, second, param_on_right=True)
+    if first in call.param_names:
+        forms[first] = _product_form(call, second, first, param_on_right=False)
+    return forms
+
+
+@register_rule(aten.addmm.default, params=("self", "mat2"))
+def addmm(call: OpCall):
+    """z = β·bias + α·(x @ V): V as in `matmul` scaled by α; the bias per example is β·Σ_t g_t."""
+    forms = {}
+    if "mat2" in call.param_names:
+        form = _product_form(call, "mat1", "mat2", param_on_right=True)
+        forms["mat2"] = LinearForm(Dense(form.left.values * call["alpha"]), form.right, form.shape)
+    if "self" in call.param_names:
+        h = call.grad * call["beta"]
+        forms["self"] = PerExampleGrad(per_example_sum_to(h, call.output_axis, call.batch_size, call["self"].shape))
+    return forms
