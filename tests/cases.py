@@ -1,0 +1,223 @@
+"""The table of models every rule and option is checked on (see test_rules_table.py).
+
+Each case is a small float64 model, a function making its inputs for a batch size, and the batch
+dim of each input. Names say which rule and option they cover."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+@dataclass
+class Case:
+    name: str
+    model: Callable[[], nn.Module]
+    inputs: Callable[[int, torch.Generator], tuple]
+    batch_dims: tuple = (0,)
+
+
+def randn(*shape):
+    return lambda b, g: (torch.randn(b, *shape, generator=g, dtype=torch.float64),)
+
+
+def tokens(vocab, length):
+    return lambda b, g: (torch.randint(0, vocab, (b, length), generator=g),)
+
+
+class Lambda(nn.Module):
+    """A module around a function of (self, x), for one-off parameter uses."""
+
+    def __init__(self, fn, **params):
+        super().__init__()
+        self.fn = fn
+        for k, v in params.items():
+            setattr(self, k, v)
+
+    def forward(self, *xs):
+        return self.fn(self, *xs)
+
+
+def P(*shape):
+    return nn.Parameter(torch.randn(*shape, dtype=torch.float64) / max(1, shape[-1]) ** 0.5)
+
+
+class TwiceApplied(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(6, 6)
+
+    def forward(self, x):
+        return self.lin(torch.tanh(self.lin(x)))
+
+
+class TiedLM(nn.Module):
+    def __init__(self, vocab=11, dim=6):
+        super().__init__()
+        self.emb = nn.Embedding(vocab, dim)
+        self.pos = nn.Parameter(torch.randn(7, dim) * 0.1)
+        self.mix = nn.Linear(dim, dim)
+
+    def forward(self, x):
+        h = torch.tanh(self.mix(self.emb(x) + self.pos))
+        return F.linear(h, self.emb.weight)  # [B, T, vocab]
+
+
+class PositionIds(nn.Module):
+    """Position ids of shape [1, T] into an embedding, broadcast over the batch (GPT-2/BERT style)."""
+
+    def __init__(self):
+        super().__init__()
+        self.tok = nn.Embedding(13, 5)
+        self.pos = nn.Embedding(9, 5)
+        self.register_buffer("position_ids", torch.arange(9).unsqueeze(0))
+
+    def forward(self, x):
+        return self.tok(x) + self.pos(self.position_ids[:, : x.shape[1]])
+
+
+class ClassToken(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.cls = nn.Parameter(torch.randn(1, 1, 4))
+        self.proj = nn.Linear(3, 4)
+
+    def forward(self, x):
+        h = self.proj(x)
+        return torch.cat([self.cls.expand(x.shape[0], -1, -1), h], dim=1)
+
+
+class HandRMSNorm(nn.Module):
+    def __init__(self, d=6):
+        super().__init__()
+        self.weight = nn.Parameter(torch.rand(d) + 0.5)
+
+    def forward(self, x):
+        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6) * self.weight
+
+
+class SeqFirst(nn.Module):
+    """(T, B, E) input, flattened to (T·B, E) and back: the batch is not in dim 0 nor a dim alone."""
+
+    def __init__(self):
+        super().__init__()
+        self.inp = nn.Linear(4, 6)
+        self.out = nn.Linear(6, 3)
+
+    def forward(self, x):
+        t, b, e = x.shape
+        h = torch.tanh(self.inp(x.reshape(t * b, e)))
+        return self.out(h).reshape(t, b, 3).transpose(0, 1)
+
+
+class WeightNormLinear(nn.Module):
+    """W = g · v / ‖v‖: a parameter reaches the op through a non-gather chain of two parameters."""
+
+    def __init__(self):
+        super().__init__()
+        self.v = P(3, 5)
+        self.g = nn.Parameter(torch.rand(3, 1, dtype=torch.float64) + 0.5)
+
+    def forward(self, x):
+        return F.linear(x, self.g * self.v / self.v.norm(dim=1, keepdim=True))
+
+
+class Slices(nn.Module):
+    """Disjoint slices of one parameter used by different ops."""
+
+    def __init__(self):
+        super().__init__()
+        self.w = P(8, 5)
+
+    def forward(self, x):
+        return torch.cat([F.linear(x, self.w[:3]), torch.tanh(F.linear(x, self.w[3:]))], -1)
+
+
+class OverlappingSlices(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.w = P(6, 5)
+
+    def forward(self, x):
+        return F.linear(x, self.w[:4]) * F.linear(x, self.w[2:]).tanh()
+
+
+class TransposedUse(nn.Module):
+    """One parameter used as F.linear(x, W) and as h @ W (= its transpose): exact shared norm."""
+
+    def __init__(self):
+        super().__init__()
+        self.w = P(5, 5)
+
+    def forward(self, x):
+        return torch.tanh(F.linear(x, self.w)) @ self.w
+
+
+def conv(dim, **kw):
+    cls = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}[dim]
+    return lambda: nn.Sequential(cls(**kw), nn.Flatten(), nn.Tanh())
+
+
+def conv_input(dim, channels, side):
+    return randn(channels, *([side] * dim))
+
+
+CASES = [
+    # linear family
+    Case("linear", lambda: nn.Linear(5, 3), randn(5)),
+    Case("linear_leading_dims", lambda: nn.Linear(5, 3), randn(4, 2, 5)),
+    Case("linear_no_bias", lambda: nn.Linear(5, 3, bias=False), randn(4, 5)),
+    Case("matmul_param_right", lambda: Lambda(lambda s, x: x @ s.w, w=P(5, 3)), randn(4, 5)),
+    Case("matmul_param_left", lambda: Lambda(lambda s, x: s.w @ x, w=P(3, 4)), randn(4, 2)),
+    Case("mm", lambda: Lambda(lambda s, x: torch.mm(x, s.w), w=P(5, 3)), randn(5)),
+    Case("addmm", lambda: Lambda(lambda s, x: torch.addmm(s.b, x, s.w, beta=0.5, alpha=2.0), w=P(5, 3), b=P(3)), randn(5)),
+    # convolutions
+    Case("conv1d", conv(1, in_channels=3, out_channels=4, kernel_size=3, stride=2, padding=1), conv_input(1, 3, 9)),
+    Case("conv2d", conv(2, in_channels=3, out_channels=4, kernel_size=3), conv_input(2, 3, 6)),
+    Case("conv2d_stride_pad_tuple", conv(2, in_channels=2, out_channels=3, kernel_size=(3, 2), stride=(2, 1), padding=(1, 2)), conv_input(2, 2, 7)),
+    Case("conv2d_same_even_kernel", conv(2, in_channels=2, out_channels=3, kernel_size=4, padding="same", dilation=2), conv_input(2, 2, 7)),
+    Case("conv2d_valid", conv(2, in_channels=2, out_channels=3, kernel_size=2, padding="valid", bias=False), conv_input(2, 2, 5)),
+    Case("conv2d_dilation", conv(2, in_channels=2, out_channels=2, kernel_size=3, dilation=2, padding=2), conv_input(2, 2, 7)),
+    Case("conv2d_groups", conv(2, in_channels=4, out_channels=6, kernel_size=3, groups=2, padding=1), conv_input(2, 4, 5)),
+    Case("conv2d_depthwise", conv(2, in_channels=3, out_channels=6, kernel_size=3, groups=3), conv_input(2, 3, 5)),
+    Case("conv2d_reflect", conv(2, in_channels=2, out_channels=2, kernel_size=3, padding=1, padding_mode="reflect"), conv_input(2, 2, 5)),
+    Case("conv3d", conv(3, in_channels=2, out_channels=3, kernel_size=2, stride=(1, 2, 1), padding=1), conv_input(3, 2, 4)),
+    # embeddings
+    Case("embedding", lambda: nn.Embedding(7, 4), tokens(7, 6)),
+    Case("embedding_padding_idx", lambda: nn.Embedding(5, 4, padding_idx=0), tokens(5, 8)),
+    Case("index_rows", lambda: Lambda(lambda s, x: s.w[x], w=P(6, 3)), tokens(6, 5)),
+    Case("position_ids_broadcast", PositionIds, tokens(13, 9)),
+    # normalization
+    Case("layer_norm", lambda: nn.Sequential(nn.Linear(4, 6), nn.LayerNorm(6)), randn(3, 4)),
+    Case("group_norm", lambda: nn.Sequential(nn.Conv2d(2, 4, 3), nn.GroupNorm(2, 4)), conv_input(2, 2, 5)),
+    Case("instance_norm", lambda: nn.Sequential(nn.Conv1d(2, 3, 2), nn.InstanceNorm1d(3, affine=True)), conv_input(1, 2, 6)),
+    Case("rms_norm", lambda: nn.Sequential(nn.Linear(4, 6), nn.RMSNorm(6)), randn(3, 4)),
+    Case("batch_norm_eval", lambda: nn.Sequential(nn.Conv2d(2, 3, 2), nn.BatchNorm2d(3)).eval(), conv_input(2, 2, 4)),
+    # parameters entering by broadcasting
+    Case("layer_scale", lambda: Lambda(lambda s, x: x * s.gamma, gamma=P(5)), randn(3, 5)),
+    Case("hand_rms_norm", lambda: nn.Sequential(nn.Linear(4, 6), HandRMSNorm()), randn(3, 4)),
+    Case("raw_bias", lambda: Lambda(lambda s, x: torch.tanh(x - s.b) / s.d, b=P(5), d=nn.Parameter(torch.rand(5, dtype=torch.float64) + 1)), randn(3, 5)),
+    Case("positional_table", lambda: Lambda(lambda s, x: torch.tanh(x + s.pos), pos=P(3, 5)), randn(3, 5)),
+    Case("class_token", ClassToken, randn(2, 3)),
+    # shared, sliced and computed parameters
+    Case("module_twice", TwiceApplied, randn(6)),
+    Case("tied_embedding_output", TiedLM, tokens(11, 7)),
+    Case("disjoint_slices", Slices, randn(5)),
+    Case("overlapping_slices", OverlappingSlices, randn(5)),
+    Case("transposed_use", TransposedUse, randn(3, 5)),
+    Case("weight_norm_chain", WeightNormLinear, randn(5)),
+    # layouts
+    Case("seq_first_flattened", SeqFirst, lambda b, g: (torch.randn(5, b, 4, generator=g, dtype=torch.float64),), (1,)),
+    Case("two_inputs_batch_in_dim1", lambda: Lambda(lambda s, x, y: s.a(x) * s.b(y.T), a=nn.Linear(3, 4), b=nn.Linear(2, 4)),
+         lambda b, g: (torch.randn(b, 3, generator=g, dtype=torch.float64), torch.randn(2, b, generator=g, dtype=torch.float64)), (0, 1)),
+    # the fallback (ops no rule covers)
+    Case("fallback_conv_transpose", lambda: nn.ConvTranspose2d(2, 3, 3, stride=2), conv_input(2, 2, 4)),
+    Case("fallback_prelu", lambda: nn.Sequential(nn.Linear(4, 5), nn.PReLU(5)), randn(4)),
+    Case("fallback_bilinear", lambda: Lambda(lambda s, x: s.bil(x, x.flip(-1)), bil=nn.Bilinear(4, 4, 3)), randn(4)),
+]
+
+FALLBACK_CASES = {c.name for c in CASES if c.name.startswith("fallback_")}

@@ -1,0 +1,48 @@
+"""Shared test helpers: run fxclip and the torch.func reference on the same batch and compare."""
+
+from __future__ import annotations
+
+import torch
+
+import fxclip
+from fxclip.reference import clipped_sum, per_example_grads
+
+
+def sum_loss(out, target):
+    return ((out - target) ** 2).flatten(1).sum(1)
+
+
+def mean_loss(out, target):
+    return ((out - target) ** 2).flatten(1).mean(1)
+
+
+def targets_for(model, inputs, batch_dims, generator):
+    """Regression targets shaped like the model's output, batch first."""
+    with torch.no_grad():
+        out = model(*inputs)
+    return torch.randn(out.shape, generator=generator, dtype=out.dtype)
+
+
+def relative_error(got: torch.Tensor, expected: torch.Tensor, scale: float | None = None) -> float:
+    """max |got - expected| relative to `scale` (default: the largest |expected|)."""
+    scale = float(expected.abs().max()) if scale is None else scale
+    return float((got - expected).abs().max()) / max(scale, 1e-30)
+
+
+def check_against_reference(t: fxclip.PrivateStep, inputs, targets, batch_dims=None, rtol=1e-8):
+    """One step of `t`; assert norms and every parameter's clipped sum match the reference."""
+    model = t.model
+    for p in model.parameters():
+        p.grad = None
+    result = t.step(inputs, targets)
+    ref = per_example_grads(model, t.loss_fn, inputs, targets, batch_dims)
+    ref_norms, ref_clipped = clipped_sum(ref, t.max_grad_norm)
+    assert relative_error(result.norms, ref_norms) <= rtol, (result.norms, ref_norms)
+    # a parameter whose gradient is ~0 (a conv bias before a norm layer) is judged on the scale of
+    # the whole clipped gradient
+    scale = max(float(g.abs().max()) for g in ref_clipped.values())
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            assert p.grad is not None, name
+            assert relative_error(p.grad, ref_clipped[name], scale) <= rtol, name
+    return result

@@ -1,0 +1,35 @@
+"""Every rule and option, on the table in cases.py, against the torch.func reference (float64)."""
+
+import pytest
+import torch
+
+import fxclip
+from cases import CASES, FALLBACK_CASES
+from helpers import check_against_reference, mean_loss, sum_loss, targets_for
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: c.name)
+def test_case_matches_reference(case):
+    g = torch.Generator().manual_seed(1)
+    model = case.model().double()
+    loss_fns = {"sum": sum_loss, "mean": mean_loss}
+    for loss_name, loss_fn in loss_fns.items():
+        t = fxclip.transform(model, loss_fn, max_grad_norm=0.7, batch_dims=case.batch_dims)
+        for batch in (1, 5):
+            inputs = case.inputs(batch, g)
+            targets = targets_for(model, inputs, case.batch_dims, g)
+            for strategy in ("ghost", "materialize"):
+                t.strategy = strategy
+                check_against_reference(t, inputs, targets, case.batch_dims)
+    used_fallback = bool(t.fallbacks)
+    assert used_fallback == (case.name in FALLBACK_CASES), t.fallbacks
+
+
+@pytest.mark.parametrize("case", [c for c in CASES if c.name in {"conv2d_groups", "tied_embedding_output", "linear_leading_dims"}], ids=lambda c: c.name)
+def test_float32_within_1e4(case):
+    g = torch.Generator().manual_seed(2)
+    model = case.model().float()
+    t = fxclip.transform(model, sum_loss, max_grad_norm=0.5)
+    inputs = tuple(x.float() if x.is_floating_point() else x for x in case.inputs(6, g))
+    targets = targets_for(model, inputs, case.batch_dims, g)
+    check_against_reference(t, inputs, targets, rtol=1e-4)
