@@ -28,7 +28,7 @@ def reject_batchnorm_in_training(model: torch.nn.Module) -> None:
     for name, module in model.named_modules():
         if isinstance(module, torch.nn.modules.batchnorm._BatchNorm) and module.training:
             raise ExampleMixingError(
-                f"{name or 'the model'} ({type(module).__name__}) is in training mode: batch "
+                f"module '{name or '<root>'}' ({type(module).__name__}) is in training mode: batch "
                 "statistics mix examples, so per-example gradients are undefined. Replace it with "
                 "nn.GroupNorm or nn.LayerNorm, or call .eval() on it to use its running statistics."
             )

@@ -1,0 +1,137 @@
+"""Bad input gets a clear error and leaves parameters and .grad exactly as they were."""
+
+import math
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import fxclip
+
+
+def ce(out, y):
+    return F.cross_entropy(out, y, reduction="none")
+
+
+def snapshot(model):
+    return {k: (p.detach().clone(), None if p.grad is None else p.grad.clone()) for k, p in model.named_parameters()}
+
+
+def assert_unchanged(model, before):
+    for k, p in model.named_parameters():
+        value, grad = before[k]
+        assert torch.equal(p.detach(), value), k
+        assert (p.grad is None and grad is None) or torch.equal(p.grad, grad), k
+
+
+def model_with_grads():
+    model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 3))
+    for p in model.parameters():
+        p.grad = torch.randn_like(p)
+    return model
+
+
+@pytest.mark.parametrize("bound", [0, -1.0, math.nan, math.inf])
+def test_bad_clip_bound(bound):
+    with pytest.raises(fxclip.FxclipError, match="max_grad_norm must be a positive finite"):
+        fxclip.transform(model_with_grads(), ce, max_grad_norm=bound)
+
+
+def test_unknown_strategy():
+    with pytest.raises(fxclip.FxclipError, match="strategy must be one of"):
+        fxclip.transform(model_with_grads(), ce, max_grad_norm=1.0, strategy="fast")
+
+
+def test_batchnorm_in_training_mode_names_the_module():
+    model = nn.Sequential(nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4), nn.Flatten(), nn.Linear(64, 3))
+    before = snapshot(model)
+    with pytest.raises(fxclip.ExampleMixingError, match=r"'1' \(BatchNorm2d\).*GroupNorm.*eval"):
+        fxclip.transform(model, ce, max_grad_norm=1.0)
+    assert_unchanged(model, before)
+    buffers = [b.clone() for b in model.buffers()]
+    model[1].eval()
+    fxclip.transform(model, ce, max_grad_norm=1.0).step(torch.randn(3, 1, 6, 6), torch.tensor([0, 1, 2]))
+    assert all(torch.equal(a, b) for a, b in zip(buffers, model.buffers()))
+
+
+def test_batchnorm_switched_to_training_after_transform():
+    model = nn.Sequential(nn.Linear(4, 4), nn.BatchNorm1d(4)).eval()
+    t = fxclip.transform(model, lambda o, y: (o - y).pow(2).sum(1), max_grad_norm=1.0)
+    model.train()
+    with pytest.raises(fxclip.ExampleMixingError, match="BatchNorm1d"):
+        t.step(torch.randn(3, 4), torch.randn(3, 4))
+
+
+def test_scalar_loss_is_refused():
+    model = model_with_grads()
+    before = snapshot(model)
+    t = fxclip.transform(model, lambda o, y: F.cross_entropy(o, y), max_grad_norm=1.0)
+    with pytest.raises(fxclip.FxclipError, match="one loss per example.*reduction='none'"):
+        t.step(torch.randn(5, 4), torch.randint(0, 3, (5,)))
+    assert_unchanged(model, before)
+
+
+def test_batch_reduction_inside_model_is_refused():
+    model = nn.Sequential(nn.Linear(4, 4))
+    t = fxclip.transform(model, lambda o, y: (o - o.mean(0) - y).pow(2).sum(1), max_grad_norm=1.0)
+    with pytest.raises(fxclip.ExampleMixingError, match="reduces over the batch"):
+        t.step(torch.randn(5, 4), torch.randn(5, 4))
+
+
+def test_softmax_over_batch_is_refused():
+    model = nn.Linear(4, 3)
+    t = fxclip.transform(model, lambda o, y: (o.softmax(0) - y).pow(2).sum(1), max_grad_norm=1.0)
+    with pytest.raises(fxclip.ExampleMixingError, match="holds the batch"):
+        t.step(torch.randn(5, 4), torch.randn(5, 3))
+
+
+def test_target_batch_size_mismatch():
+    model = model_with_grads()
+    before = snapshot(model)
+    t = fxclip.transform(model, ce, max_grad_norm=1.0)
+    with pytest.raises(fxclip.FxclipError, match="disagree on the batch size"):
+        t.step(torch.randn(5, 4), torch.randint(0, 3, (4,)))
+    assert_unchanged(model, before)
+
+
+@pytest.mark.parametrize("bad", [math.nan, math.inf])
+def test_non_finite_inputs(bad):
+    model = model_with_grads()
+    before = snapshot(model)
+    x = torch.randn(5, 4)
+    x[3, 1] = bad
+    with pytest.raises(fxclip.FxclipError, match="NaN or infinite"):
+        fxclip.transform(model, ce, max_grad_norm=1.0).step(x, torch.randint(0, 3, (5,)))
+    assert_unchanged(model, before)
+
+
+def test_non_finite_losses_write_nothing():
+    model = model_with_grads()
+    before = snapshot(model)
+    t = fxclip.transform(model, lambda o, y: -torch.log(o.softmax(-1)[:, 0] * y), max_grad_norm=1.0)
+    t.step(torch.randn(4, 4), torch.ones(4))  # a good step first: the graph is captured
+    before = snapshot(model)
+    with pytest.raises(fxclip.FxclipError, match=r"loss is NaN or infinite for examples \[2\]"):
+        t.step(torch.randn(4, 4), torch.tensor([1.0, 1.0, 0.0, 1.0]))
+    assert_unchanged(model, before)
+
+
+def test_batch_dims_count_must_match_inputs():
+    with pytest.raises(fxclip.FxclipError, match="batch_dims has 2 entries"):
+        fxclip.transform(nn.Linear(4, 3), ce, max_grad_norm=1.0, batch_dims=(0, 1)).step(
+            torch.randn(2, 4), torch.tensor([0, 1])
+        )
+
+
+def test_model_that_cannot_be_captured():
+    class DataDependent(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(4, 3)
+
+        def forward(self, x):
+            return self.lin(x) if x.sum() > 0 else -self.lin(x)
+
+    with pytest.raises(fxclip.CaptureError, match="torch.export could not capture"):
+        fxclip.transform(DataDependent(), ce, max_grad_norm=1.0).step(torch.randn(3, 4), torch.tensor([0, 1, 2]))
