@@ -46,7 +46,14 @@ def transform(
     input, the dim that holds the batch (default 0 for each). `strategy` forces "ghost" or
     "materialize" for every linear-form parameter; "auto" picks per parameter from the cost
     formulas. `verify=True` checks the first step against the torch.func reference.
-    `memory_budget` (elements per example) makes "auto" prefer strategies that fit."""
+    `memory_budget` (elements per example) makes "auto" prefer strategies that fit.
+
+    A model wrapped in DistributedDataParallel is unwrapped (its `.module` is captured); the
+    clipped sums are then all-reduced by `fxclip.distributed`, not by DDP (see docs/distributed.md).
+    Calling `step` inside `torch.autocast` runs the forward in reduced precision; norms, clip
+    factors and clipped sums are accumulated in float32 (see docs/mixed_precision.md)."""
+    if isinstance(model, torch.nn.parallel.DistributedDataParallel):
+        model = model.module
     return PrivateStep(model, loss_fn, max_grad_norm, batch_dims, strategy, verify, memory_budget)
 
 
@@ -67,7 +74,10 @@ class PrivateStep:
         self.strategy = strategy
         self.verify = verify
         self.memory_budget = memory_budget
-        self._programs: dict[bool, tuple[Context, StepProgram]] = {}  # by model.training
+        # by (model.training, autocast state): a graph captured under autocast asserts the dtypes
+        # autocast gives its values, so each autocast setting gets its own capture
+        self._programs: dict[tuple, tuple[Context, StepProgram]] = {}
+        self._last_key: tuple | None = None
 
     # ---- public -----------------------------------------------------------------------------
 
@@ -104,9 +114,9 @@ class PrivateStep:
     @property
     def program(self) -> StepProgram:
         """The step program of the most recent capture (its plan says what the last step did)."""
-        if not self._programs:
+        if self._last_key is None:
             raise FxclipError("no step has run yet: call step(inputs, targets) first")
-        return self._programs[self.model.training][1]
+        return self._programs[self._last_key][1]
 
     # ---- internals --------------------------------------------------------------------------
 
@@ -138,7 +148,8 @@ class PrivateStep:
         return sizes[0]
 
     def _program(self, inputs, targets):
-        key = self.model.training
+        key = (self.model.training, _autocast_state(inputs))
+        self._last_key = key
         if key not in self._programs:
             ctx = Context(
                 model=self.model,
@@ -203,3 +214,9 @@ class PrivateStep:
                 bad.append(key)
         if bad:
             raise VerificationError(f"clipped gradients differ from the reference for parameters {bad}")
+
+
+def _autocast_state(inputs) -> tuple:
+    """(device type, dtype) of each autocast region enabled for the inputs' devices, or ()."""
+    devices = sorted({x.device.type for x in inputs if isinstance(x, torch.Tensor)} | {"cpu"})
+    return tuple((d, torch.get_autocast_dtype(d)) for d in devices if torch.is_autocast_enabled(d))

@@ -29,9 +29,14 @@ import torch
 T, KL, KR, G = sympy.symbols("T k_L k_R G", positive=True, integer=True)
 
 
+def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype norms, clip factors and clipped sums are computed in: at least float32
+    (bf16/fp16 Gram products and sums over positions or examples lose too much)."""
+    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+
+
 def _accumulate(x: torch.Tensor) -> torch.Tensor:
-    """Norm arithmetic runs in at least float32 (bf16/fp16 Gram products lose too much)."""
-    return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
+    return x.to(accumulation_dtype(x.dtype))
 
 
 @dataclass
@@ -49,7 +54,8 @@ class Dense:
         return self.values.shape[2]
 
     def scaled(self, c: torch.Tensor) -> "Dense":
-        return Dense(self.values * c.to(self.values.dtype).view(-1, 1, 1, 1))
+        values = _accumulate(self.values)
+        return Dense(values * c.to(values.dtype).view(-1, 1, 1, 1))
 
 
 @dataclass
@@ -65,7 +71,8 @@ class OneHot:
         return self.index.shape[2]
 
     def scaled(self, c: torch.Tensor) -> "OneHot":
-        return OneHot(self.index, self.k, self.weight * c.to(self.weight.dtype).view(-1, 1, 1))
+        weight = _accumulate(self.weight)
+        return OneHot(self.index, self.k, weight * c.to(weight.dtype).view(-1, 1, 1))
 
 
 Factor = Union[Dense, OneHot]
@@ -87,15 +94,16 @@ def gram(x: Factor, y: Factor) -> torch.Tensor:
 
 
 def outer_sum(left: Factor, right: Factor) -> torch.Tensor:
-    """Per example and group, Σ_t left_tᵀ right_t: the materialized gradient [B, G, k_L, k_R]."""
+    """Per example and group, Σ_t left_tᵀ right_t: the materialized gradient [B, G, k_L, k_R],
+    accumulated in at least float32 (the factors may differ in dtype under autocast)."""
     if isinstance(left, Dense) and isinstance(right, Dense):
-        return left.values.transpose(-1, -2) @ right.values
+        return _accumulate(left.values).transpose(-1, -2) @ _accumulate(right.values)
     if isinstance(left, Dense):
         return outer_sum(right, left).transpose(-1, -2)
     if isinstance(right, OneHot):
-        rows = torch.nn.functional.one_hot(right.index, right.k).to(left.weight.dtype)
-        return outer_sum(left, Dense(rows * right.weight.unsqueeze(-1)))
-    values = right.values * left.weight.unsqueeze(-1).to(right.values.dtype)
+        rows = torch.nn.functional.one_hot(right.index, right.k).to(accumulation_dtype(left.weight.dtype))
+        return outer_sum(left, Dense(rows * _accumulate(right.weight).unsqueeze(-1)))
+    values = _accumulate(right.values) * _accumulate(left.weight).unsqueeze(-1)
     b, g, _, kr = values.shape
     out = values.new_zeros(b, g, left.k, kr)
     return out.scatter_add(2, left.index.unsqueeze(-1).expand_as(values), values)
@@ -148,7 +156,8 @@ class PerExampleGrad:
         return self.grads
 
     def clipped_sum(self, c: torch.Tensor) -> torch.Tensor:
-        return torch.tensordot(c.to(self.grads.dtype), self.grads, dims=1)
+        grads = _accumulate(self.grads)
+        return torch.tensordot(c.to(grads.dtype), grads, dims=1)
 
 
 Form = Union[LinearForm, PerExampleGrad]

@@ -106,7 +106,9 @@ class StepProgram:
         for node, zs in zip(self.use_nodes, outputs):
             grads_by_node[node] = dz[i : i + len(zs)]
             i += len(zs)
-        with torch.no_grad():
+        # fxclip's own arithmetic runs outside any autocast region: norms, clip factors and
+        # clipped sums accumulate in float32 (or float64) whatever dtype the forward ran in.
+        with torch.no_grad(), torch.autocast(losses.device.type, enabled=False):
             forms = self._forms(env, grads_by_node, batch)
             if not self._footprints:
                 self._classify(env)

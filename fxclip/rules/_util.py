@@ -6,7 +6,7 @@ import torch
 
 from ..batch import BatchAxis
 from ..errors import FxclipError
-from ..forms import Dense, LinearForm
+from ..forms import Dense, LinearForm, accumulation_dtype
 
 
 def positions(x: torch.Tensor) -> torch.Tensor:
@@ -21,7 +21,7 @@ def bias_form(g: torch.Tensor, shape: torch.Size) -> LinearForm:
 
 def per_example_sum_to(h: torch.Tensor, axis: BatchAxis, batch_size: int, shape) -> torch.Tensor:
     """For each example, sum `h` (laid out like an op output) down to the broadcast operand
-    `shape`, right-aligned as in broadcasting. Returns [B, *shape]."""
+    `shape`, right-aligned as in broadcasting. Returns [B, *shape], summed in at least float32."""
     nd = h.dim()
     aligned = [1] * (nd - len(shape)) + list(shape)
     if aligned[axis.dim] != 1:
@@ -32,7 +32,7 @@ def per_example_sum_to(h: torch.Tensor, axis: BatchAxis, batch_size: int, shape)
     hb = axis.split(h, batch_size)  # [B, outer, inner, others...]
     target = [1, 1] + [aligned[d] for d in range(nd) if d != axis.dim]
     dims = [i + 1 for i, (t, s) in enumerate(zip(target, hb.shape[1:])) if t == 1 and s != 1]
-    out = hb.sum(dims, keepdim=True) if dims else hb
+    out = hb.sum(dims, keepdim=True, dtype=accumulation_dtype(hb.dtype)) if dims else hb
     return out.reshape(batch_size, *shape)
 
 
