@@ -49,15 +49,22 @@ ALONG_DIM = {
 }
 
 
+def module_of(node: Node) -> tuple[str, str]:
+    """(path, class name) of the innermost user module a node came from ("<root>" for the model
+    itself), or ("", "") when the node has no module stack."""
+    stack = node.meta.get("nn_module_stack") or {}
+    if not stack:
+        return "", ""
+    path, cls = list(stack.values())[-1]
+    path = path.removeprefix("L['self'].").removeprefix("model.").removeprefix("model")
+    cls = getattr(cls, "__name__", str(cls).split(".")[-1].rstrip("'>"))
+    return path or "<root>", cls
+
+
 def where(node: Node) -> str:
     """The module path and source line a node came from, for error messages."""
-    stack = node.meta.get("nn_module_stack") or {}
-    path = ""
-    if stack:
-        path, cls = list(stack.values())[-1]
-        path = path.removeprefix("L['self'].").removeprefix("model.").removeprefix("model")
-        cls = getattr(cls, "__name__", str(cls).split(".")[-1].rstrip("'>"))
-        path = f"module '{path or '<root>'}' ({cls})"
+    path, cls = module_of(node)
+    path = f"module '{path}' ({cls})" if path else ""
     lines = (node.meta.get("stack_trace") or "").strip().splitlines()
     code = lines[-1].strip() if lines else ""
     return ", ".join(p for p in (path, f"op {node.target}", code and f"code: {code}") if p)

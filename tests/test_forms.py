@@ -1,0 +1,74 @@
+"""The forms in isolation: ghost and materialize agree with an explicit per-example gradient."""
+
+import pytest
+import torch
+
+from fxclip.forms import (
+    Dense,
+    LinearForm,
+    OneHot,
+    choose_strategy,
+    cost_formulas,
+    cost_values,
+    ghost_norm_sq,
+    linear_forms_norm_sq,
+)
+
+
+def explicit(left, right):
+    """Σ_t left_tᵀ right_t by one-hot expansion: independent of fxclip's gram/outer_sum code."""
+    def dense(f):
+        if isinstance(f, Dense):
+            return f.values
+        return torch.nn.functional.one_hot(f.index, f.k).double() * f.weight.unsqueeze(-1)
+
+    return torch.einsum("bgtl,bgtr->bglr", dense(left), dense(right))
+
+
+def factor(kind, b, g, t, k, gen):
+    if kind == "dense":
+        return Dense(torch.randn(b, g, t, k, generator=gen, dtype=torch.float64))
+    index = torch.randint(0, k, (b, g, t), generator=gen)
+    return OneHot(index, k, (torch.rand(b, g, t, generator=gen) > 0.2).double())
+
+
+@pytest.mark.parametrize("left_kind", ["dense", "onehot"])
+@pytest.mark.parametrize("right_kind", ["dense", "onehot"])
+@pytest.mark.parametrize("uses", [1, 3])
+def test_norms_and_clipped_sums(left_kind, right_kind, uses):
+    gen = torch.Generator().manual_seed(0)
+    b, g = 4, 2
+    forms = [
+        LinearForm(factor(left_kind, b, g, t, 5, gen), factor(right_kind, b, g, t, 3, gen), torch.Size([g * 5, 3]))
+        for t in (6, 1, 4)[:uses]
+    ]
+    total = sum(explicit(f.left, f.right) for f in forms)
+    expected = total.pow(2).flatten(1).sum(1)
+    for strategy in ("ghost", "materialize"):
+        torch.testing.assert_close(linear_forms_norm_sq(forms, strategy), expected, rtol=1e-12, atol=1e-12)
+    c = torch.rand(b, generator=gen, dtype=torch.float64)
+    for f in forms:
+        expected_sum = torch.einsum("b,bglr->glr", c, explicit(f.left, f.right)).reshape(f.shape)
+        torch.testing.assert_close(f.clipped_sum(c), expected_sum, rtol=1e-12, atol=1e-12)
+
+
+def test_mixed_kinds_of_one_parameter():
+    """A tied weight: an embedding (one-hot rows) and an output layer (dense) share W."""
+    gen = torch.Generator().manual_seed(1)
+    emb = LinearForm(factor("onehot", 3, 1, 5, 7, gen), factor("dense", 3, 1, 5, 4, gen), torch.Size([7, 4]))
+    out = LinearForm(factor("dense", 3, 1, 2, 7, gen), factor("dense", 3, 1, 2, 4, gen), torch.Size([7, 4]))
+    expected = (explicit(emb.left, emb.right) + explicit(out.left, out.right)).pow(2).flatten(1).sum(1)
+    torch.testing.assert_close(ghost_norm_sq([emb, out]), expected, rtol=1e-12, atol=1e-12)
+
+
+def test_cost_model_prefers_materialize_for_long_sequences():
+    gen = torch.Generator().manual_seed(2)
+    long = LinearForm(factor("dense", 1, 1, 1024, 8, gen), factor("dense", 1, 1, 1024, 8, gen), torch.Size([8, 8]))
+    short = LinearForm(factor("dense", 1, 1, 2, 64, gen), factor("dense", 1, 1, 2, 64, gen), torch.Size([64, 64]))
+    assert choose_strategy([long], "auto") == "materialize"
+    assert choose_strategy([short], "auto") == "ghost"
+    assert choose_strategy([short], "materialize") == "materialize"
+    costs = cost_values([long])
+    assert costs["memory"]["ghost"] == 2 * 1024**2 and costs["shapes"]["T"] == 1024
+    assert choose_strategy([long], "auto", memory_budget=10) == "materialize"  # nothing fits: least memory
+    assert str(cost_formulas([long])["materialize"]) == "G*T*k_L*k_R + G*k_L*k_R"

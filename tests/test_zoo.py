@@ -1,0 +1,106 @@
+"""Every zoo model through transform, against the reference, and the step's API contract."""
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import fxclip
+from fxclip.zoo import ZOO
+from helpers import check_against_reference
+
+
+def ce(out, y):
+    return F.cross_entropy(out, y, reduction="none")
+
+
+def zoo_batch(entry, batch, seed, dtype=torch.float64):
+    inputs, y = entry.make_batch(batch, torch.Generator().manual_seed(seed))
+    return tuple(x.to(dtype) if x.is_floating_point() else x for x in inputs), y
+
+
+@pytest.mark.parametrize("name", sorted(ZOO))
+def test_zoo_model_matches_reference(name):
+    entry = ZOO[name]
+    model = entry.factory().double()
+    t = fxclip.transform(model, ce, max_grad_norm=1.0)
+    for batch, seed in ((3, 0), (2, 1)):  # a second batch size reuses the captured graph
+        check_against_reference(t, *zoo_batch(entry, batch, seed))
+    assert len(t._programs) == 1
+
+
+def test_step_accumulates_like_backward():
+    model = ZOO["mlp"].factory().double()
+    t = fxclip.transform(model, ce, max_grad_norm=0.5)
+    a, b = zoo_batch(ZOO["mlp"], 4, 0), zoo_batch(ZOO["mlp"], 3, 1)
+    t.step(*a)
+    first = [p.grad.clone() for p in model.parameters()]
+    t.step(*b)
+    both = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad(set_to_none=True)
+    t.step(*b)
+    for f, s, p in zip(first, both, model.parameters()):
+        torch.testing.assert_close(s, f + p.grad)
+
+
+def test_empty_batch_adds_zeros():
+    model = ZOO["mlp"].factory()
+    t = fxclip.transform(model, ce, max_grad_norm=1.0)
+    res = t.step(torch.zeros(0, 1, 8, 8), torch.zeros(0, dtype=torch.long))
+    assert res.batch_size == 0 and res.norms.shape == (0,)
+    assert all(p.grad is not None and not p.grad.any() for p in model.parameters())
+
+
+def test_frozen_parameters_are_left_alone_and_excluded():
+    model = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 3)).double()
+    model[0].weight.requires_grad_(False)
+    x, y = torch.randn(5, 4, dtype=torch.float64), torch.randint(0, 3, (5,))
+    t = fxclip.transform(model, ce, max_grad_norm=0.3)
+    check_against_reference(t, (x,), y)
+    assert model[0].weight.grad is None
+
+
+def test_clip_factors_and_losses():
+    model = ZOO["small_cnn"].factory().double()
+    inputs, y = zoo_batch(ZOO["small_cnn"], 6, 2)
+    t = fxclip.transform(model, ce, max_grad_norm=0.01)
+    res = t.step(inputs, y)
+    torch.testing.assert_close(res.losses, ce(model(*inputs), y).detach())
+    torch.testing.assert_close(res.clip_factors, (0.01 / (res.norms + 1e-6)).clamp(max=1))
+    assert (res.clip_factors < 1).all()
+
+
+def test_verify_passes_on_a_correct_model():
+    model = ZOO["depthwise"].factory().double()
+    t = fxclip.transform(model, ce, max_grad_norm=1.0, verify=True)
+    t.step(*zoo_batch(ZOO["depthwise"], 4, 0))
+    assert t.verify is False  # checked once, on the first step
+
+
+def test_verify_catches_a_wrong_rule():
+    from fxclip.rules import linear as linear_rules
+    from fxclip.rules.registry import RULES
+
+    aten_linear = torch.ops.aten.linear.default
+    original = RULES[aten_linear]
+
+    @fxclip.register_rule(aten_linear, params=("weight", "bias"), override=True)
+    def wrong_linear(call):
+        forms = linear_rules.linear(call)
+        forms["weight"] = fxclip.PerExampleGrad(2 * forms["weight"].materialize())
+        return forms
+
+    try:
+        model = ZOO["mlp"].factory().double()
+        t = fxclip.transform(model, ce, max_grad_norm=1.0, verify=True)
+        before = [p.grad for p in model.parameters()]
+        with pytest.raises(fxclip.VerificationError):
+            t.step(*zoo_batch(ZOO["mlp"], 4, 0))
+        assert [p.grad for p in model.parameters()] == before
+    finally:
+        RULES[aten_linear] = original
+
+
+def test_registering_an_op_twice_needs_override():
+    with pytest.raises(fxclip.FxclipError, match="already registered.*override=True"):
+        fxclip.register_rule(torch.ops.aten.linear.default, params=("weight",))(lambda call: {})
