@@ -103,6 +103,12 @@ class _BatchLocator:
         d = dims[0]
         if self.is_batch(val.shape[d]):
             return BatchAxis(d, 1)
+        if not in_axes:
+            # made from sizes alone (zeros, ones, full): every example's entries are the same
+            # whatever the layout, so take the batch as outermost (B·inner, as B·heads is laid out)
+            inner = val.shape[d].node.expr / self.symbol
+            if inner.is_Integer:
+                return BatchAxis(d, int(inner))
         if in_axes and node.target in RESHAPES:
             x, ax = in_axes[0]
             flat_inner = ax.inner * math.prod(int(s) for s in x.shape[ax.dim + 1 :])
@@ -205,11 +211,13 @@ def analyze(gm: GraphModule, ctx: Context) -> GraphModule:
                 if isinstance(n.meta.get("fxclip_batch_axis"), BatchAxis)
             ]
             axis = locator.locate(node, node.meta.get("val"), in_axes)
+            if isinstance(axis, tuple) and all(a is None for a in axis):
+                axis = None  # a multi-output op on batch-free values (a split of a parameter)
             first = node.args[0] if node.args and isinstance(node.args[0], Node) else None
             first_axis = first.meta.get("fxclip_batch_axis") if first is not None else None
             _check_mixing(node, first_axis if isinstance(first_axis, BatchAxis) else None)
         node.meta["fxclip_batch_axis"] = axis
-        if axis is None and any(n in derived for n in tensor_inputs):
+        if axis is None and any(n in derived for n in node.all_input_nodes):
             derived.add(node)
 
     dependency = nx.DiGraph()
