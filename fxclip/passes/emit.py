@@ -13,6 +13,7 @@ from typing import Any
 
 import networkx as nx
 import torch
+import torch.fx.traceback as fx_traceback
 from torch.fx import GraphModule, Node
 from torch.fx.node import map_arg
 
@@ -29,6 +30,15 @@ from .analyze import CAST_OPS
 from .context import Context, ParamUse
 
 EPS = 1e-6  # the clip factor is min(1, C / (norm + EPS))
+
+PHASES = ("forward", "backward", "norms", "book-keeping")
+
+
+def phase(name: str, params=()):
+    """Tags what a tracer (make_fx, torch.export) records inside with node.meta["custom"] =
+    {"fxclip_phase": one of PHASES, "fxclip_params": the parameters it serves, comma-separated};
+    `fxclip.graph_view` colours and labels the step graph by these. No effect on the values."""
+    return fx_traceback.annotate({"fxclip_phase": name, "fxclip_params": ",".join(params)})
 
 
 @dataclass
@@ -95,12 +105,14 @@ class StepProgram:
     # ---- running the step -------------------------------------------------------------------
 
     def __call__(self, flat_args: list, max_grad_norm: float, strategy: str = "auto"):
-        outs = self.forward(*flat_args)
+        with phase("forward"):
+            outs = self.forward(*flat_args)
         losses, env = outs[0], dict(zip(self.saved, outs[1:]))
         batch = losses.shape[0]
         outputs = [self._tensors(env[n]) for n in self.use_nodes]
         flat_z = [z for zs in outputs for z in zs]
-        dz = torch.autograd.grad(losses.sum(), flat_z, allow_unused=True) if flat_z else []
+        with phase("backward"):
+            dz = torch.autograd.grad(losses.sum(), flat_z, allow_unused=True) if flat_z else []
         dz = [torch.zeros_like(z) if g is None else g for z, g in zip(flat_z, dz)]
         grads_by_node, i = {}, 0
         for node, zs in zip(self.use_nodes, outputs):
@@ -115,9 +127,11 @@ class StepProgram:
             norm_sq = losses.new_zeros(batch, dtype=torch.float32 if losses.dtype != torch.float64 else torch.float64)
             plan = []
             for comp in self.components:
-                norm_sq = norm_sq + self._norm_sq(comp, forms, env, strategy, plan)
-            norms = norm_sq.clamp_min(0).sqrt()
-            clip = (max_grad_norm / (norms + EPS)).clamp(max=1.0)
+                with phase("norms", comp.params):
+                    norm_sq = norm_sq + self._norm_sq(comp, forms, env, strategy, plan)
+            with phase("norms"):
+                norms = norm_sq.clamp_min(0).sqrt()
+                clip = (max_grad_norm / (norms + EPS)).clamp(max=1.0)
             clipped = self._clipped_sums(forms, env, clip)
         self.plan = plan
         return losses.detach(), norms, clip, clipped
@@ -156,7 +170,8 @@ class StepProgram:
                 output_axis=_first_axis(node.meta["fxclip_batch_axis"]),
                 param_names=tuple(self.uses[i].operand for i in idx),
             )
-            result = rule.fn(call)
+            with phase("norms", [p for i in idx for p in self.uses[i].params]):
+                result = rule.fn(call)
             for i in idx:
                 forms[i] = result[self.uses[i].operand]
         return forms
@@ -260,16 +275,17 @@ class StepProgram:
         """Σ_i c_i ∇_W L_i for every trainable parameter, one contraction per use."""
         grads: dict[str, torch.Tensor] = {}
         for i, use in enumerate(self.uses):
-            in_value_space = forms[i].clipped_sum(clip)
-            if use.chain_kind == "identity":
-                param_grads = [in_value_space.reshape(self.ctx.trainable[use.params[0]].meta["val"].shape)]
-            elif use.chain_kind == "transpose":
-                param_grads = [in_value_space.t()]
-            else:
-                params = [self.ctx.trainable[p] for p in use.params]
-                param_grads = self._chain_vjp(use, env, params)(in_value_space)
-            for key, g in zip(use.params, param_grads):
-                grads[key] = grads[key] + g if key in grads else g
+            with phase("book-keeping", use.params):
+                in_value_space = forms[i].clipped_sum(clip)
+                if use.chain_kind == "identity":
+                    param_grads = [in_value_space.reshape(self.ctx.trainable[use.params[0]].meta["val"].shape)]
+                elif use.chain_kind == "transpose":
+                    param_grads = [in_value_space.t()]
+                else:
+                    params = [self.ctx.trainable[p] for p in use.params]
+                    param_grads = self._chain_vjp(use, env, params)(in_value_space)
+                for key, g in zip(use.params, param_grads):
+                    grads[key] = grads[key] + g if key in grads else g
         return grads
 
 
