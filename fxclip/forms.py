@@ -19,6 +19,7 @@ standing for rows of one-hot vectors scaled by `weight` (embeddings; weight 0 dr
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import lru_cache
 from itertools import groupby
 from typing import Sequence, Union
 
@@ -168,32 +169,41 @@ Form = Union[LinearForm, PerExampleGrad]
 STRATEGIES = ("ghost", "materialize")
 
 
-def _factor_cost_symbols(f: Factor, k) -> sympy.Expr:
-    """Gram cost per pair of positions: a dense dot product costs k, a one-hot compare costs 1."""
-    return k if isinstance(f, Dense) else sympy.Integer(1)
+def _kinds(forms: Sequence[LinearForm]) -> tuple[str, str]:
+    return type(forms[0].left).__name__, type(forms[0].right).__name__
+
+
+@lru_cache(maxsize=None)
+def _formulas(left_kind: str, right_kind: str) -> dict[str, sympy.Expr]:
+    # a Gram entry costs k multiply-adds for a dense factor, one compare for a one-hot factor
+    gram_left = KL if left_kind == "Dense" else sympy.Integer(1)
+    gram_right = KR if right_kind == "Dense" else sympy.Integer(1)
+    return {
+        "ghost": G * T**2 * (gram_left + gram_right + 1),
+        "materialize": G * T * KL * KR + G * KL * KR,
+    }
+
+
+@lru_cache(maxsize=None)
+def _cost_functions(left_kind: str, right_kind: str):
+    """The formulas compiled to plain Python (evaluated every step, so no sympy on the hot path)."""
+    return {name: sympy.lambdify((T, KL, KR, G), expr) for name, expr in _formulas(left_kind, right_kind).items()}
 
 
 def cost_formulas(forms: Sequence[LinearForm]) -> dict[str, sympy.Expr]:
     """Per-example multiply-adds of each strategy for the squared norm of Σ_u G_u, symbolically."""
-    left, right = forms[0].left, forms[0].right
-    ghost = G * T**2 * (_factor_cost_symbols(left, KL) + _factor_cost_symbols(right, KR) + 1)
-    materialize = G * T * KL * KR + G * KL * KR
-    return {"ghost": ghost, "materialize": materialize}
+    return _formulas(*_kinds(forms))
 
 
 def cost_values(forms: Sequence[LinearForm]) -> dict:
     """The formulas evaluated on these forms' shapes, plus the extra memory each needs (elements)."""
     f = forms[0]
     groups = (f.left.values if isinstance(f.left, Dense) else f.left.index).shape[1]
-    subs = {
-        T: sum(u.left.positions for u in forms),
-        KL: f.left.k,
-        KR: f.right.k,
-        G: groups,
-    }
-    flops = {name: int(expr.subs(subs)) for name, expr in cost_formulas(forms).items()}
-    memory = {"ghost": 2 * groups * subs[T] ** 2, "materialize": groups * subs[KL] * subs[KR]}
-    return {"flops": flops, "memory": memory, "shapes": {str(k): v for k, v in subs.items()}}
+    positions = sum(u.left.positions for u in forms)
+    shapes = {"T": positions, "k_L": f.left.k, "k_R": f.right.k, "G": groups}
+    flops = {name: int(fn(positions, f.left.k, f.right.k, groups)) for name, fn in _cost_functions(*_kinds(forms)).items()}
+    memory = {"ghost": 2 * groups * positions**2, "materialize": groups * f.left.k * f.right.k}
+    return {"flops": flops, "memory": memory, "shapes": shapes}
 
 
 def choose_strategy(forms: Sequence[LinearForm], strategy: str, memory_budget: float | None = None) -> str:

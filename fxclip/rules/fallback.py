@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 
 from ..batch import BatchAxis
+from ..errors import FxclipError
 from ..forms import PerExampleGrad
 from .registry import OpCall, set_fallback
 
@@ -39,5 +40,17 @@ def per_example_vjp(call: OpCall) -> dict[str, PerExampleGrad]:
         return vjp_fn(_one_example_layout(g, call.output_axis))
 
     xs = {n: call.examples(n) for n in batched}
-    grads = torch.func.vmap(one_example)(xs, call.grad_examples())
+    try:
+        grads = torch.func.vmap(one_example)(xs, call.grad_examples())
+    except (RuntimeError, NotImplementedError) as e:
+        if op.namespace == "aten":
+            raise
+        from ..passes.analyze import where
+
+        raise FxclipError(
+            f"{where(call.node)}: no fxclip rule covers the custom op {op}, and the per-example "
+            f"fallback cannot run it under torch.func.vmap ({str(e).splitlines()[0]}). Register a rule "
+            f"with @fxclip.register_rule({op}, params={names!r}) (see docs/custom_rules.md), or give "
+            "the op a batching rule with torch.library.register_vmap."
+        ) from e
     return {n: PerExampleGrad(gr) for n, gr in zip(names, grads)}
