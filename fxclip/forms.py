@@ -18,7 +18,7 @@ standing for rows of one-hot vectors scaled by `weight` (embeddings; weight 0 dr
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import lru_cache
 from itertools import groupby
 from typing import Sequence, Union
@@ -128,17 +128,24 @@ class LinearForm:
     left: Factor
     right: Factor
     shape: torch.Size
+    _materialized: torch.Tensor | None = field(default=None, repr=False, compare=False)
 
     def transposed(self) -> "LinearForm":
         """The same gradient seen through a 2-D transpose of the parameter."""
         return LinearForm(self.right, self.left, torch.Size(reversed(self.shape)))
 
     def materialize(self) -> torch.Tensor:
-        grads = outer_sum(self.left, self.right)
-        return grads.reshape(grads.shape[0], *self.shape)
+        """[B, *shape] per-example gradients (kept: the clipped sum then reuses them)."""
+        if self._materialized is None:
+            grads = outer_sum(self.left, self.right)
+            self._materialized = grads.reshape(grads.shape[0], *self.shape)
+        return self._materialized
 
     def clipped_sum(self, c: torch.Tensor) -> torch.Tensor:
-        """Σ_i c_i G_i as one contraction over examples and positions (book-keeping)."""
+        """Σ_i c_i G_i (book-keeping): a sum over B of already materialized gradients, else one
+        contraction of (c ⊙ L) with R over examples and positions."""
+        if self._materialized is not None:
+            return torch.tensordot(c.to(self._materialized.dtype), self._materialized, dims=1)
         grads = outer_sum(_fold_batch(self.left.scaled(c)), _fold_batch(self.right))
         return grads.reshape(self.shape)
 
