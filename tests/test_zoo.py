@@ -104,3 +104,21 @@ def test_verify_catches_a_wrong_rule():
 def test_registering_an_op_twice_needs_override():
     with pytest.raises(fxclip.FxclipError, match="already registered.*override=True"):
         fxclip.register_rule(torch.ops.aten.linear.default, params=("weight",))(lambda call: {})
+
+
+def test_dropout_masks_match_an_ordinary_backward():
+    """One forward, one backward: with no clipping (huge C) the step's gradient is the ordinary
+    gradient of Σ_i L_i under the same random masks."""
+    model = nn.Sequential(nn.Linear(6, 16), nn.ReLU(), nn.Dropout(0.5), nn.Linear(16, 3)).double()
+    x, y = torch.randn(8, 6, dtype=torch.float64), torch.randint(0, 3, (8,))
+    t = fxclip.transform(model, ce, max_grad_norm=1e9)
+    t.step(x, y)  # capture
+    model.zero_grad(set_to_none=True)
+    torch.manual_seed(5)
+    t.step(x, y)
+    private = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad(set_to_none=True)
+    torch.manual_seed(5)
+    ce(model(x), y).sum().backward()
+    for a, b in zip(private, model.parameters()):
+        torch.testing.assert_close(a, b.grad, rtol=1e-10, atol=1e-12)
