@@ -203,14 +203,15 @@ def cost_formulas(forms: Sequence[LinearForm]) -> dict[str, sympy.Expr]:
 
 
 def cost_values(forms: Sequence[LinearForm]) -> dict:
-    """The formulas evaluated on these forms' shapes, plus the extra memory each needs (elements)."""
+    """The formulas evaluated on these forms' shapes, plus the extra memory each needs (elements);
+    "formulas" holds the sympy expressions themselves (for `explain`)."""
     f = forms[0]
     groups = (f.left.values if isinstance(f.left, Dense) else f.left.index).shape[1]
     positions = sum(u.left.positions for u in forms)
     shapes = {"T": positions, "k_L": f.left.k, "k_R": f.right.k, "G": groups}
     flops = {name: int(fn(positions, f.left.k, f.right.k, groups)) for name, fn in _cost_functions(*_kinds(forms)).items()}
     memory = {"ghost": 2 * groups * positions**2, "materialize": groups * f.left.k * f.right.k}
-    return {"flops": flops, "memory": memory, "shapes": shapes}
+    return {"flops": flops, "memory": memory, "shapes": shapes, "formulas": _formulas(*_kinds(forms))}
 
 
 def choose_strategy(forms: Sequence[LinearForm], strategy: str, memory_budget: float | None = None) -> str:
