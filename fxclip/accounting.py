@@ -20,10 +20,10 @@ ACCOUNTANTS = ("pld", "rdp")
 # valid upper bound on epsilon. At 1e-3 it is within ~1e-4 of the 1e-4 grid and about 15x faster.
 PLD_DISCRETIZATION = 1e-3
 
-# dp_accounting's default RDP orders without those below 1.5: their series often fails to converge
-# (the library then drops them with a log warning per call), and they only give the best bound
-# when epsilon is far beyond any useful privacy guarantee.
-RDP_ORDERS = [a for a in rdp_privacy_accountant.DEFAULT_RDP_ORDERS if a >= 1.5]
+# dp_accounting's default RDP orders from 2 up: for orders below 2 its series for fractional orders
+# often fails to converge (the library then drops them with a log warning per call), and they only
+# give the best bound when epsilon is far beyond any useful privacy guarantee.
+RDP_ORDERS = [a for a in rdp_privacy_accountant.DEFAULT_RDP_ORDERS if a >= 2]
 
 # The noise multiplier search never goes below this: smaller noise gives an epsilon in the hundreds,
 # which is no privacy guarantee, and makes the PLD grid huge.
