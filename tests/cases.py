@@ -157,6 +157,32 @@ class TransposedUse(nn.Module):
         return torch.tanh(F.linear(x, self.w)) @ self.w
 
 
+class Frames(nn.Module):
+    """Video-style (B, T, C, H, W) frames folded into the conv's batch as (B·T, C, H, W)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(2, 3, 3, padding=1)
+        self.norm = nn.GroupNorm(3, 3)
+
+    def forward(self, x):
+        b, t = x.shape[:2]
+        h = self.norm(self.conv(x.flatten(0, 1)))
+        return h.unflatten(0, (b, t)).mean(1)
+
+
+class SeqFirstEmbedding(nn.Module):
+    """Tokens (T, B) with the batch in dim 1, per-example mean over time."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb = nn.Embedding(9, 4, padding_idx=1)
+        self.out = nn.Linear(4, 2)
+
+    def forward(self, x):
+        return self.out(torch.tanh(self.emb(x)).mean(0))
+
+
 def conv(dim, **kw):
     cls = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}[dim]
     return lambda: nn.Sequential(cls(**kw), nn.Flatten(), nn.Tanh())
@@ -214,6 +240,8 @@ CASES = [
     Case("seq_first_flattened", SeqFirst, lambda b, g: (torch.randn(5, b, 4, generator=g, dtype=torch.float64),), (1,)),
     Case("two_inputs_batch_in_dim1", lambda: Lambda(lambda s, x, y: s.a(x) * s.b(y.T), a=nn.Linear(3, 4), b=nn.Linear(2, 4)),
          lambda b, g: (torch.randn(b, 3, generator=g, dtype=torch.float64), torch.randn(2, b, generator=g, dtype=torch.float64)), (0, 1)),
+    Case("frames_folded_into_conv_batch", Frames, randn(3, 2, 4, 4)),
+    Case("seq_first_embedding", SeqFirstEmbedding, lambda b, g: (torch.randint(0, 9, (6, b), generator=g),), (1,)),
     # the fallback (ops no rule covers)
     Case("fallback_conv_transpose", lambda: nn.ConvTranspose2d(2, 3, 3, stride=2), conv_input(2, 2, 4)),
     Case("fallback_prelu", lambda: nn.Sequential(nn.Linear(4, 5), nn.PReLU(5)), randn(4)),
