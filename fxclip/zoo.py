@@ -157,6 +157,22 @@ class TiedAutoencoder(nn.Module):
         return F.linear(h.mean(1), self.embed.weight)  # logits over the vocabulary
 
 
+class TransformerEncoderClassifier(nn.Module):
+    """Token embedding plus a learned positional table, nn.TransformerEncoder (self-attention, MLP,
+    LayerNorm; batch_first), mean pooling and a linear head."""
+
+    def __init__(self, vocab: int = 1000, dim: int = 64, heads: int = 4, layers: int = 2, length: int = 32, num_classes: int = 4):
+        super().__init__()
+        self.embed = nn.Embedding(vocab, dim)
+        self.pos = nn.Parameter(torch.zeros(length, dim))
+        layer = nn.TransformerEncoderLayer(dim, heads, 2 * dim, dropout=0.0, batch_first=True)
+        self.encoder = nn.TransformerEncoder(layer, layers, enable_nested_tensor=False)
+        self.head = nn.Linear(dim, num_classes)
+
+    def forward(self, tokens):
+        return self.head(self.encoder(self.embed(tokens) + self.pos[: tokens.shape[1]]).mean(1))
+
+
 @dataclass(frozen=True)
 class ZooEntry:
     """A model factory and a batch maker: `make_batch(B, generator) -> (inputs_tuple, targets)`."""
@@ -195,5 +211,9 @@ ZOO: dict[str, ZooEntry] = {
         ),
         ZooEntry("bow", lambda: BagOfWords(1000, 32, 4), _tokens(1000, 64, 4), "embedding bag of words"),
         ZooEntry("tied", lambda: TiedAutoencoder(100, 16), _tokens(100, 12, 100), "tied embedding"),
+        ZooEntry(
+            "transformer", lambda: TransformerEncoderClassifier(1000, 64, 4, 2, 32, 4), _tokens(1000, 32, 4),
+            "2-layer Transformer encoder",
+        ),
     ]
 }
