@@ -1,0 +1,161 @@
+"""Peak memory of a training step, measured the same way for fxclip, the non-private step and peers.
+
+`peak_memory(fn)` runs `fn()` and returns the largest number of bytes held by tensors that `fn`
+allocated and had alive at once (memory held before the call, such as the model and the batch,
+is not counted). On CUDA it is `torch.cuda.max_memory_allocated` minus what was allocated before
+the call. On the CPU, where PyTorch keeps no allocator statistics, every tensor an op returns is
+tracked by a `TorchDispatchMode` (by storage, so views count once) until it is freed; scratch
+memory an op frees before returning is not seen, for either method compared.
+"""
+
+from __future__ import annotations
+
+import gc
+import weakref
+from typing import Callable
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
+
+
+class _LiveTensorBytes(TorchDispatchMode):
+    """Counts the bytes of storages created inside the mode while they are alive, and their peak."""
+
+    def __init__(self):
+        super().__init__()
+        self.live = 0
+        self.peak = 0
+        self._seen: set[int] = set()
+
+    def _release(self, key: int, nbytes: int) -> None:
+        self._seen.discard(key)
+        self.live -= nbytes
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in tree_leaves(out):
+            if isinstance(t, torch.Tensor) and t.device.type == "cpu" and not t.is_meta:
+                storage = t.untyped_storage()
+                key = storage.data_ptr()
+                if key in self._seen or storage.nbytes() == 0:
+                    continue
+                self._seen.add(key)
+                self.live += storage.nbytes()
+                weakref.finalize(storage, self._release, key, storage.nbytes())
+        self.peak = max(self.peak, self.live)
+        return out
+
+
+def peak_memory(fn: Callable[[], object], device: str | torch.device = "cpu") -> int:
+    """Peak bytes allocated by `fn()` above what was allocated before it (see the module doc)."""
+    device = torch.device(device)
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        before = torch.cuda.memory_allocated(device)
+        fn()
+        torch.cuda.synchronize(device)
+        return torch.cuda.max_memory_allocated(device) - before
+    if device.type != "cpu":
+        raise ValueError(f"peak_memory measures 'cpu' or 'cuda' devices, not {device.type!r}")
+    tracker = _LiveTensorBytes()
+    with tracker:
+        fn()
+    return tracker.peak
+
+
+# ---- peak memory of one training step, per method, at a large batch ------------------------------
+
+METHODS = ("nonprivate", "fxclip", "opacus")
+
+
+def _cross_entropy(out, y):
+    return torch.nn.functional.cross_entropy(out, y, reduction="none")
+
+
+def _step_fns(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, max_grad_norm: float) -> dict:
+    """One training step's gradient computation per method, each leaving p.grad filled."""
+    import fxclip
+
+    def clear(m):
+        for p in m.parameters():
+            p.grad = None
+
+    def nonprivate():  # the floor: one ordinary forward and backward of the summed loss
+        clear(model)
+        _cross_entropy(model(x), y).sum().backward()
+
+    t = fxclip.transform(model, _cross_entropy, max_grad_norm)
+
+    def fxclip_step():
+        clear(model)
+        t.step(x, y)
+
+    fns = {"nonprivate": nonprivate, "fxclip": fxclip_step}
+    try:
+        import copy
+
+        from opacus import GradSampleModule
+        from opacus.optimizers import DPOptimizer
+        from opacus.validators import ModuleValidator
+    except ImportError:
+        return fns
+    peer = GradSampleModule(ModuleValidator.fix(copy.deepcopy(model)))
+    opt = DPOptimizer(
+        torch.optim.SGD(peer.parameters(), lr=0.0), noise_multiplier=0.0, max_grad_norm=max_grad_norm,
+        expected_batch_size=x.shape[0],
+    )
+
+    def opacus_step():  # per-sample gradients by hooks, clipped and summed into p.summed_grad
+        opt.zero_grad(set_to_none=True)
+        _cross_entropy(peer(x), y).sum().backward()
+        opt.clip_and_accumulate()
+
+    fns["opacus"] = opacus_step
+    return fns
+
+
+def step_memory(name: str, batch: int = 1024, device: str = "cpu", max_grad_norm: float = 1.0) -> dict[str, int]:
+    """Peak bytes of one gradient step of zoo model `name` at `batch`, per method in METHODS
+    (Opacus only when installed). Each method runs once untimed first (capture, lazy state)."""
+    from .zoo import ZOO
+
+    entry = ZOO[name]
+    torch.manual_seed(0)
+    model = entry.factory().to(device)
+    (x,), y = entry.make_batch(batch, torch.Generator().manual_seed(0))
+    x, y = x.to(device), y.to(device)
+    result = {}
+    for method, fn in _step_fns(model, x, y, max_grad_norm).items():
+        fn()
+        result[method] = peak_memory(fn, device)
+    return result
+
+
+def main(argv=None) -> None:
+    """`python -m fxclip.memory [--batch 1024] [--device cpu] [--models mnist_cnn transformer]`:
+    a table of peak step memory (MiB) per method and fxclip's ratio to the non-private step."""
+    import argparse
+    import json
+
+    parser = argparse.ArgumentParser(description=main.__doc__)
+    parser.add_argument("--batch", type=int, default=1024)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--models", nargs="+", default=["mnist_cnn", "transformer"])
+    parser.add_argument("--json", help="also write the numbers (bytes) to this file")
+    args = parser.parse_args(argv)
+    rows = {name: step_memory(name, args.batch, args.device) for name in args.models}
+    print(f"peak step memory at B={args.batch} on {args.device} (MiB; ratio to non-private)")
+    for name, mem in rows.items():
+        floor = mem["nonprivate"]
+        cells = "  ".join(f"{m} {mem[m] / 2**20:8.1f} ({mem[m] / floor:4.2f}x)" for m in METHODS if m in mem)
+        print(f"{name:12s} {cells}")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"batch": args.batch, "device": args.device, "bytes": rows}, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
