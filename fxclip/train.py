@@ -76,7 +76,7 @@ def per_example_cross_entropy(output: torch.Tensor, targets: torch.Tensor) -> to
 class TrainConfig:
     """Settings of a private training run (and of the non-private run it is compared with)."""
 
-    model: str = "small_cnn"
+    model: str = "mlp"
     dataset: str = "digits"
     epsilon: float = 3.0
     delta: float = 1e-5
@@ -84,8 +84,8 @@ class TrainConfig:
     batch_size: int = 128  # expected (Poisson) logical batch size
     physical_batch_size: int = 512  # largest batch run at once; larger batches are accumulated
     max_grad_norm: float = 1.0
-    lr: float = 2.0
-    optimizer: str = "sgd"
+    lr: float = 1e-2
+    optimizer: str = "adam"
     momentum: float = 0.0
     accountant: str = "pld"
     secure_noise: bool = False
