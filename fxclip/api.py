@@ -104,6 +104,22 @@ class PrivateStep:
         self._accumulate(trainable, grads)
         return StepResult(losses, norms, clip)
 
+    def explain(self, inputs=None, targets=None):
+        """What fxclip does for each trainable parameter, as a table (`print(t.explain())`): the
+        ops that use it, the rule and its source, the strategy, the cost formulas and their values,
+        the extra memory. From a dry run on (inputs, targets) if given (no gradients are written),
+        else from the last step. See `fxclip.explain`."""
+        from .explain import explain
+
+        return explain(self, inputs, targets)
+
+    def graph(self, inputs, targets):
+        """One step on this batch traced into a `fxclip.graph_view.StepGraph` (readable code with
+        `.code()`, graphviz DOT with `.to_dot()`, a picture with `.render(path)`); pure."""
+        from .graph_view import step_graph
+
+        return step_graph(self, inputs, targets)
+
     @property
     def fallbacks(self) -> list[str]:
         """'<param> in <op> (<module>)' for each parameter use that no rule covers (fallback)."""
