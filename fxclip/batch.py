@@ -18,16 +18,7 @@ class BatchAxis:
     inner: int = 1
 
     def split(self, x: torch.Tensor, batch_size: int) -> torch.Tensor:
-        """`x` as [B, outer, inner, <other dims in order>]: every example's entries in one row."""
-        y = x.unflatten(self.dim, (-1, batch_size, self.inner))
-        return y.movedim(self.dim + 1, 0)
-
-    def merge(self, y: torch.Tensor, like_shape) -> torch.Tensor:
-        """Inverse of `split`: a [B, outer, inner, ...] tensor back to the layout `like_shape`."""
-        return y.movedim(0, self.dim + 1).flatten(self.dim, self.dim + 2).reshape(like_shape)
-
-    def per_example_shape(self, shape, batch_size: int) -> tuple:
-        """The shape the same tensor has for a batch of one example."""
-        shape = list(shape)
-        shape[self.dim] //= batch_size
-        return tuple(shape)
+        """`x` as [B, *shape[:dim], outer, inner, *shape[dim+1:]]: example i's entries in row i,
+        in their own order (flattening dims `dim` and `dim + 1` of a row gives the layout the same
+        op would have for a batch of one)."""
+        return x.unflatten(self.dim, (-1, batch_size, self.inner)).movedim(self.dim + 1, 0)

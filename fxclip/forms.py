@@ -131,8 +131,8 @@ class LinearForm:
     _materialized: torch.Tensor | None = field(default=None, repr=False, compare=False)
 
     def transposed(self) -> "LinearForm":
-        """The same gradient seen through a 2-D transpose of the parameter."""
-        return LinearForm(self.right, self.left, torch.Size(reversed(self.shape)))
+        """The same gradient seen through a transpose of the parameter's last two dims."""
+        return LinearForm(self.right, self.left, torch.Size([*self.shape[:-2], self.shape[-1], self.shape[-2]]))
 
     def materialize(self) -> torch.Tensor:
         """[B, *shape] per-example gradients (kept: the clipped sum then reuses them)."""

@@ -200,6 +200,8 @@ CASES = [
     Case("matmul_param_right", lambda: Lambda(lambda s, x: x @ s.w, w=P(5, 3)), randn(4, 5)),
     Case("matmul_param_left", lambda: Lambda(lambda s, x: s.w @ x, w=P(3, 4)), randn(4, 2)),
     Case("mm", lambda: Lambda(lambda s, x: torch.mm(x, s.w), w=P(5, 3)), randn(5)),
+    Case("bmm_param_right", lambda: Lambda(lambda s, x: torch.bmm(x.transpose(0, 1), s.w).transpose(0, 1), w=P(3, 4, 2)), randn(3, 4)),
+    Case("bmm_param_left", lambda: Lambda(lambda s, x: torch.bmm(s.w, x.permute(1, 2, 0)).permute(2, 0, 1), w=P(3, 2, 4)), randn(3, 4)),
     Case("addmm", lambda: Lambda(lambda s, x: torch.addmm(s.b, x, s.w, beta=0.5, alpha=2.0), w=P(5, 3), b=P(3)), randn(5)),
     # convolutions
     Case("conv1d", conv(1, in_channels=3, out_channels=4, kernel_size=3, stride=2, padding=1), conv_input(1, 3, 9)),
@@ -240,6 +242,8 @@ CASES = [
     Case("seq_first_flattened", SeqFirst, lambda b, g: (torch.randn(5, b, 4, generator=g, dtype=torch.float64),), (1,)),
     Case("two_inputs_batch_in_dim1", lambda: Lambda(lambda s, x, y: s.a(x) * s.b(y.T), a=nn.Linear(3, 4), b=nn.Linear(2, 4)),
          lambda b, g: (torch.randn(b, 3, generator=g, dtype=torch.float64), torch.randn(2, b, generator=g, dtype=torch.float64)), (0, 1)),
+    Case("seq_first_positional_table", lambda: Lambda(lambda s, x: torch.tanh(x * s.scale + s.pos).transpose(0, 1), pos=P(5, 1, 3), scale=P(3)),
+         lambda b, g: (torch.randn(5, b, 3, generator=g, dtype=torch.float64),), (1,)),
     Case("frames_folded_into_conv_batch", Frames, randn(3, 2, 4, 4)),
     Case("seq_first_embedding", SeqFirstEmbedding, lambda b, g: (torch.randint(0, 9, (6, b), generator=g),), (1,)),
     # the fallback (ops no rule covers)

@@ -29,8 +29,8 @@ def per_example_sum_to(h: torch.Tensor, axis: BatchAxis, batch_size: int, shape)
             f"a parameter of shape {tuple(shape)} varies along the batch axis (dim {axis.dim}) of "
             f"a {tuple(h.shape)} tensor; fxclip cannot tell examples apart there"
         )
-    hb = axis.split(h, batch_size)  # [B, outer, inner, others...]
-    target = [1, 1] + [aligned[d] for d in range(nd) if d != axis.dim]
+    hb = axis.split(h, batch_size)  # [B, *before, outer, inner, *after]
+    target = aligned[: axis.dim] + [1, 1] + aligned[axis.dim + 1 :]
     dims = [i + 1 for i, (t, s) in enumerate(zip(target, hb.shape[1:])) if t == 1 and s != 1]
     out = hb.sum(dims, keepdim=True, dtype=accumulation_dtype(hb.dtype)) if dims else hb
     return out.reshape(batch_size, *shape)
@@ -40,3 +40,8 @@ def moved_axis(axis: BatchAxis, ndim: int) -> BatchAxis:
     """The batch axis after swapping the last two dims of an `ndim`-dim tensor."""
     swap = {ndim - 1: ndim - 2, ndim - 2: ndim - 1}
     return BatchAxis(swap.get(axis.dim, axis.dim), axis.inner)
+
+
+def swap_last(shape) -> torch.Size:
+    """`shape` with its last two dims swapped (the shape of a matrix, or of each in a stack, transposed)."""
+    return torch.Size([*shape[:-2], shape[-1], shape[-2]])

@@ -17,8 +17,8 @@ from .registry import OpCall, set_fallback
 
 
 def _one_example_layout(x: torch.Tensor, axis: BatchAxis) -> torch.Tensor:
-    """[outer, inner, *others] of one example -> that example's tensor in the op's own layout."""
-    return x.movedim((0, 1), (axis.dim, axis.dim + 1)).flatten(axis.dim, axis.dim + 1)
+    """One example's row of `BatchAxis.split` -> its tensor in the op's own layout (batch of one)."""
+    return x.flatten(axis.dim, axis.dim + 1)
 
 
 @set_fallback

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from ..forms import Dense, LinearForm, PerExampleGrad
-from ._util import bias_form, moved_axis, per_example_sum_to, positions
+from ._util import bias_form, moved_axis, per_example_sum_to, positions, swap_last
 from .registry import OpCall, register_rule
 
 aten = torch.ops.aten
@@ -26,17 +26,24 @@ def linear(call: OpCall):
     return forms
 
 
-def _product_form(call: OpCall, x_name: str, param_name: str, param_on_right: bool) -> LinearForm:
+def _positions_per_group(x: torch.Tensor, grouped: bool) -> torch.Tensor:
+    """Example-major rows -> [B, G, T, k]; with `grouped`, the matrix-batch dim b of a bmm (first
+    in each row, as the batch lies in a later dim) is the group dim G: each matrix is its own block."""
+    return x.flatten(2, -2) if grouped else positions(x)
+
+
+def _product_form(call: OpCall, x_name: str, param_name: str, param_on_right: bool, grouped: bool = False) -> LinearForm:
     """z = x V (V on the right): G_V = xᵀ g, LinearForm(L = x, R = g).
     z = V x (V on the left):      G_V = g xᵀ = (xᵀ gᵀ)ᵀ, the transposed form of the right case."""
     shape = call[param_name].shape
     if param_on_right:
         x, g = call.examples(x_name), call.grad_examples()
-        return LinearForm(Dense(positions(x)), Dense(positions(g)), shape)
+        return LinearForm(Dense(_positions_per_group(x, grouped)), Dense(_positions_per_group(g, grouped)), shape)
     x, g = call[x_name], call.grad
     xt = moved_axis(call.axes[x_name], x.dim()).split(x.transpose(-1, -2), call.batch_size)
     gt = moved_axis(call.output_axis, g.dim()).split(g.transpose(-1, -2), call.batch_size)
-    return LinearForm(Dense(positions(xt)), Dense(positions(gt)), torch.Size(reversed(shape))).transposed()
+    form = LinearForm(Dense(_positions_per_group(xt, grouped)), Dense(_positions_per_group(gt, grouped)), swap_last(shape))
+    return form.transposed()
 
 
 def _two_dim_param(node) -> bool:
@@ -56,6 +63,24 @@ def matmul(call: OpCall):
         forms[second] = _product_form(call, first, second, param_on_right=True)
     if first in call.param_names:
         forms[first] = _product_form(call, second, first, param_on_right=False)
+    return forms
+
+
+def _batch_outside_matrix_batch(node) -> bool:
+    """bmm: the activation's batch lies in its rows or columns, not in the matrix-batch dim (the
+    parameter's leading dim), so each of the parameter's matrices is a block of its own."""
+    return all(a.meta["fxclip_batch_axis"] is None or a.meta["fxclip_batch_axis"].dim != 0 for a in node.args[:2])
+
+
+@register_rule(aten.bmm.default, params=("self", "mat2"), extra_check=_batch_outside_matrix_batch)
+def bmm(call: OpCall):
+    """z[j] = x[j] @ V[j] (or V[j] @ x[j]) with a [b, ·, ·] parameter: the linear identity per
+    matrix j, which is the group dim of the form (G = b). Cost as `linear`, times b."""
+    forms = {}
+    if "mat2" in call.param_names:
+        forms["mat2"] = _product_form(call, "self", "mat2", param_on_right=True, grouped=True)
+    if "self" in call.param_names:
+        forms["self"] = _product_form(call, "mat2", "self", param_on_right=False, grouped=True)
     return forms
 
 
