@@ -249,6 +249,8 @@ CASES = [
     # the fallback (ops no rule covers)
     Case("fallback_conv_transpose", lambda: nn.ConvTranspose2d(2, 3, 3, stride=2), conv_input(2, 2, 4)),
     Case("fallback_prelu", lambda: nn.Sequential(nn.Linear(4, 5), nn.PReLU(5)), randn(4)),
+    Case("fallback_bilinear_seq_first", lambda: Lambda(lambda s, x: s.bil(x, x.flip(-1)).mean(0), bil=nn.Bilinear(4, 4, 3)),
+         lambda b, g: (torch.randn(3, b, 4, generator=g, dtype=torch.float64),), (1,)),
     Case("fallback_bilinear", lambda: Lambda(lambda s, x: s.bil(x, x.flip(-1)), bil=nn.Bilinear(4, 4, 3)), randn(4)),
 ]
 
