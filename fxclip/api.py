@@ -12,6 +12,7 @@ import torch.utils._pytree as pytree
 from .errors import FxclipError, VerificationError
 from .passes import Context, StepProgram, run_passes
 from .passes.capture import reject_batchnorm_in_training
+from .passes.compile import CompiledStep
 from .passes.emit import EPS
 
 STRATEGIES = ("auto", "ghost", "materialize")
@@ -39,6 +40,7 @@ def transform(
     strategy: str = "auto",
     verify: bool = False,
     memory_budget: float | None = None,
+    compile: bool = False,
 ) -> "PrivateStep":
     """Make `model` trainable with per-example clipping.
 
@@ -47,6 +49,8 @@ def transform(
     "materialize" for every linear-form parameter; "auto" picks per parameter from the cost
     formulas. `verify=True` checks the first step against the torch.func reference.
     `memory_budget` (elements per example) makes "auto" prefer strategies that fit.
+    `compile=True` traces the whole step into one graph and compiles it with torch.compile
+    (fxclip/passes/compile.py): same results to float32 tolerance, one compile for all batch sizes.
 
     A model wrapped in DistributedDataParallel is unwrapped (its `.module` is captured); the
     clipped sums are then all-reduced by `fxclip.distributed`, not by DDP (see docs/distributed.md).
@@ -54,14 +58,14 @@ def transform(
     factors and clipped sums are accumulated in float32 (see docs/mixed_precision.md)."""
     if isinstance(model, torch.nn.parallel.DistributedDataParallel):
         model = model.module
-    return PrivateStep(model, loss_fn, max_grad_norm, batch_dims, strategy, verify, memory_budget)
+    return PrivateStep(model, loss_fn, max_grad_norm, batch_dims, strategy, verify, memory_budget, compile)
 
 
 class PrivateStep:
     """`step(inputs, targets)` accumulates Σ_i clip_i ∇θ L_i into each trainable `p.grad` (as
     `loss.backward()` accumulates), and returns the per-example losses and norms."""
 
-    def __init__(self, model, loss_fn, max_grad_norm, batch_dims, strategy, verify, memory_budget):
+    def __init__(self, model, loss_fn, max_grad_norm, batch_dims, strategy, verify, memory_budget, compile=False):
         if not isinstance(max_grad_norm, (int, float)) or not math.isfinite(max_grad_norm) or max_grad_norm <= 0:
             raise FxclipError(f"max_grad_norm must be a positive finite number, got {max_grad_norm!r}")
         if strategy not in STRATEGIES:
@@ -74,6 +78,8 @@ class PrivateStep:
         self.strategy = strategy
         self.verify = verify
         self.memory_budget = memory_budget
+        self.compile = compile
+        self._compiled: dict[tuple, CompiledStep] = {}  # by the same key as _programs
         # by (model.training, autocast state): a graph captured under autocast asserts the dtypes
         # autocast gives its values, so each autocast setting gets its own capture
         self._programs: dict[tuple, tuple[Context, StepProgram]] = {}
@@ -91,7 +97,11 @@ class PrivateStep:
             self._accumulate(trainable, {})
             return StepResult(empty, empty, empty)
         ctx, program = self._program(inputs, targets)
-        losses, norms, clip, grads = program(self._flat_args(ctx, inputs, targets), self.max_grad_norm, self.strategy)
+        flat_args = self._flat_args(ctx, inputs, targets)
+        if self.compile:
+            losses, norms, clip, grads = self._compiled_step(ctx, program, flat_args)(flat_args)
+        else:
+            losses, norms, clip, grads = program(flat_args, self.max_grad_norm, self.strategy)
         if not torch.isfinite(losses).all():
             bad = (~torch.isfinite(losses)).nonzero().flatten().tolist()
             raise FxclipError(f"loss is NaN or infinite for examples {bad[:10]}; no gradients were written")
@@ -178,6 +188,14 @@ class PrivateStep:
             )
             self._programs[key] = (ctx, run_passes(ctx))
         return self._programs[key]
+
+    def _compiled_step(self, ctx: Context, program: StepProgram, flat_args: list) -> CompiledStep:
+        if self._last_key not in self._compiled:
+            kinds = [kind for kind, _ in ctx.placeholders]
+            self._compiled[self._last_key] = CompiledStep(
+                program, flat_args, kinds, ctx.batch_dims, self.max_grad_norm, self.strategy
+            )
+        return self._compiled[self._last_key]
 
     def _flat_args(self, ctx: Context, inputs, targets) -> list:
         params = dict(self.model.named_parameters())

@@ -1,0 +1,222 @@
+"""Stage 6 (optional), compile: the whole private step as one fx graph, compiled by torch.compile.
+
+`StepProgram.__call__` (pass 5) is Python around a forward graph: one `torch.autograd.grad`, the
+rules' forms, norms, clip factors and book-keeping contractions. `make_fx` traces all of it —
+through autograd into explicit backward aten ops — into ONE fx graph, the *step graph*
+(`CompiledStep.step_graph`, also what a user inspects), whose batch size is a symbol. That graph
+goes to `torch.compile(fullgraph=True)`, so inductor fuses the forward, backward, norm terms and
+contractions (C++ on a CPU, Triton on a GPU).
+
+Not in `PASSES`: it needs real parameters and a batch, and runs on the first compiled step.
+
+Batch sizes change every step under Poisson sampling. Two ways not to recompile for each:
+  "dynamic"  the batch stays a symbol in the compiled code (one compile for every size >= 2;
+             a batch of one is padded to two);
+  "buckets"  the batch is padded up to a bucket size (8 buckets per power of two, so at most
+             12.5% padding) and each bucket compiles once with static shapes.
+Padding rows copy the first example and get a per-example clipping bound of 0, hence a clip
+factor of 0: they add nothing to the clipped sum, and their losses and norms are cut off before
+the step returns. `python -m fxclip.bench --batch-modes` measures both (docs/benchmarks.md);
+"dynamic" is the default because it compiles once and was as fast per step.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable, Sequence
+
+import torch
+import torch.utils._pytree as pytree
+from torch._subclasses.fake_tensor import FakeTensorMode
+from torch.fx import GraphModule
+from torch.fx.experimental.proxy_tensor import make_fx
+from torch.fx.experimental.symbolic_shapes import DimDynamic, ShapeEnv, StatelessSymbolicContext
+
+from ..errors import FxclipError
+
+BATCH_MODES = ("dynamic", "buckets")
+
+
+def _constant_pad_functional(x: torch.Tensor, pad: Sequence[int], value: float = 0.0) -> torch.Tensor:
+    """aten.constant_pad_nd by narrow (negative pads) and cat (positive pads): pure ops whose
+    fake kernels keep a symbolic batch (the built-in kernel reads concrete sizes, and torch's
+    decomposition writes in place)."""
+    for i in range(len(pad) // 2):
+        dim = x.dim() - 1 - i
+        before, after = pad[2 * i], pad[2 * i + 1]
+        if before < 0 or after < 0:
+            x = x.narrow(dim, max(-before, 0), x.shape[dim] - max(-before, 0) - max(-after, 0))
+        parts = [x]
+        for where, size in ((0, before), (1, after)):
+            if size > 0:
+                filler = x.new_full((*x.shape[:dim], size, *x.shape[dim + 1 :]), value)
+                parts.insert(where * len(parts), filler)
+        x = torch.cat(parts, dim) if len(parts) > 1 else x
+    return x
+
+
+# Ops whose fake-tensor kernels read concrete sizes (and so would fix the batch size in the
+# trace) are replaced, while tracing, by ops that keep it symbolic.
+_SYMBOLIC_DECOMPOSITIONS = {torch.ops.aten.constant_pad_nd.default: _constant_pad_functional}
+
+
+def bucket_size(batch: int) -> int:
+    """The padded batch size in "buckets" mode: `batch` rounded up to a multiple of 1/8 of the
+    power of two below it (so at most 12.5% padding, and 8 sizes per power of two)."""
+    if batch < 8:
+        return max(batch, 2)
+    granule = 2 ** (int(math.log2(batch)) - 3)
+    return -(-batch // granule) * granule
+
+
+class CompiledStep:
+    """The private step of `program` as one compiled graph.
+
+    `__call__(flat_args)` returns what `program(flat_args, max_grad_norm, strategy)` returns —
+    (losses, norms, clip factors, {parameter: clipped gradient sum}) — to float32 tolerance.
+    `flat_args` are laid out as the program's graph inputs; `kinds[j]` is "input" for the user's
+    inputs and targets (batch along `batch_dims`, targets along dim 0). `compiles` counts
+    inductor compilations: one for "dynamic", one per bucket used for "buckets"."""
+
+    def __init__(
+        self,
+        program: Callable,
+        flat_args: Sequence,
+        kinds: Sequence[str],
+        batch_dims: Sequence[int],
+        max_grad_norm: float,
+        strategy: str = "auto",
+        batch_mode: str = "dynamic",
+        options: dict | None = None,
+    ):
+        if batch_mode not in BATCH_MODES:
+            raise FxclipError(f"batch_mode must be one of {BATCH_MODES}, got {batch_mode!r}")
+        self.program = program
+        self.strategy = strategy
+        self.max_grad_norm = float(max_grad_norm)
+        self.batch_mode = batch_mode
+        self.options = options
+        self.compiles = 0
+        user = [j for j, k in enumerate(kinds) if k == "input"]
+        self._user_batch_dims = dict(zip(user, _user_dims(flat_args, user, batch_dims)))
+        # An eager call fixes what the program caches on its first call (footprints, plan) and
+        # the order of the gradients it returns.
+        _, _, _, grads = program(list(flat_args), self.max_grad_norm, strategy)
+        self.param_keys = list(grads)
+        self._graphs: dict[int | None, GraphModule] = {}
+        self._compiled: dict[int | None, Callable] = {}
+
+    # ---- public -----------------------------------------------------------------------------
+
+    @property
+    def step_graph(self) -> GraphModule:
+        """The traced step graph (batch symbolic) — forward, backward to the op outputs, norms,
+        clip factors and clipped sums as aten ops; inputs (bounds, *flat_args)."""
+        if None not in self._graphs:
+            raise FxclipError("the step graph is traced on the first compiled step; run step() first")
+        return self._graphs[None]
+
+    def __call__(self, flat_args: Sequence):
+        batch = self._batch_size(flat_args)
+        padded = bucket_size(batch) if self.batch_mode == "buckets" else max(batch, 2)
+        args = self._padded(list(flat_args), batch, padded)
+        bounds = torch.full((padded,), self.max_grad_norm, dtype=_norm_dtype(flat_args), device=_device(flat_args))
+        bounds[batch:] = 0.0  # padding rows: clip factor 0, so they add nothing
+        key = None if self.batch_mode == "dynamic" else padded
+        fn = self._compiled.get(key)
+        if fn is None:
+            fn = self._compile(key, bounds, args)
+        with torch.no_grad():
+            outs = fn(bounds, *args)
+        losses, norms, clip = (t[:batch] for t in outs[:3])
+        return losses, norms, clip, dict(zip(self.param_keys, outs[3:]))
+
+    # ---- tracing and compiling ---------------------------------------------------------------
+
+    def _traced(self, bounds: torch.Tensor, *flat_args):
+        losses, norms, clip, grads = self.program(list(flat_args), bounds, self.strategy)
+        return (losses, norms, clip, *(grads[k] for k in self.param_keys))
+
+    def _trace(self, key, bounds: torch.Tensor, args: list) -> GraphModule:
+        """make_fx of the whole step on fake tensors whose batch dims are one symbol (or, for a
+        bucket, the bucket size)."""
+        shape_env = ShapeEnv(duck_shape=False)
+        mode = FakeTensorMode(shape_env=shape_env)
+
+        def fake(t: torch.Tensor, batch_dim: int | None):
+            sizes = [DimDynamic.STATIC] * t.dim()
+            if batch_dim is not None and key is None:
+                sizes[batch_dim] = DimDynamic.DYNAMIC
+            leaf = t.detach().requires_grad_(t.requires_grad)
+            return mode.from_tensor(leaf, symbolic_context=StatelessSymbolicContext(dynamic_sizes=sizes))
+
+        fakes = [fake(bounds, 0)] + [
+            fake(a, self._user_batch_dims.get(j)) if isinstance(a, torch.Tensor) else a for j, a in enumerate(args)
+        ]
+        with mode:
+            gm = make_fx(self._traced, tracing_mode="fake", decomposition_table=_SYMBOLIC_DECOMPOSITIONS)(*fakes)
+        if key is None:
+            _check_batch_symbolic(shape_env, fakes[0].shape[0])
+        return gm
+
+    def _compile(self, key, bounds: torch.Tensor, args: list) -> Callable:
+        gm = self._trace(key, bounds, args)
+        self._graphs.setdefault(None, gm)
+
+        def counting_inductor(graph, example_inputs):
+            from torch._inductor.compile_fx import compile_fx
+
+            self.compiles += 1
+            return compile_fx(graph, example_inputs, config_patches=self.options)
+
+        fn = torch.compile(gm, backend=counting_inductor, fullgraph=True, dynamic=key is None)
+        self._compiled[key] = fn
+        return fn
+
+    # ---- batch handling ----------------------------------------------------------------------
+
+    def _batch_size(self, flat_args) -> int:
+        j, d = next(iter(self._user_batch_dims.items()))
+        return flat_args[j].shape[d]
+
+    def _padded(self, args: list, batch: int, padded: int) -> list:
+        """User tensors with rows batch..padded-1 copied from example 0."""
+        if padded == batch:
+            return args
+        out = list(args)
+        for j, d in self._user_batch_dims.items():
+            x = args[j]
+            filler = x.narrow(d, 0, 1).expand(*x.shape[:d], padded - batch, *x.shape[d + 1 :])
+            out[j] = torch.cat([x, filler], d)
+        return out
+
+
+def _user_dims(flat_args, user: list[int], batch_dims: Sequence[int]) -> list[int]:
+    """Batch dim of each user leaf: inputs along `batch_dims`, then targets along dim 0."""
+    dims = list(batch_dims) + [0] * (len(user) - len(batch_dims))
+    for j, d in zip(user, dims):
+        if not isinstance(flat_args[j], torch.Tensor):
+            raise FxclipError(f"compile=True needs tensor inputs and targets; graph input {j} is {type(flat_args[j]).__name__}")
+    return dims
+
+
+def _device(flat_args) -> torch.device:
+    return next(a.device for a in pytree.tree_leaves(flat_args) if isinstance(a, torch.Tensor))
+
+
+def _norm_dtype(flat_args) -> torch.dtype:
+    """The dtype the program computes norms in: float64 for a float64 model, else float32."""
+    floats = [a.dtype for a in flat_args if isinstance(a, torch.Tensor) and a.is_floating_point()]
+    return torch.float64 if torch.float64 in floats else torch.float32
+
+
+def _check_batch_symbolic(shape_env: ShapeEnv, batch) -> None:
+    """Fail loudly if something in the step fixed the batch size while tracing (the graph would
+    then be wrong for every other size)."""
+    expr = shape_env.replace(batch.node.expr) if isinstance(batch, torch.SymInt) else batch
+    bounds = shape_env.bound_sympy(expr) if not isinstance(expr, int) else None
+    if bounds is None or bounds.lower == bounds.upper:
+        raise FxclipError(
+            "tracing the step fixed the batch size (an op in a rule or the model reads a concrete "
+            "size); use transform(..., compile=True) with batch_mode='buckets' or report the op"
+        )
