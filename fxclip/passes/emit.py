@@ -100,7 +100,7 @@ class StepProgram:
         self.saved = list(dict.fromkeys(needed))
         self.forward = _with_extra_outputs(gm, self.saved)
         self.plan: list[PlanEntry] = []
-        self._footprints: dict[int, torch.Tensor] = {}
+        self._footprints: dict[int, torch.Tensor] | None = None  # set by _classify on the first call
 
     # ---- running the step -------------------------------------------------------------------
 
@@ -122,7 +122,7 @@ class StepProgram:
         # clipped sums accumulate in float32 (or float64) whatever dtype the forward ran in.
         with torch.no_grad(), torch.autocast(losses.device.type, enabled=False):
             forms = self._forms(env, grads_by_node, batch)
-            if not self._footprints:
+            if self._footprints is None:
                 self._classify(env)
             norm_sq = losses.new_zeros(batch, dtype=torch.float32 if losses.dtype != torch.float64 else torch.float64)
             plan = []
@@ -181,6 +181,7 @@ class StepProgram:
     def _classify(self, env: dict) -> None:
         """Decide each component's kind; footprints (which parameter entries a use reads) are
         found by running gather chains on parameters filled with their own entry indices."""
+        self._footprints = {}
         for i, use in enumerate(self.uses):
             if use.chain_kind in ("identity", "transpose", "gather"):
                 self._footprints[i] = self._footprint(use, env)
