@@ -240,9 +240,7 @@ def _train_epochs(
 
 def make_transform(model: nn.Module, config: TrainConfig):
     """fxclip's private step for `model` with per-example cross-entropy and config's clip bound."""
-    # `compile` is passed only when asked for, so that this works with a core without the option.
-    options = {"compile": True} if config.compile else {}
-    return fxclip.transform(model, per_example_cross_entropy, max_grad_norm=config.max_grad_norm, **options)
+    return fxclip.transform(model, per_example_cross_entropy, max_grad_norm=config.max_grad_norm, compile=config.compile)
 
 
 def prepare_private_training(

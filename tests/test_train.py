@@ -184,3 +184,20 @@ def test_default_main_job_reaches_good_accuracy(tmp_path):
     metrics = json.loads(metrics_path.read_text())
     assert metrics["privacy"]["epsilon_spent"] <= TrainConfig().epsilon
     assert metrics["private"]["final_test_accuracy"] > 0.85
+
+
+@pytest.mark.slow
+@pytest.mark.compile
+def test_compiled_step_does_not_recompile_for_poisson_batch_sizes(digits):
+    from torch._dynamo.utils import counters
+
+    torch.manual_seed(0)
+    model = build_model("mlp", digits)
+    t = fxclip.transform(model, per_example_cross_entropy, max_grad_norm=1.0, compile=True)
+    counters.clear()
+    sizes = set()
+    for indices in PoissonBatchSampler(len(digits.x_train), 0.01, 12, generator=torch.Generator().manual_seed(0)):
+        accumulate_clipped_grads(t, digits.x_train[indices], digits.y_train[indices], physical_batch_size=512)
+        sizes.add(len(indices))
+    assert len(sizes) >= 5  # the batch size really varied
+    assert counters["stats"]["unique_graphs"] == 1
