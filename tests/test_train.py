@@ -12,7 +12,7 @@ import torch.nn as nn
 
 import fxclip
 from fxclip.cli import build_parser, main
-from fxclip.data import load_digits, make_dataset
+from fxclip.data import load_digits
 from fxclip.optim import PrivateOptimizer
 from fxclip.sampling import PoissonBatchSampler
 from fxclip.train import (
