@@ -226,6 +226,8 @@ def choose_strategy(forms: Sequence[LinearForm], strategy: str, memory_budget: f
 
 
 def _concat(factors: Sequence[Factor]) -> Factor:
+    if len(factors) == 1:
+        return factors[0]
     if isinstance(factors[0], Dense):
         return Dense(torch.cat([f.values for f in factors], dim=2))
     return OneHot(
