@@ -122,3 +122,11 @@ def test_dropout_masks_match_an_ordinary_backward():
     ce(model(x), y).sum().backward()
     for a, b in zip(private, model.parameters()):
         torch.testing.assert_close(a, b.grad, rtol=1e-10, atol=1e-12)
+
+
+def test_verify_refuses_a_random_model_and_writes_nothing():
+    model = nn.Sequential(nn.Linear(6, 8), nn.Dropout(0.3), nn.Linear(8, 3))
+    t = fxclip.transform(model, ce, max_grad_norm=1.0, verify=True)
+    with pytest.raises(fxclip.VerificationError, match="deterministic model.*eval"):
+        t.step(torch.randn(4, 6), torch.randint(0, 3, (4,)))
+    assert all(p.grad is None for p in model.parameters())
