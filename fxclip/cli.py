@@ -13,6 +13,7 @@ import sys
 # subcommand name -> module providing add_arguments(parser) and run(args)
 SUBCOMMANDS: dict[str, str] = {
     "train": "fxclip.train",
+    "bench": "fxclip.bench",
     "inspect": "fxclip.inspect_cmd",
 }
 

@@ -1,0 +1,185 @@
+"""The methods the benchmark times: the non-private step (the floor) and every way to get the
+clipped gradient sum Σ_i min(1, C/‖g_i‖) g_i — fxclip, the naive per-example loop, torch.func
+vmap(grad), and Opacus (hooks and ghost clipping) when it is installed.
+
+Each builder takes a fresh copy of the model and returns a `Method` whose `step()` does one
+training step's gradient work and whose `grads()` returns the clipped sum the last step computed
+(None for the floor, which does not clip). A builder that cannot run a model raises
+`MethodUnavailable` with the reason, and the benchmark reports the cell as skipped.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+import torch
+import torch.nn.functional as F
+
+from ..api import transform
+from ..passes.emit import EPS
+from ..reference import clipped_sum, naive_per_example_grads, per_example_grads
+
+
+class MethodUnavailable(Exception):
+    """This method cannot run this model (or is not installed); the message says why."""
+
+
+class PerExampleCrossEntropy:
+    """Cross entropy summed over every position of an example: one loss per example ([B]) for
+    classifiers ([B, C] logits, [B] labels) and sequence models ([B, T, C], [B, T]) alike.
+    `reduction` ("none" or "sum") is read by Opacus' ghost clipping, which switches it."""
+
+    def __init__(self, reduction: str = "none"):
+        self.reduction = reduction
+
+    def __call__(self, output: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        per_position = F.cross_entropy(output.flatten(0, -2), targets.flatten(), reduction="none")
+        losses = per_position.view(targets.shape[0], -1).sum(1)
+        return losses.sum() if self.reduction == "sum" else losses
+
+
+@dataclass
+class Method:
+    """One method set up on one model and batch."""
+
+    step: Callable[[], None]
+    grads: Callable[[], Optional[dict[str, torch.Tensor]]]
+
+
+def _param_grads(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {k: p.grad.detach().clone() for k, p in model.named_parameters() if p.requires_grad and p.grad is not None}
+
+
+def _zero(model: torch.nn.Module) -> None:
+    for p in model.parameters():
+        p.grad = None
+
+
+def floor(model, loss_fn, max_grad_norm, inputs, targets, compiled: bool = False) -> Method:
+    """The non-private step: one forward, loss.sum(), one backward."""
+    forward = torch.compile(model) if compiled else model
+
+    def step():
+        _zero(model)
+        loss_fn(forward(*inputs), targets).sum().backward()
+
+    return Method(step, lambda: None)
+
+
+def fxclip_method(model, loss_fn, max_grad_norm, inputs, targets, compiled: bool = False) -> Method:
+    """fxclip.transform(...).step, eager or with compile=True."""
+    private = transform(model, loss_fn, max_grad_norm, compile=compiled)
+
+    def step():
+        _zero(model)
+        private.step(inputs, targets)
+
+    return Method(step, lambda: _param_grads(model))
+
+
+def naive(model, loss_fn, max_grad_norm, inputs, targets) -> Method:
+    """One forward and backward per example, then clip and sum."""
+    out = {}
+
+    def step():
+        grads = naive_per_example_grads(model, loss_fn, inputs, targets)
+        out["grads"] = clipped_sum(grads, max_grad_norm, EPS)[1]
+
+    return Method(step, lambda: out["grads"])
+
+
+def vmap_grad(model, loss_fn, max_grad_norm, inputs, targets, compiled: bool = False) -> Method:
+    """torch.func.vmap(grad) over functional_call (fxclip.reference.per_example_grads), then clip
+    and sum; the whole function under torch.compile when compiled."""
+
+    def clipped(inputs, targets):
+        return clipped_sum(per_example_grads(model, loss_fn, inputs, targets), max_grad_norm, EPS)[1]
+
+    fn = torch.compile(clipped) if compiled else clipped
+    out = {}
+
+    def step():
+        out["grads"] = fn(tuple(inputs), targets)
+
+    return Method(step, lambda: out["grads"])
+
+
+def _opacus():
+    try:
+        import opacus  # noqa: F401  (optional: pip install fxclip[peers])
+    except ImportError as e:
+        raise MethodUnavailable("Opacus is not installed (pip install 'fxclip[peers]')") from e
+
+
+def opacus_hooks(model, loss_fn, max_grad_norm, inputs, targets) -> Method:
+    """Opacus GradSampleModule (per-sample gradients by hooks) and DPOptimizer's clipping
+    (noise 0), the clipped sum read from p.summed_grad."""
+    _opacus()
+    from opacus import GradSampleModule
+    from opacus.optimizers import DPOptimizer
+
+    try:
+        module = GradSampleModule(model, loss_reduction="sum")
+    except Exception as e:  # Opacus raises several types for modules it does not support
+        raise MethodUnavailable(f"Opacus cannot wrap the model: {type(e).__name__}: {str(e).splitlines()[0]}") from e
+    optimizer = DPOptimizer(
+        torch.optim.SGD(model.parameters(), lr=0.0), noise_multiplier=0.0, max_grad_norm=max_grad_norm,
+        expected_batch_size=targets.shape[0], loss_reduction="sum",
+    )
+
+    def step():
+        optimizer.zero_grad(set_to_none=True)
+        loss_fn(module(*inputs), targets).sum().backward()
+        optimizer.clip_and_accumulate()
+
+    return Method(step, lambda: {k: p.summed_grad.detach().clone() for k, p in model.named_parameters() if p.requires_grad})
+
+
+def opacus_ghost(model, loss_fn, max_grad_norm, inputs, targets) -> Method:
+    """Opacus ghost clipping (GradSampleModuleFastGradientClipping, DPLossFastGradientClipping):
+    a first backward for the norms, a second one of the clip-weighted loss into p.grad."""
+    _opacus()
+    from opacus.grad_sample import GradSampleModuleFastGradientClipping
+    from opacus.optimizers import DPOptimizerFastGradientClipping
+    from opacus.utils.fast_gradient_clipping_utils import DPLossFastGradientClipping
+
+    try:
+        module = GradSampleModuleFastGradientClipping(
+            model, loss_reduction="sum", max_grad_norm=max_grad_norm, use_ghost_clipping=True
+        )
+    except Exception as e:  # Opacus raises several types for modules it does not support
+        raise MethodUnavailable(f"Opacus cannot wrap the model: {type(e).__name__}: {str(e).splitlines()[0]}") from e
+    optimizer = DPOptimizerFastGradientClipping(
+        torch.optim.SGD(model.parameters(), lr=0.0), noise_multiplier=0.0, max_grad_norm=max_grad_norm,
+        expected_batch_size=targets.shape[0], loss_reduction="sum",
+    )
+    criterion = DPLossFastGradientClipping(module, optimizer, PerExampleCrossEntropy("sum"), loss_reduction="sum")
+
+    def step():
+        optimizer.zero_grad(set_to_none=True)
+        criterion(module(*inputs), targets).backward()
+
+    return Method(step, lambda: _param_grads(model))
+
+
+# name -> builder(model, loss_fn, max_grad_norm, inputs, targets) -> Method
+METHODS: dict[str, Callable[..., Method]] = {
+    "floor": floor,
+    "floor_compiled": lambda *a: floor(*a, compiled=True),
+    "fxclip": fxclip_method,
+    "fxclip_compiled": lambda *a: fxclip_method(*a, compiled=True),
+    "naive": naive,
+    "vmap": vmap_grad,
+    "vmap_compiled": lambda *a: vmap_grad(*a, compiled=True),
+    "opacus_hooks": opacus_hooks,
+    "opacus_ghost": opacus_ghost,
+}
+FLOOR = "floor"
+NAIVE = "naive"
+COMPILED = {"floor_compiled", "fxclip_compiled", "vmap_compiled"}
+
+
+def reference_clipped_sum(model, loss_fn, max_grad_norm, inputs, targets) -> dict[str, torch.Tensor]:
+    """Σ_i c_i g_i by torch.func (fxclip.reference), the check every method must pass."""
+    return clipped_sum(per_example_grads(model, loss_fn, inputs, targets), max_grad_norm, EPS)[1]
