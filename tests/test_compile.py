@@ -1,0 +1,91 @@
+"""transform(..., compile=True): the whole step as one compiled graph, equal to the eager step,
+compiled once for every batch size."""
+
+import pytest
+import torch
+
+import fxclip
+from fxclip.bench.methods import PerExampleCrossEntropy
+from fxclip.passes.compile import CompiledStep, _constant_pad_functional, bucket_size
+from fxclip.zoo import ZOO
+
+LOSS = PerExampleCrossEntropy()
+
+
+def _pair(name: str):
+    torch.manual_seed(0)
+    eager_model = ZOO[name].factory()
+    compiled_model = ZOO[name].factory()
+    compiled_model.load_state_dict(eager_model.state_dict())
+    return (
+        eager_model, fxclip.transform(eager_model, LOSS, 1.0),
+        compiled_model, fxclip.transform(compiled_model, LOSS, 1.0, compile=True),
+    )
+
+
+def _assert_steps_agree(name: str, sizes) -> fxclip.PrivateStep:
+    eager_model, eager, compiled_model, compiled = _pair(name)
+    gen = torch.Generator().manual_seed(1)
+    for size in sizes:
+        inputs, targets = ZOO[name].make_batch(size, gen)
+        for m in (eager_model, compiled_model):
+            m.zero_grad(set_to_none=True)
+        want, got = eager.step(inputs, targets), compiled.step(inputs, targets)
+        assert got.losses.shape == (size,)
+        torch.testing.assert_close(got.losses, want.losses, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(got.norms, want.norms, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(got.clip_factors, want.clip_factors, rtol=1e-4, atol=1e-5)
+        for (key, p), q in zip(eager_model.named_parameters(), compiled_model.parameters()):
+            torch.testing.assert_close(q.grad, p.grad, rtol=1e-4, atol=1e-5, msg=f"{name}: {key} at batch {size}")
+    return compiled
+
+
+@pytest.mark.compile
+def test_compiled_step_matches_eager_and_compiles_once_for_all_batch_sizes():
+    # Poisson sampling gives a new batch size every step; 1 is padded to 2 (padding rows get clip 0)
+    compiled = _assert_steps_agree("mlp", [16, 23, 1, 40])
+    assert compiled._compiled[compiled._last_key].compiles == 1
+    graph = compiled._compiled[compiled._last_key].step_graph
+    ops = {n.target for n in graph.graph.nodes if n.op == "call_function"}
+    assert torch.ops.aten.tanh_backward.default in ops  # the backward is in the one step graph
+
+
+@pytest.mark.compile
+@pytest.mark.slow
+@pytest.mark.parametrize("name", [n for n in ZOO if n != "mlp"])
+def test_compiled_step_matches_eager_on_zoo(name):
+    compiled = _assert_steps_agree(name, [12, 7])
+    assert compiled._compiled[compiled._last_key].compiles == 1
+
+
+@pytest.mark.compile
+@pytest.mark.slow
+def test_buckets_pad_with_rows_that_change_nothing():
+    torch.manual_seed(0)
+    model = ZOO["mlp"].factory()
+    private = fxclip.transform(model, LOSS, 1.0)
+    inputs, targets = ZOO["mlp"].make_batch(17, torch.Generator().manual_seed(2))
+    private.step(inputs, targets)
+    ctx = private.program.ctx
+    args = private._flat_args(ctx, inputs, targets)
+    want = private.program(args, 1.0)
+    step = CompiledStep(private.program, args, [k for k, _ in ctx.placeholders], ctx.batch_dims, 1.0, batch_mode="buckets")
+    got = step(args)  # 17 examples run as a bucket of 18
+    assert got[0].shape == (17,)
+    torch.testing.assert_close(got[1], want[1], rtol=1e-4, atol=1e-5)
+    for key in want[3]:
+        torch.testing.assert_close(got[3][key], want[3][key], rtol=1e-4, atol=1e-5)
+    step(private._flat_args(ctx, inputs, targets))  # the same bucket again: no new compile
+    assert step.compiles == 1
+
+
+def test_bucket_sizes_pad_at_most_an_eighth_and_are_few():
+    sizes = [bucket_size(b) for b in range(2, 1025)]
+    assert all(s >= b and s <= b * 1.125 for b, s in zip(range(2, 1025), sizes))
+    assert len({bucket_size(b) for b in range(100, 160)}) <= 6
+
+
+def test_functional_pad_equals_constant_pad_nd():
+    x = torch.randn(2, 3, 5, 6)
+    for pad in ([1, 2], [3, 3, 3, 3], [0, 1, 2, 0], [-1, 2, 1, -2]):
+        torch.testing.assert_close(_constant_pad_functional(x, pad, 0.5), torch.constant_pad_nd(x, pad, 0.5))
