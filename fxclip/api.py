@@ -12,7 +12,7 @@ import torch.utils._pytree as pytree
 from .errors import FxclipError, VerificationError
 from .passes import Context, StepProgram, run_passes
 from .passes.capture import reject_batchnorm_in_training
-from .passes.compile import CompiledStep
+from .passes.compile import BATCH_MODES, CompiledStep
 from .passes.emit import EPS
 
 STRATEGIES = ("auto", "ghost", "materialize")
@@ -40,7 +40,7 @@ def transform(
     strategy: str = "auto",
     verify: bool = False,
     memory_budget: float | None = None,
-    compile: bool = False,
+    compile: bool | str = False,
 ) -> "PrivateStep":
     """Make `model` trainable with per-example clipping.
 
@@ -50,7 +50,8 @@ def transform(
     formulas. `verify=True` checks the first step against the torch.func reference.
     `memory_budget` (elements per example) makes "auto" prefer strategies that fit.
     `compile=True` traces the whole step into one graph and compiles it with torch.compile
-    (fxclip/passes/compile.py): same results to float32 tolerance, one compile for all batch sizes.
+    (fxclip/passes/compile.py): same results to float32 tolerance, one compile for all batch sizes;
+    compile="buckets" pads each batch to one of a few sizes compiled statically instead.
 
     A model wrapped in DistributedDataParallel is unwrapped (its `.module` is captured); the
     clipped sums are then all-reduced by `fxclip.distributed`, not by DDP (see docs/distributed.md).
@@ -70,6 +71,8 @@ class PrivateStep:
             raise FxclipError(f"max_grad_norm must be a positive finite number, got {max_grad_norm!r}")
         if strategy not in STRATEGIES:
             raise FxclipError(f"strategy must be one of {STRATEGIES}, got {strategy!r}")
+        if not isinstance(compile, bool) and compile not in BATCH_MODES:
+            raise FxclipError(f"compile must be True, False or a batch mode {BATCH_MODES}, got {compile!r}")
         reject_batchnorm_in_training(model)
         self.model = model
         self.loss_fn = loss_fn
@@ -192,8 +195,9 @@ class PrivateStep:
     def _compiled_step(self, ctx: Context, program: StepProgram, flat_args: list) -> CompiledStep:
         if self._last_key not in self._compiled:
             kinds = [kind for kind, _ in ctx.placeholders]
+            mode = self.compile if isinstance(self.compile, str) else "dynamic"
             self._compiled[self._last_key] = CompiledStep(
-                program, flat_args, kinds, ctx.batch_dims, self.max_grad_norm, self.strategy
+                program, flat_args, kinds, ctx.batch_dims, self.max_grad_norm, self.strategy, batch_mode=mode
             )
         return self._compiled[self._last_key]
 

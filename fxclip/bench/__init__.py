@@ -26,7 +26,7 @@ import torch
 
 from ..errors import FxclipError
 from ..zoo import ZOO
-from .methods import COMPILED, METHODS
+from .methods import COMPILED, DEFAULT_METHODS, METHODS
 from .report import write_outputs
 from .runner import compare_batch_modes, run_benchmark
 
@@ -37,7 +37,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The bench options (shared by `python -m fxclip.bench` and `fxclip bench`)."""
     parser.add_argument("--models", nargs="+", metavar="NAME", help=f"zoo models (default all: {', '.join(ZOO)})")
     parser.add_argument("--batches", nargs="+", type=int, default=[128, 512], metavar="B", help="batch sizes (default 128 512)")
-    parser.add_argument("--methods", nargs="+", metavar="NAME", help=f"methods (default all: {', '.join(METHODS)})")
+    parser.add_argument("--methods", nargs="+", metavar="NAME", help=f"methods (default: {', '.join(DEFAULT_METHODS)}; also {', '.join(set(METHODS) - set(DEFAULT_METHODS))})")
     parser.add_argument("--reps", type=int, default=10, help="timed steps per method (median kept; default 10)")
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps per method first (default 2)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda")
@@ -89,7 +89,7 @@ def run(args: argparse.Namespace) -> int:
                   f"{len(r['sizes'])} steps, median step {step}")
         return 0
     models = args.models or (QUICK["models"] if args.quick else list(ZOO))
-    methods = args.methods or [m for m in METHODS if not (args.quick and m in COMPILED)]
+    methods = args.methods or [m for m in DEFAULT_METHODS if not (args.quick and m in COMPILED)]
     batches, reps, warmup = (QUICK["batches"], QUICK["reps"], QUICK["warmup"]) if args.quick else (args.batches, args.reps, args.warmup)
     command = "python -m fxclip.bench " + " ".join(sys.argv[1:]) if sys.argv[0].endswith("__main__.py") else "fxclip " + " ".join(sys.argv[1:])
     cells = run_benchmark(models, batches, methods, reps, warmup, args.device, args.memory,

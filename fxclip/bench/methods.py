@@ -67,8 +67,8 @@ def floor(model, loss_fn, max_grad_norm, inputs, targets, compiled: bool = False
     return Method(step, lambda: None)
 
 
-def fxclip_method(model, loss_fn, max_grad_norm, inputs, targets, compiled: bool = False) -> Method:
-    """fxclip.transform(...).step, eager or with compile=True."""
+def fxclip_method(model, loss_fn, max_grad_norm, inputs, targets, compiled: bool | str = False) -> Method:
+    """fxclip.transform(...).step, eager or with compile=True (or a batch mode, "buckets")."""
     private = transform(model, loss_fn, max_grad_norm, compile=compiled)
 
     def step():
@@ -169,6 +169,7 @@ METHODS: dict[str, Callable[..., Method]] = {
     "floor_compiled": lambda *a: floor(*a, compiled=True),
     "fxclip": fxclip_method,
     "fxclip_compiled": lambda *a: fxclip_method(*a, compiled=True),
+    "fxclip_compiled_buckets": lambda *a: fxclip_method(*a, compiled="buckets"),
     "naive": naive,
     "vmap": vmap_grad,
     "vmap_compiled": lambda *a: vmap_grad(*a, compiled=True),
@@ -177,9 +178,16 @@ METHODS: dict[str, Callable[..., Method]] = {
 }
 FLOOR = "floor"
 NAIVE = "naive"
-COMPILED = {"floor_compiled", "fxclip_compiled", "vmap_compiled"}
+COMPILED = {"floor_compiled", "fxclip_compiled", "fxclip_compiled_buckets", "vmap_compiled"}
+# what a plain run times: buckets (padding to static sizes) only on request, see --batch-modes
+DEFAULT_METHODS = [m for m in METHODS if m != "fxclip_compiled_buckets"]
 
 
 def reference_clipped_sum(model, loss_fn, max_grad_norm, inputs, targets) -> dict[str, torch.Tensor]:
-    """Σ_i c_i g_i by torch.func (fxclip.reference), the check every method must pass."""
-    return clipped_sum(per_example_grads(model, loss_fn, inputs, targets), max_grad_norm, EPS)[1]
+    """Σ_i c_i g_i by torch.func (fxclip.reference), the check every method must pass; by the
+    per-example loop for models torch.func cannot run (cuDNN's LSTM under vmap)."""
+    try:
+        grads = per_example_grads(model, loss_fn, inputs, targets)
+    except RuntimeError:
+        grads = naive_per_example_grads(model, loss_fn, inputs, targets)
+    return clipped_sum(grads, max_grad_norm, EPS)[1]

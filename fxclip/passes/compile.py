@@ -169,7 +169,11 @@ class CompiledStep:
             self.compiles += 1
             return compile_fx(graph, example_inputs, config_patches=self.options)
 
-        fn = torch.compile(gm, backend=counting_inductor, fullgraph=True, dynamic=key is None)
+        if key is None:  # only the batch dims are dynamic; feature dims stay static for inductor
+            torch._dynamo.mark_dynamic(bounds, 0)
+            for j, d in self._user_batch_dims.items():
+                torch._dynamo.mark_dynamic(args[j], d)
+        fn = torch.compile(gm, backend=counting_inductor, fullgraph=True)
         self._compiled[key] = fn
         return fn
 
