@@ -89,3 +89,17 @@ def test_functional_pad_equals_constant_pad_nd():
     x = torch.randn(2, 3, 5, 6)
     for pad in ([1, 2], [3, 3, 3, 3], [0, 1, 2, 0], [-1, 2, 1, -2]):
         torch.testing.assert_close(_constant_pad_functional(x, pad, 0.5), torch.constant_pad_nd(x, pad, 0.5))
+
+
+@pytest.mark.compile
+@pytest.mark.slow
+def test_a_trace_that_fixes_the_batch_falls_back_to_buckets(monkeypatch):
+    import fxclip.passes.compile as compile_pass
+
+    def specialized(shape_env, batch):
+        raise compile_pass.BatchSpecializedError("tracing the step fixed the batch size")
+
+    monkeypatch.setattr(compile_pass, "_check_batch_symbolic", specialized)
+    with pytest.warns(UserWarning, match="buckets"):
+        compiled = _assert_steps_agree("mlp", [17])
+    assert compiled._compiled[compiled._last_key].batch_mode == "buckets"

@@ -14,6 +14,8 @@ Batch sizes change every step under Poisson sampling. Two ways not to recompile 
              a batch of one is padded to two);
   "buckets"  the batch is padded up to a bucket size (8 buckets per power of two, so at most
              12.5% padding) and each bucket compiles once with static shapes.
+If tracing fixes the batch size anyway (an op's fake kernel reads a concrete size: batched matmul
+does on CUDA with torch 2.11), "dynamic" warns and falls back to "buckets".
 Padding rows copy the first example and get a per-example clipping bound of 0, hence a clip
 factor of 0: they add nothing to the clipped sum, and their losses and norms are cut off before
 the step returns. `python -m fxclip.bench --batch-modes` measures both (docs/benchmarks.md);
@@ -23,6 +25,7 @@ the step returns. `python -m fxclip.bench --batch-modes` measures both (docs/ben
 from __future__ import annotations
 
 import math
+import warnings
 from typing import Callable, Sequence
 
 import torch
@@ -35,6 +38,11 @@ from torch.fx.experimental.symbolic_shapes import DimDynamic, ShapeEnv, Stateles
 from ..errors import FxclipError
 
 BATCH_MODES = ("dynamic", "buckets")
+
+
+class BatchSpecializedError(FxclipError):
+    """Tracing with a symbolic batch fixed it to the example's size; the step then compiles
+    per bucket instead."""
 
 
 def _constant_pad_functional(x: torch.Tensor, pad: Sequence[int], value: float = 0.0) -> torch.Tensor:
@@ -125,7 +133,12 @@ class CompiledStep:
         key = None if self.batch_mode == "dynamic" else padded
         fn = self._compiled.get(key)
         if fn is None:
-            fn = self._compile(key, bounds, args)
+            try:
+                fn = self._compile(key, bounds, args)
+            except BatchSpecializedError as e:
+                warnings.warn(f"{e}; compiling per bucket of batch sizes instead (batch_mode='buckets')")
+                self.batch_mode = "buckets"
+                return self(flat_args)
         with torch.no_grad():
             outs = fn(bounds, *args)
         losses, norms, clip = (t[:batch] for t in outs[:3])
@@ -220,7 +233,7 @@ def _check_batch_symbolic(shape_env: ShapeEnv, batch) -> None:
     expr = shape_env.replace(batch.node.expr) if isinstance(batch, torch.SymInt) else batch
     bounds = shape_env.bound_sympy(expr) if not isinstance(expr, int) else None
     if bounds is None or bounds.lower == bounds.upper:
-        raise FxclipError(
-            "tracing the step fixed the batch size (an op in a rule or the model reads a concrete "
-            "size); use transform(..., compile=True) with batch_mode='buckets' or report the op"
+        raise BatchSpecializedError(
+            "tracing the step fixed the batch size (an op's fake kernel read a concrete size, as "
+            "batched matmul does on CUDA in torch 2.11)"
         )
