@@ -185,6 +185,7 @@ class CompiledStep:
         if key is None:  # only the batch dims are dynamic; feature dims stay static for inductor
             torch._dynamo.mark_dynamic(bounds, 0)
             for j, d in self._user_batch_dims.items():
+                args[j] = args[j].view(args[j].shape)  # mark an alias, never the caller's tensor
                 torch._dynamo.mark_dynamic(args[j], d)
         fn = torch.compile(gm, backend=counting_inductor, fullgraph=True)
         self._compiled[key] = fn
