@@ -114,7 +114,7 @@ def bar_chart(cells: Sequence[Cell], methods: Sequence[str], path: Path) -> None
                 if "vs_floor" in r:
                     xs.append(i + j * width - 0.4 + width / 2)
                     ys.append(r["vs_floor"])
-            ax.bar(xs, ys, width, label=m)
+            ax.bar(xs, ys, width, label=m, color=plt.get_cmap("tab20")(j % 20))
         ax.set_yscale("log")
         ax.axhline(1.0, color="black", linewidth=0.8)
         ax.set_xticks(range(len(models)), models)
