@@ -22,3 +22,8 @@ class BatchAxis:
         in their own order (flattening dims `dim` and `dim + 1` of a row gives the layout the same
         op would have for a batch of one)."""
         return x.unflatten(self.dim, (-1, batch_size, self.inner)).movedim(self.dim + 1, 0)
+
+    def per_row(self, values: torch.Tensor, batch_size: int, size: int) -> torch.Tensor:
+        """[B] per-example values -> [size], one per entry of dim `dim` (which holds the batch)."""
+        outer = size // (batch_size * self.inner)
+        return values.view(1, batch_size, 1).expand(outer, batch_size, self.inner).reshape(size)

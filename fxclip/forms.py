@@ -18,10 +18,11 @@ standing for rows of one-hot vectors scaled by `weight` (embeddings; weight 0 dr
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from functools import lru_cache
 from itertools import groupby
-from typing import Sequence, Union
+from typing import Callable, Sequence, Union
 
 import sympy
 import torch
@@ -40,19 +41,37 @@ def _accumulate(x: torch.Tensor) -> torch.Tensor:
     return x.to(accumulation_dtype(x.dtype))
 
 
-@dataclass
 class Dense:
-    """A dense factor: values [B, G, T, k]."""
+    """A dense factor: values [B, G, T, k]. `Dense.deferred(shape, compute)` makes one whose
+    values are computed on first use: a factor that the chosen strategy may never need (a conv's
+    patches, when its per-example gradients come from a faster kernel)."""
 
-    values: torch.Tensor
+    def __init__(self, values: torch.Tensor):
+        self._values, self._compute, self.shape = values, None, tuple(values.shape)
+
+    @classmethod
+    def deferred(cls, shape, compute: Callable[[], torch.Tensor]) -> "Dense":
+        factor = cls.__new__(cls)
+        factor._values, factor._compute, factor.shape = None, compute, tuple(shape)
+        return factor
+
+    @property
+    def values(self) -> torch.Tensor:
+        if self._values is None:
+            self._values = self._compute()
+        return self._values
 
     @property
     def k(self) -> int:
-        return self.values.shape[-1]
+        return self.shape[-1]
 
     @property
     def positions(self) -> int:
-        return self.values.shape[2]
+        return self.shape[2]
+
+    @property
+    def groups(self) -> int:
+        return self.shape[1]
 
     def scaled(self, c: torch.Tensor) -> "Dense":
         values = _accumulate(self.values)
@@ -70,6 +89,10 @@ class OneHot:
     @property
     def positions(self) -> int:
         return self.index.shape[2]
+
+    @property
+    def groups(self) -> int:
+        return self.index.shape[1]
 
     def scaled(self, c: torch.Tensor) -> "OneHot":
         weight = _accumulate(self.weight)
@@ -110,6 +133,11 @@ def outer_sum(left: Factor, right: Factor) -> torch.Tensor:
     return out.scatter_add(2, left.index.unsqueeze(-1).expand_as(values), values)
 
 
+def _entries(f: Factor) -> int:
+    """How many numbers scaling the factor touches."""
+    return math.prod(f.shape) if isinstance(f, Dense) else f.weight.numel()
+
+
 def _fold_batch(f: Factor) -> Factor:
     """[B, G, T, ...] -> [1, G, B·T, ...]: the batch becomes more positions."""
     if isinstance(f, Dense):
@@ -123,11 +151,17 @@ def _fold_batch(f: Factor) -> Factor:
 
 @dataclass
 class LinearForm:
-    """G_i = L_iᵀ R_i per group; materialized gradients are reshaped to `shape`."""
+    """G_i = L_iᵀ R_i per group; materialized gradients are reshaped to `shape`.
+
+    A rule may give faster kernels for the same quantities: `materializer()` -> [B, *shape]
+    per-example gradients, `contraction(c)` -> Σ_i c_i G_i. They must equal the factor forms
+    (the rule tests check every strategy against the reference)."""
 
     left: Factor
     right: Factor
     shape: torch.Size
+    materializer: Callable[[], torch.Tensor] | None = field(default=None, repr=False, compare=False)
+    contraction: Callable[[torch.Tensor], torch.Tensor] | None = field(default=None, repr=False, compare=False)
     _materialized: torch.Tensor | None = field(default=None, repr=False, compare=False)
 
     def transposed(self) -> "LinearForm":
@@ -137,7 +171,7 @@ class LinearForm:
     def materialize(self) -> torch.Tensor:
         """[B, *shape] per-example gradients (kept: the clipped sum then reuses them)."""
         if self._materialized is None:
-            grads = outer_sum(self.left, self.right)
+            grads = self.materializer() if self.materializer else outer_sum(self.left, self.right)
             self._materialized = grads.reshape(grads.shape[0], *self.shape)
         return self._materialized
 
@@ -146,7 +180,14 @@ class LinearForm:
         contraction of (c ⊙ L) with R over examples and positions."""
         if self._materialized is not None:
             return torch.tensordot(c.to(self._materialized.dtype), self._materialized, dims=1)
-        grads = outer_sum(_fold_batch(self.left.scaled(c)), _fold_batch(self.right))
+        if self.contraction is not None:
+            return self.contraction(c).reshape(self.shape)
+        left, right = self.left, self.right
+        if _entries(left) <= _entries(right):  # scale the smaller factor (a bias's column of ones)
+            left = left.scaled(c)
+        else:
+            right = right.scaled(c)
+        grads = outer_sum(_fold_batch(left), _fold_batch(right))
         return grads.reshape(self.shape)
 
 
@@ -177,7 +218,11 @@ STRATEGIES = ("ghost", "materialize")
 
 
 def _kinds(forms: Sequence[LinearForm]) -> tuple[str, str]:
-    return type(forms[0].left).__name__, type(forms[0].right).__name__
+    """The factor kinds to cost: dense if any use's factor is dense (uses of a tied weight mix a
+    one-hot embedding with a dense output layer; the dense Gram products dominate)."""
+    left = "Dense" if any(isinstance(f.left, Dense) for f in forms) else "OneHot"
+    right = "Dense" if any(isinstance(f.right, Dense) for f in forms) else "OneHot"
+    return left, right
 
 
 @lru_cache(maxsize=None)
@@ -206,7 +251,7 @@ def cost_values(forms: Sequence[LinearForm]) -> dict:
     """The formulas evaluated on these forms' shapes, plus the extra memory each needs (elements);
     "formulas" holds the sympy expressions themselves (for `explain`)."""
     f = forms[0]
-    groups = (f.left.values if isinstance(f.left, Dense) else f.left.index).shape[1]
+    groups = f.left.groups
     positions = sum(u.left.positions for u in forms)
     shapes = {"T": positions, "k_L": f.left.k, "k_R": f.right.k, "G": groups}
     flops = {name: int(fn(positions, f.left.k, f.right.k, groups)) for name, fn in _cost_functions(*_kinds(forms)).items()}
@@ -237,20 +282,26 @@ def _concat(factors: Sequence[Factor]) -> Factor:
     )
 
 
-def ghost_norm_sq(forms: Sequence[LinearForm]) -> torch.Tensor:
-    """‖Σ_u L_uᵀ R_u‖² per example without materializing: Σ_{u,v} ⟨L_u L_vᵀ, R_u R_vᵀ⟩.
-
-    Uses whose factors have the same kinds are concatenated along T first, so a weight used at
-    every step of a recurrence costs one Gram product, not T² of them."""
+def concatenated(forms: Sequence[LinearForm]) -> list[LinearForm]:
+    """Σ_u G_u (uses of one parameter in one orientation) as few forms as possible: uses whose
+    factors have the same kinds are concatenated along T (G = Σ_t L_tᵀ R_t whichever use a
+    position came from), so a weight used at every step of a recurrence becomes one form."""
     key = lambda f: (type(f.left).__name__, type(f.right).__name__)
-    blocks = [
-        (_concat([f.left for f in grp]), _concat([f.right for f in grp]))
-        for _, grp in ((k, list(g)) for k, g in groupby(sorted(forms, key=key), key=key))
+    return [
+        grp[0] if len(grp) == 1 else LinearForm(_concat([f.left for f in grp]), _concat([f.right for f in grp]), grp[0].shape)
+        for grp in (list(g) for _, g in groupby(sorted(forms, key=key), key=key))
     ]
+
+
+def ghost_norm_sq(forms: Sequence[LinearForm]) -> torch.Tensor:
+    """‖Σ_u L_uᵀ R_u‖² per example without materializing: Σ_{u,v} ⟨L_u L_vᵀ, R_u R_vᵀ⟩, over the
+    `concatenated` blocks (one Gram product for a recurrent weight, not T² of them)."""
+    blocks = concatenated(forms)
     total = None
-    for left_u, right_u in blocks:
-        for left_v, right_v in blocks:
-            term = (gram(left_u, left_v) * gram(right_u, right_v)).sum((1, 2, 3))
+    for u, block_u in enumerate(blocks):
+        for v, block_v in enumerate(blocks[u:], start=u):
+            term = (gram(block_u.left, block_v.left) * gram(block_u.right, block_v.right)).sum((1, 2, 3))
+            term = term if u == v else 2 * term  # the (v, u) term is the same number
             total = term if total is None else total + term
     return total
 
@@ -264,7 +315,8 @@ def linear_forms_norm_sq(forms: Sequence[LinearForm], strategy: str) -> torch.Te
     """Squared norm of Σ_u G_u (uses of one parameter in one orientation) by `strategy`."""
     if strategy == "ghost":
         return ghost_norm_sq(forms)
-    total = forms[0].materialize()
-    for f in forms[1:]:
+    blocks = concatenated(forms)
+    total = blocks[0].materialize()
+    for f in blocks[1:]:
         total = total + f.materialize()
     return materialized_norm_sq(total)

@@ -7,7 +7,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from ..forms import Dense, LinearForm
+from ..forms import Dense, LinearForm, accumulation_dtype
 from ._util import bias_form
 from .registry import OpCall, register_rule
 
@@ -62,23 +62,82 @@ def _batch_in_dim0(node) -> bool:
     return node.meta["fxclip_batch_axis"].dim == 0
 
 
+def _explicit_padding(x, call: OpCall, kernel, dilation) -> tuple[torch.Tensor, list[int]]:
+    """The input and a symmetric padding list for aten.convolution_backward ('same' with an even
+    kernel pads one more after: that part is applied to the input)."""
+    pads = _pads(call["padding"], kernel, dilation)
+    if all(before == after for before, after in pads):
+        return x, [before for before, _ in pads]
+    extra = [p for before, after in reversed(pads) for p in (0, after - before)]
+    return F.pad(x, extra), [before for before, _ in pads]
+
+
+def _groups_of_examples(x: torch.Tensor, call: OpCall) -> torch.Tensor:
+    """[N, C, *S] with the batch in N -> [N/B, B·C, *S]: each example's channels a group of its own."""
+    xb = call.output_axis.split(x, call.batch_size)  # [B, outer, inner, C, *S]
+    return xb.permute(1, 2, 0, *range(3, xb.dim())).flatten(0, 1).flatten(1, 2)
+
+
+def _weight_grad_kernel(call: OpCall, grad: torch.Tensor, x: torch.Tensor, weight_shape, groups: int):
+    """The convolution weight-gradient kernel (what an ordinary backward runs) on (grad, x), in
+    the accumulation dtype (float32 for bf16/fp16 values)."""
+    dtype = accumulation_dtype(torch.promote_types(grad.dtype, x.dtype))
+    grad, x = grad.to(dtype), x.to(dtype)
+    nd = len(weight_shape) - 2
+    dilation = _per_dim(call["dilation"], nd)
+    x, padding = _explicit_padding(x, call, weight_shape[2:], dilation)
+    weight = x.new_zeros(()).expand(*weight_shape)  # only its shape is read
+    return torch.ops.aten.convolution_backward(
+        grad, x, weight, None, _per_dim(call["stride"], nd), padding, dilation,
+        False, [0] * nd, groups, [False, True, False],
+    )[1]
+
+
 @register_rule(CONV_OPS, params=("weight", "bias"), extra_check=_batch_in_dim0)
 def conv(call: OpCall):
     """z = conv(x, W) + b. Unfolded into patches per group it is the linear case: T = output
     positions, d = (C_in/groups)·∏kernel, one [C_out/groups, d] block per group (the gradient is
     block-diagonal, so groups never share a Gram product).
 
-    weight: LinearForm(L = g, R = patches); ghost G·T²(d+p), materialize G·T·d·p.
+    weight: LinearForm(L = g, R = patches); ghost G·T²(d+p), materialize G·T·d·p. The patches
+    are only built for ghost norms: per-example gradients come from the weight-gradient kernel
+    with every example's channels as separate groups, and the clipped sum from the same kernel
+    on (c ⊙ g) — each as costly as an ordinary step's weight gradient, with no im2col copy.
     bias:   Σ over positions of g."""
-    weight = call["weight"]
-    groups = call["groups"]
-    g = call.grad  # [N, C_out, *out]
-    g = g.reshape(g.shape[0], groups, g.shape[1] // groups, -1).transpose(-1, -2)
-    g = _example_positions(g, call)
+    weight, groups, x = call["weight"], call["groups"], call["input"]
+    batch = call.batch_size
+    g_rows = call.grad  # [N, C_out, *out]
+    g = g_rows.reshape(g_rows.shape[0], groups, g_rows.shape[1] // groups, -1).transpose(-1, -2)
+    g = _example_positions(g, call)  # [B, G, T, C_out/G]
     forms = {}
     if "weight" in call.param_names:
-        x = patches(call["input"], weight.shape[2:], call["stride"], call["padding"], call["dilation"], groups)
-        forms["weight"] = LinearForm(Dense(g), Dense(_example_positions(x, call)), weight.shape)
+        kernel = weight.shape[2:]
+        columns = (weight.shape[1], math.prod(kernel))
+
+        def patch_factor():
+            cols = patches(x, kernel, call["stride"], call["padding"], call["dilation"], groups)
+            return _example_positions(cols, call)
+
+        def per_example_grads():
+            shape = (batch * weight.shape[0], *weight.shape[1:])
+            grads = _weight_grad_kernel(
+                call, _groups_of_examples(g_rows, call), _groups_of_examples(x, call), shape, batch * groups
+            )
+            return grads.reshape(batch, *weight.shape)
+
+        def clipped_sum(c):
+            dtype = accumulation_dtype(g_rows.dtype)
+            scale = call.output_axis.per_row(c.to(dtype), batch, g_rows.shape[0])
+            scaled = g_rows.to(dtype) * scale.view(-1, *[1] * (g_rows.dim() - 1))
+            return _weight_grad_kernel(call, scaled, x, weight.shape, groups)
+
+        forms["weight"] = LinearForm(
+            Dense(g),
+            Dense.deferred((batch, groups, g.shape[2], columns[0] * columns[1]), patch_factor),
+            weight.shape,
+            materializer=per_example_grads,
+            contraction=clipped_sum,
+        )
     if "bias" in call.param_names:
         forms["bias"] = bias_form(g, call["bias"].shape)
     return forms
