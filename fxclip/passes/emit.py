@@ -21,6 +21,7 @@ from ..batch import BatchAxis
 from ..forms import (
     LinearForm,
     choose_strategy,
+    concatenated,
     cost_values,
     linear_forms_norm_sq,
     materialized_norm_sq,
@@ -124,15 +125,16 @@ class StepProgram:
             forms = self._forms(env, grads_by_node, batch)
             if self._footprints is None:
                 self._classify(env)
+            merged = self._merged_shared_forms(forms)
             norm_sq = losses.new_zeros(batch, dtype=torch.float32 if losses.dtype != torch.float64 else torch.float64)
             plan = []
             for comp in self.components:
                 with phase("norms", comp.params):
-                    norm_sq = norm_sq + self._norm_sq(comp, forms, env, strategy, plan)
+                    norm_sq = norm_sq + self._norm_sq(comp, forms, env, strategy, plan, merged.get(id(comp)))
             with phase("norms"):
                 norms = norm_sq.clamp_min(0).sqrt()
                 clip = (max_grad_norm / (norms + EPS)).clamp(max=1.0)
-            clipped = self._clipped_sums(forms, env, clip)
+            clipped = self._clipped_sums(forms, env, clip, merged)
         self.plan = plan
         return losses.detach(), norms, clip, clipped
 
@@ -218,9 +220,26 @@ class StepProgram:
             local[n] = n.target(*args, **kwargs)
         return local[use.value]
 
-    def _norm_sq(self, comp: Component, forms: dict, env: dict, strategy: str, plan: list) -> torch.Tensor:
+    def _oriented(self, comp: Component, forms: dict) -> list:
+        """The forms of the component's uses, each seen in its parameter's orientation."""
+        return [forms[i].transposed() if self.uses[i].chain_kind == "transpose" else forms[i] for i in self._ids(comp)]
+
+    def _ids(self, comp: Component) -> list[int]:
         index = {id(u): i for i, u in enumerate(self.uses)}
-        ids = [index[id(u)] for u in comp.uses]
+        return [index[id(u)] for u in comp.uses]
+
+    def _merged_shared_forms(self, forms: dict) -> dict[int, list[LinearForm]]:
+        """For each shared component whose uses are all linear forms of one shape: the uses
+        `concatenated` along T (a recurrent weight's T steps become one form), computed once and
+        read by both the norm and the clipped sum. Keyed by id(component)."""
+        merged = {}
+        for comp in self.components:
+            if comp.kind == "shared" and _concatenable(oriented := self._oriented(comp, forms)):
+                merged[id(comp)] = concatenated(oriented)
+        return merged
+
+    def _norm_sq(self, comp: Component, forms: dict, env: dict, strategy: str, plan: list, merged=None) -> torch.Tensor:
+        ids = self._ids(comp)
         budget = self.ctx.memory_budget
         if comp.kind == "separate":
             total = 0
@@ -234,12 +253,12 @@ class StepProgram:
                     total = total + materialized_norm_sq(form.grads)
                     plan.append(PlanEntry(self.uses[i], comp, self._materialized_label(i)))
             return total
-        oriented = [forms[i].transposed() if self.uses[i].chain_kind == "transpose" else forms[i] for i in ids]
-        if comp.kind == "shared" and _concatenable(oriented):
-            chosen = choose_strategy(oriented, strategy, budget)
-            costs = cost_values(oriented)
+        if merged is not None:
+            chosen = choose_strategy(merged, strategy, budget)
+            costs = cost_values(merged)
             plan.extend(PlanEntry(self.uses[i], comp, chosen, costs) for i in ids)
-            return linear_forms_norm_sq(oriented, chosen)
+            return linear_forms_norm_sq(merged, chosen)
+        oriented = self._oriented(comp, forms)
         if comp.kind == "shared":
             total = sum(f.materialize() for f in oriented)
             plan.extend(PlanEntry(self.uses[i], comp, self._materialized_label(i)) for i in ids)
@@ -272,10 +291,21 @@ class StepProgram:
 
     # ---- book-keeping -----------------------------------------------------------------------
 
-    def _clipped_sums(self, forms: dict, env: dict, clip: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Σ_i c_i ∇_W L_i for every trainable parameter, one contraction per use."""
+    def _clipped_sums(self, forms: dict, env: dict, clip: torch.Tensor, merged: dict) -> dict[str, torch.Tensor]:
+        """Σ_i c_i ∇_W L_i for every trainable parameter, one contraction per use (per merged
+        block for a shared parameter's concatenated uses)."""
         grads: dict[str, torch.Tensor] = {}
+        done: set[int] = set()
+        for comp in self.components:
+            if id(comp) in merged:
+                (key,) = comp.params
+                with phase("book-keeping", comp.params):
+                    shape = self.ctx.trainable[key].meta["val"].shape
+                    grads[key] = sum(f.clipped_sum(clip).reshape(shape) for f in merged[id(comp)])
+                done.update(self._ids(comp))
         for i, use in enumerate(self.uses):
+            if i in done:
+                continue
             with phase("book-keeping", use.params):
                 in_value_space = forms[i].clipped_sum(clip)
                 if use.chain_kind == "identity":
