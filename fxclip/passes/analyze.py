@@ -226,6 +226,8 @@ def analyze(gm: GraphModule, ctx: Context) -> GraphModule:
     for node in graph.nodes:
         if node.op != "call_function" or node in derived or node.meta.get("fxclip_batch_axis") is None:
             continue
+        if node.target is operator.getitem:  # picks one output of a batched op: not a use
+            continue
         for name, value in _operands(node):
             if value not in derived:
                 continue
