@@ -8,11 +8,12 @@ from torch.fx import GraphModule
 from .analyze import analyze
 from .capture import capture
 from .context import Context, ParamUse
+from .decompose import decompose
 from .emit import StepProgram, emit
 from .functionalize import functionalize
 from .match import match
 
-PASSES = [capture, functionalize, analyze, match, emit]
+PASSES = [capture, functionalize, decompose, analyze, match, emit]
 
 
 def run_passes(ctx: Context) -> StepProgram:

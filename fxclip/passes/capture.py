@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 from torch.export import Dim
 from torch.fx import GraphModule
@@ -64,9 +66,12 @@ def capture(gm: GraphModule | None, ctx: Context) -> GraphModule:
         _tree_batch_dims(targets, 0, batch),
     )
     try:
-        ep = torch.export.export(
-            ModelWithLoss(ctx.model, ctx.loss_fn), (inputs, targets), dynamic_shapes=dynamic, strict=False
-        )
+        with warnings.catch_warnings():
+            # nn.RNN modules re-read their weights into `_flat_weights` on every call; harmless here
+            warnings.filterwarnings("ignore", message=r".*_flat_weights.*were assigned during export")
+            ep = torch.export.export(
+                ModelWithLoss(ctx.model, ctx.loss_fn), (inputs, targets), dynamic_shapes=dynamic, strict=False
+            )
     except Exception as e:  # torch.export raises many types; say what failed and keep the cause
         raise CaptureError(
             f"torch.export could not capture the model with a symbolic batch size: {type(e).__name__}: "

@@ -1,0 +1,201 @@
+"""Pass 3, decompose: fused recurrent ops become the parameter-using primitives they are made of.
+
+torch.export keeps `aten.lstm`, `aten.gru`, `aten.rnn_tanh`, `aten.rnn_relu` (nn.LSTM, nn.GRU,
+nn.RNN) as one node with every weight inside a list operand, and the cells (nn.LSTMCell, ...) as
+one node per call. A rule at that level would only see the gradient at the layer's outputs, not at
+each step's gates. This pass writes each op out the way ATen's CPU kernel computes it:
+
+  the input projection hoisted over all steps   linear(x[T, B, I], W_ih, b_ih) -> [T, B, G·H]
+  the recurrent projection at every step         linear(h_{t-1}[B, H], W_hh, b_hh)
+  the gate nonlinearities, elementwise           (and LSTM's projection linear(h, W_hr))
+
+so the linear rule gives each use's form, and W_hh, b_hh (and W_hr) become parameters used T times
+whole: the emit pass takes the exact norm of their sum over steps (the shared-parameter case),
+never a sum of per-step norms. No rule and no norm code knows about recurrent layers.
+"""
+
+from __future__ import annotations
+
+import operator
+from typing import Callable, Sequence
+
+import torch
+from torch._guards import detect_fake_mode
+from torch.fx import Graph, GraphModule, Node
+from torch.fx.node import map_arg
+
+from ..errors import FxclipError
+from .analyze import where
+from .context import Context
+
+aten = torch.ops.aten
+
+# metadata a new node inherits from the fused op it replaces (error messages name the module)
+_SOURCE_META = ("nn_module_stack", "stack_trace", "source_fn_stack", "from_node")
+
+
+class _Writer:
+    """Writes aten calls into `graph` before `anchor`; each new node gets meta["val"] from running
+    the op on fake tensors (symbolic batch included) and the anchor's source metadata."""
+
+    def __init__(self, graph: Graph, anchor: Node, fake_mode):
+        self.graph, self.anchor, self.fake_mode = graph, anchor, fake_mode
+
+    def __call__(self, op, *args) -> Node:
+        with self.graph.inserting_before(self.anchor):
+            node = self.graph.call_function(op, args)
+        node.meta.update({k: self.anchor.meta[k] for k in _SOURCE_META if k in self.anchor.meta})
+        if op is operator.getitem:
+            node.meta["val"] = args[0].meta["val"][args[1]]
+        else:
+            with self.fake_mode:
+                node.meta["val"] = op(*map_arg(args, lambda n: n.meta["val"]))
+        return node
+
+    def split(self, x: Node, parts: int) -> list[Node]:
+        """`parts` equal slices of x along dim 1 (the gates of a [B, parts·H] projection)."""
+        pieces = self(aten.split.Tensor, x, x.meta["val"].shape[1] // parts, 1)
+        return [self(operator.getitem, pieces, j) for j in range(parts)]
+
+
+# ---- one step of each cell, from the input already projected by W_ih ---------------------------
+# Each follows ATen's CPU cell (aten/src/ATen/native/RNN.cpp) op for op, so values are the same.
+
+
+def _lstm_step(w: _Writer, x_proj: Node, state: tuple, w_hh, b_hh, w_hr) -> tuple:
+    h, c = state
+    gates = w(aten.add.Tensor, w(aten.linear.default, h, w_hh, b_hh), x_proj)
+    i, f, g, o = w.split(gates, 4)
+    i, f, g, o = w(aten.sigmoid.default, i), w(aten.sigmoid.default, f), w(aten.tanh.default, g), w(aten.sigmoid.default, o)
+    c = w(aten.add.Tensor, w(aten.mul.Tensor, f, c), w(aten.mul.Tensor, i, g))
+    h = w(aten.mul.Tensor, o, w(aten.tanh.default, c))
+    if w_hr is not None:
+        h = w(aten.linear.default, h, w_hr, None)
+    return h, c
+
+
+def _gru_step(w: _Writer, x_proj: Node, state: tuple, w_hh, b_hh, w_hr) -> tuple:
+    (h,) = state
+    xr, xz, xn = w.split(x_proj, 3)
+    hr, hz, hn = w.split(w(aten.linear.default, h, w_hh, b_hh), 3)
+    r = w(aten.sigmoid.default, w(aten.add.Tensor, hr, xr))
+    z = w(aten.sigmoid.default, w(aten.add.Tensor, hz, xz))
+    n = w(aten.tanh.default, w(aten.add.Tensor, xn, w(aten.mul.Tensor, hn, r)))
+    return (w(aten.add.Tensor, w(aten.mul.Tensor, w(aten.sub.Tensor, h, n), z), n),)
+
+
+def _simple_step(nonlinearity) -> Callable:
+    def step(w: _Writer, x_proj: Node, state: tuple, w_hh, b_hh, w_hr) -> tuple:
+        (h,) = state
+        return (w(nonlinearity, w(aten.add.Tensor, w(aten.linear.default, h, w_hh, b_hh), x_proj)),)
+
+    return step
+
+
+STEPS = {"lstm": _lstm_step, "gru": _gru_step, "rnn_tanh": _simple_step(aten.tanh.default), "rnn_relu": _simple_step(aten.relu.default)}
+
+LAYERS = {aten.lstm.input: "lstm", aten.gru.input: "gru", aten.rnn_tanh.input: "rnn_tanh", aten.rnn_relu.input: "rnn_relu"}
+CELLS = {
+    aten.lstm_cell.default: "lstm", aten.gru_cell.default: "gru",
+    aten.rnn_tanh_cell.default: "rnn_tanh", aten.rnn_relu_cell.default: "rnn_relu",
+}
+
+
+# ---- whole layers -------------------------------------------------------------------------------
+
+
+def _one_direction(w: _Writer, kind: str, x: Node, state: tuple, weights: Sequence, reverse: bool):
+    """One layer in one direction over time-major x [T, B, I]: (outputs [T, B, H_out], final state)."""
+    w_ih, w_hh, b_ih, b_hh, w_hr = weights
+    projected = w(aten.linear.default, x, w_ih, b_ih)  # hoisted: [T, B, G·H]
+    steps = x.meta["val"].shape[0]
+    if not isinstance(steps, int):
+        raise FxclipError(
+            f"{where(w.anchor)}: the sequence length is symbolic; fxclip unrolls recurrent layers and "
+            "needs a fixed length per capture (pad the sequences to one length)"
+        )
+    per_step = w(aten.unbind.int, projected, 0)
+    outputs: list = [None] * steps
+    for t in reversed(range(steps)) if reverse else range(steps):
+        state = STEPS[kind](w, w(operator.getitem, per_step, t), state, w_hh, b_hh, w_hr)
+        outputs[t] = state[0]
+    return w(aten.stack.default, outputs, 0), state
+
+
+def _layer_weights(params: list, has_biases: bool, has_projections: bool) -> list[tuple]:
+    """The flat weight list of a fused op, per (layer, direction): (W_ih, W_hh, b_ih, b_hh, W_hr)."""
+    size = 2 + 2 * has_biases + has_projections
+    groups = [params[i : i + size] for i in range(0, len(params), size)]
+    out = []
+    for g in groups:
+        w_ih, w_hh, *rest = g
+        b_ih, b_hh = (rest[0], rest[1]) if has_biases else (None, None)
+        out.append((w_ih, w_hh, b_ih, b_hh, rest[-1] if has_projections else None))
+    return out
+
+
+def _decompose_layer(w: _Writer, kind: str, node: Node) -> list[Node]:
+    """aten.<kind>.input -> its outputs (output, h_n[, c_n]) as new nodes."""
+    x, hx, params, has_biases, num_layers, dropout, train, bidirectional, batch_first = node.args
+    hidden = list(hx) if kind == "lstm" else [hx]  # [h_0] or [h_0, c_0], each [layers·dirs, B, H]
+    has_projections = kind == "lstm" and hidden[0].meta["val"].shape[2] != hidden[1].meta["val"].shape[2]
+    weights = _layer_weights(list(params), has_biases, has_projections)
+    directions = 2 if bidirectional else 1
+    layer_input = w(aten.transpose.int, x, 0, 1) if batch_first else x
+    finals: list[tuple] = []
+    for layer in range(num_layers):
+        outputs = []
+        for d in range(directions):
+            k = layer * directions + d
+            state = tuple(w(aten.select.int, h, 0, k) for h in hidden)
+            out, state = _one_direction(w, kind, layer_input, state, weights[k], reverse=d == 1)
+            outputs.append(out)
+            finals.append(state)
+        layer_input = outputs[0] if directions == 1 else w(aten.cat.default, outputs, 2)
+        if dropout and train and layer < num_layers - 1:
+            layer_input = w(aten.dropout.default, layer_input, dropout, True)
+    output = w(aten.transpose.int, layer_input, 0, 1) if batch_first else layer_input
+    return [output] + [w(aten.stack.default, [s[j] for s in finals], 0) for j in range(len(hidden))]
+
+
+def _decompose_cell(w: _Writer, kind: str, node: Node) -> list[Node]:
+    """aten.<kind>_cell -> its new state (h', or h', c' for the LSTM) as new nodes."""
+    x, hx, w_ih, w_hh, b_ih, b_hh = (list(node.args) + [None] * 6)[:6]
+    state = tuple(hx) if kind == "lstm" else (hx,)
+    return list(STEPS[kind](w, w(aten.linear.default, x, w_ih, b_ih), state, w_hh, b_hh, None))
+
+
+def _replace(graph: Graph, node: Node, outputs: list[Node], multi_output: bool) -> None:
+    if not multi_output:
+        node.replace_all_uses_with(outputs[0])
+    else:
+        for user in list(node.users):
+            if user.target is not operator.getitem:
+                raise FxclipError(f"{where(node)}: unexpected use of the op's outputs by {user.target}")
+            user.replace_all_uses_with(outputs[user.args[1]])
+            graph.erase_node(user)
+    graph.erase_node(node)
+
+
+def decompose(gm: GraphModule, ctx: Context) -> GraphModule:
+    """Guarantees: no fused recurrent op (aten.lstm/gru/rnn_tanh/rnn_relu and their cells) is left;
+    each is replaced by linear, elementwise, unbind/stack/cat/select ops computing the same values
+    in the same order as ATen's CPU kernel, every new node with meta["val"] and the fused op's
+    source metadata."""
+    graph = gm.graph
+    fake_mode = None
+    for node in list(graph.nodes):
+        if node.op != "call_function":
+            continue
+        kind = LAYERS.get(node.target) or CELLS.get(node.target)
+        if kind is None:
+            continue
+        fake_mode = fake_mode or detect_fake_mode([n.meta.get("val") for n in graph.nodes if n.op == "placeholder"])
+        w = _Writer(graph, node, fake_mode)
+        if node.target in LAYERS:
+            _replace(graph, node, _decompose_layer(w, kind, node), multi_output=True)
+        else:
+            _replace(graph, node, _decompose_cell(w, kind, node), multi_output=kind == "lstm")
+    graph.eliminate_dead_code()
+    gm.recompile()
+    return gm
