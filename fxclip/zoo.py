@@ -217,3 +217,95 @@ ZOO: dict[str, ZooEntry] = {
         ),
     ]
 }
+
+
+# ---- recurrent and attention models (issue 3) ----------------------------------------------------
+
+
+class LSTMClassifier(nn.Module):
+    """Token embedding, a one-layer nn.LSTM (batch_first), a linear head on the last hidden state:
+    the paper's recurrent text classifier. The recurrent weights are used at every time step."""
+
+    def __init__(self, vocab: int = 1000, dim: int = 64, hidden: int = 128, num_classes: int = 4):
+        super().__init__()
+        self.embed = nn.Embedding(vocab, dim)
+        self.lstm = nn.LSTM(dim, hidden, batch_first=True)
+        self.head = nn.Linear(hidden, num_classes)
+
+    def forward(self, tokens):
+        x = self.embed(tokens)
+        # an explicit zero initial state: the same as none, and torch.func can vmap the module then
+        zeros = x.new_zeros(1, x.shape[0], self.lstm.hidden_size)
+        _, (h_n, _) = self.lstm(x, (zeros, zeros))
+        return self.head(h_n[-1])
+
+
+class GRUTagger(nn.Module):
+    """A sequence model: token embedding, a two-layer bidirectional nn.GRU, a tag for every token
+    ([B, T, tags] logits; the loss sums over the tokens of each example)."""
+
+    def __init__(self, vocab: int = 1000, dim: int = 32, hidden: int = 64, num_tags: int = 8):
+        super().__init__()
+        self.embed = nn.Embedding(vocab, dim)
+        self.gru = nn.GRU(dim, hidden, num_layers=2, batch_first=True, bidirectional=True)
+        self.head = nn.Linear(2 * hidden, num_tags)
+
+    def forward(self, tokens):
+        x = self.embed(tokens)
+        zeros = x.new_zeros(2 * self.gru.num_layers, x.shape[0], self.gru.hidden_size)  # as in LSTMClassifier
+        return self.head(self.gru(x, zeros)[0])
+
+
+class TinyGPT(nn.Module):
+    """A decoder-only language model: token embedding tied to the output layer, a learned positional
+    parameter, pre-norm causal self-attention blocks, [B, T, vocab] next-token logits."""
+
+    def __init__(self, vocab: int = 256, dim: int = 64, heads: int = 4, layers: int = 2, length: int = 64):
+        super().__init__()
+        self.embed = nn.Embedding(vocab, dim)
+        self.pos = nn.Parameter(torch.randn(length, dim) * 0.02)
+        self.blocks = nn.ModuleList(
+            nn.TransformerEncoderLayer(dim, heads, 4 * dim, dropout=0.0, batch_first=True, norm_first=True)
+            for _ in range(layers)
+        )
+        self.norm = nn.LayerNorm(dim)
+
+    def forward(self, tokens):
+        length = tokens.shape[1]
+        h = self.embed(tokens) + self.pos[:length]
+        causal = nn.Transformer.generate_square_subsequent_mask(length, dtype=h.dtype)
+        for block in self.blocks:
+            h = block(h, src_mask=causal, is_causal=True)
+        return F.linear(self.norm(h), self.embed.weight)
+
+
+def _token_tags(vocab: int, length: int, tags: int):
+    """Token sequences [B, T] and a tag for every token [B, T]."""
+
+    def make(batch: int, gen: torch.Generator):
+        x = torch.randint(0, vocab, (batch, length), generator=gen)
+        return (x,), torch.randint(0, tags, (batch, length), generator=gen)
+
+    return make
+
+
+def _next_tokens(vocab: int, length: int):
+    """Language modelling: sequences [B, T] and, as targets, each position's next token [B, T]."""
+
+    def make(batch: int, gen: torch.Generator):
+        text = torch.randint(0, vocab, (batch, length + 1), generator=gen)
+        return (text[:, :-1],), text[:, 1:]
+
+    return make
+
+
+ZOO.update(
+    {
+        e.name: e
+        for e in [
+            ZooEntry("lstm", lambda: LSTMClassifier(1000, 64, 128, 4), _tokens(1000, 32, 4), "LSTM text classifier"),
+            ZooEntry("gru", lambda: GRUTagger(1000, 32, 64, 8), _token_tags(1000, 32, 8), "bidirectional GRU tagger"),
+            ZooEntry("gpt", lambda: TinyGPT(256, 64, 4, 2, 64), _next_tokens(256, 64), "tied GPT-style LM"),
+        ]
+    }
+)

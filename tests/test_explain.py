@@ -6,9 +6,9 @@ import shutil
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 import fxclip
+from fxclip.bench.methods import PerExampleCrossEntropy
 from fxclip.cli import main
 from fxclip.explain import short_source
 from fxclip.rules import RULES
@@ -25,8 +25,7 @@ EXPECTED_RULE = {
 }
 
 
-def cross_entropy(out, y):
-    return F.cross_entropy(out, y, reduction="none")
+cross_entropy = PerExampleCrossEntropy()  # zoo classifiers and sequence models alike
 
 
 def stepped(name: str, batch: int = 4, **options) -> tuple[fxclip.PrivateStep, tuple, torch.Tensor]:

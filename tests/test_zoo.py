@@ -3,15 +3,15 @@
 import pytest
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 import fxclip
+from fxclip.bench.methods import PerExampleCrossEntropy
 from fxclip.zoo import ZOO
 from helpers import check_against_reference
 
 
-def ce(out, y):
-    return F.cross_entropy(out, y, reduction="none")
+# classifiers ([B, C] logits, [B] labels) and sequence models ([B, T, C], [B, T]) alike
+ce = PerExampleCrossEntropy()
 
 
 def zoo_batch(entry, batch, seed, dtype=torch.float64):
