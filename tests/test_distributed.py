@@ -81,7 +81,7 @@ def _worker(rank: int, port: int, out_path: str) -> None:
 @pytest.fixture(scope="module")
 def two_process_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("dist") / "result.pt"
-    mp.start_processes(_worker, args=(free_port(), str(out)), nprocs=WORLD, start_method="fork")
+    mp.start_processes(_worker, args=(free_port(), str(out)), nprocs=WORLD, start_method="spawn")  # fork can inherit a busy OpenMP pool and hang
     return torch.load(out)
 
 
