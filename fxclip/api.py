@@ -67,7 +67,11 @@ class PrivateStep:
     `loss.backward()` accumulates), and returns the per-example losses and norms."""
 
     def __init__(self, model, loss_fn, max_grad_norm, batch_dims, strategy, verify, memory_budget, compile=False):
-        if not isinstance(max_grad_norm, (int, float)) or not math.isfinite(max_grad_norm) or max_grad_norm <= 0:
+        try:
+            bound = float(max_grad_norm)
+        except (TypeError, ValueError):
+            bound = math.nan
+        if isinstance(max_grad_norm, bool) or not math.isfinite(bound) or bound <= 0:
             raise FxclipError(f"max_grad_norm must be a positive finite number, got {max_grad_norm!r}")
         if strategy not in STRATEGIES:
             raise FxclipError(f"strategy must be one of {STRATEGIES}, got {strategy!r}")
@@ -76,7 +80,7 @@ class PrivateStep:
         reject_batchnorm_in_training(model)
         self.model = model
         self.loss_fn = loss_fn
-        self.max_grad_norm = float(max_grad_norm)
+        self.max_grad_norm = bound
         self.batch_dims = None if batch_dims is None else tuple(batch_dims)
         self.strategy = strategy
         self.verify = verify
@@ -91,7 +95,7 @@ class PrivateStep:
     # ---- public -----------------------------------------------------------------------------
 
     def step(self, inputs, targets) -> StepResult:
-        inputs = inputs if isinstance(inputs, tuple) else (inputs,)
+        inputs = tuple(inputs) if isinstance(inputs, (tuple, list)) else (inputs,)
         batch = self._check_inputs(inputs, targets)
         params = dict(self.model.named_parameters())
         trainable = {k: p for k, p in params.items() if p.requires_grad}

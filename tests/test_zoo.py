@@ -130,3 +130,29 @@ def test_verify_refuses_a_random_model_and_writes_nothing():
     with pytest.raises(fxclip.VerificationError, match="deterministic model.*eval"):
         t.step(torch.randn(4, 6), torch.randint(0, 3, (4,)))
     assert all(p.grad is None for p in model.parameters())
+
+
+def test_no_targets_and_a_sequence_first_input():
+    """A loss that needs no targets (targets=None) on a (T, B, E) input: the batch is found from
+    batch_dims, not from the targets."""
+    model = nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 2)).double()
+    x = torch.randn(3, 6, 4, dtype=torch.float64)  # (T, B, E)
+
+    def energy(out, _):
+        return out.pow(2).sum((0, 2))  # [B]
+
+    t = fxclip.transform(model, energy, max_grad_norm=0.4, batch_dims=(1,))
+    res = t.step(x, None)
+    assert res.norms.shape == (6,)
+    from fxclip.reference import clipped_sum, naive_per_example_grads
+
+    ref = naive_per_example_grads(model, lambda o, y: energy(o, None), (x,), torch.zeros(6), (1,))
+    ref_norms, ref_clipped = clipped_sum(ref, 0.4)
+    torch.testing.assert_close(res.norms, ref_norms, rtol=1e-10, atol=1e-12)
+    for name, p in model.named_parameters():
+        torch.testing.assert_close(p.grad, ref_clipped[name], rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("bound", [1, torch.tensor(0.5), 2.0])
+def test_clip_bound_accepts_numbers(bound):
+    assert fxclip.transform(nn.Linear(2, 2), ce, max_grad_norm=bound).max_grad_norm == float(bound)

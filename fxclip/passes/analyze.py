@@ -185,7 +185,7 @@ def analyze(gm: GraphModule, ctx: Context) -> GraphModule:
     params = dict(ctx.model.named_parameters())
     inputs = [n for n, (kind, _) in zip(placeholders, ctx.placeholders) if kind == "input"]
     input_vals = [n.meta["val"] for n in inputs]
-    ctx.batch_symbol = input_vals[-1].shape[0].node.expr  # targets: batch in dim 0
+    ctx.batch_symbol = input_vals[0].shape[ctx.batch_dims[0]].node.expr  # the first model input
     locator = _BatchLocator(ctx.batch_symbol)
     trainable: dict[str, Node] = {}
     for node, (kind, key) in zip(placeholders, ctx.placeholders):
