@@ -182,12 +182,9 @@ class CompiledStep:
             self.compiles += 1
             return compile_fx(graph, example_inputs, config_patches=self.options)
 
-        if key is None:  # only the batch dims are dynamic; feature dims stay static for inductor
-            torch._dynamo.mark_dynamic(bounds, 0)
-            for j, d in self._user_batch_dims.items():
-                args[j] = args[j].view(args[j].shape)  # mark an alias, never the caller's tensor
-                torch._dynamo.mark_dynamic(args[j], d)
-        fn = torch.compile(gm, backend=counting_inductor, fullgraph=True)
+        # dynamic=True: marking only the batch dims makes Dynamo specialize them on conv graphs
+        # (their sizes are related to static dims); the step graph's feature sizes are constants
+        fn = torch.compile(gm, backend=counting_inductor, fullgraph=True, dynamic=key is None)
         self._compiled[key] = fn
         return fn
 
