@@ -19,7 +19,9 @@ does on CUDA with torch 2.11), "dynamic" warns and falls back to "buckets".
 Padding rows copy the first example and get a per-example clipping bound of 0, hence a clip
 factor of 0: they add nothing to the clipped sum, and their losses and norms are cut off before
 the step returns. `python -m fxclip.bench --batch-modes` measures both (docs/benchmarks.md);
-"dynamic" is the default because it compiles once and was as fast per step.
+"dynamic" is the default: one compilation on the MLP against one per bucket, at a similar step
+time. Known limitation: on conv step graphs Dynamo still re-specializes the batch and recompiles
+per new size (use "buckets" there until fixed).
 """
 
 from __future__ import annotations
