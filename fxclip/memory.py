@@ -68,75 +68,34 @@ def peak_memory(fn: Callable[[], object], device: str | torch.device = "cpu") ->
 
 # ---- peak memory of one training step, per method, at a large batch ------------------------------
 
-METHODS = ("nonprivate", "fxclip", "opacus")
-
-
-def _cross_entropy(out, y):
-    return torch.nn.functional.cross_entropy(out, y, reduction="none")
-
-
-def _step_fns(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, max_grad_norm: float) -> dict:
-    """One training step's gradient computation per method, each leaving p.grad filled."""
-    import fxclip
-
-    def clear(m):
-        for p in m.parameters():
-            p.grad = None
-
-    def nonprivate():  # the floor: one ordinary forward and backward of the summed loss
-        clear(model)
-        _cross_entropy(model(x), y).sum().backward()
-
-    t = fxclip.transform(model, _cross_entropy, max_grad_norm)
-
-    def fxclip_step():
-        clear(model)
-        t.step(x, y)
-
-    fns = {"nonprivate": nonprivate, "fxclip": fxclip_step}
-    try:
-        import copy
-
-        from opacus import GradSampleModule
-        from opacus.optimizers import DPOptimizer
-        from opacus.validators import ModuleValidator
-    except ImportError:
-        return fns
-    peer = GradSampleModule(ModuleValidator.fix(copy.deepcopy(model)).to(x.device))
-    opt = DPOptimizer(
-        torch.optim.SGD(peer.parameters(), lr=0.0), noise_multiplier=0.0, max_grad_norm=max_grad_norm,
-        expected_batch_size=x.shape[0],
-    )
-
-    def opacus_step():  # per-sample gradients by hooks, clipped and summed into p.summed_grad
-        opt.zero_grad(set_to_none=True)
-        _cross_entropy(peer(x), y).sum().backward()
-        opt.clip_and_accumulate()
-
-    fns["opacus"] = opacus_step
-    return fns
+# label here -> the benchmark's method (fxclip.bench.methods), so both measure the same steps
+METHODS = {"nonprivate": "floor", "fxclip": "fxclip", "opacus": "opacus_hooks"}
 
 
 def step_memory(name: str, batch: int = 1024, device: str = "cpu", max_grad_norm: float = 1.0) -> dict[str, int]:
-    """Peak bytes of one gradient step of zoo model `name` at `batch`, per method in METHODS
-    (Opacus only when installed). Each method runs once untimed first (capture, lazy state)."""
+    """Peak bytes of one gradient step of zoo model `name` at `batch`, per method in METHODS, each
+    on its own copy of the model (Opacus only when installed and able to run it). Each method runs
+    once untimed first (capture, lazy state)."""
+    from .bench.methods import METHODS as BENCH_METHODS
+    from .bench.methods import MethodUnavailable, PerExampleCrossEntropy
     from .zoo import ZOO
 
     entry = ZOO[name]
-    torch.manual_seed(0)
-    model = entry.factory().to(device)
-    (x,), y = entry.make_batch(batch, torch.Generator().manual_seed(0))
-    x, y = x.to(device), y.to(device)
+    inputs, targets = entry.make_batch(batch, torch.Generator().manual_seed(0))
+    inputs, targets = tuple(x.to(device) for x in inputs), targets.to(device)
     result = {}
-    for method, fn in _step_fns(model, x, y, max_grad_norm).items():
+    for label, method_name in METHODS.items():
+        torch.manual_seed(0)
+        model = entry.factory().to(device)
         try:
-            fn()
-        except Exception as e:  # a peer that cannot run this model is reported, not fatal
-            if method != "opacus":
+            method = BENCH_METHODS[method_name](model, PerExampleCrossEntropy(), max_grad_norm, inputs, targets)
+            method.step()
+        except (MethodUnavailable, RuntimeError, AttributeError) as e:
+            if label != "opacus":  # a peer that cannot run this model is reported, not fatal
                 raise
-            print(f"opacus failed on {name} ({device}): {type(e).__name__}: {e}")
+            print(f"opacus skipped on {name} ({device}): {type(e).__name__}: {str(e).splitlines()[0]}")
             continue
-        result[method] = peak_memory(fn, device)
+        result[label] = peak_memory(method.step, device)
     return result
 
 
