@@ -55,12 +55,7 @@ def test_compiled_step_matches_eager_and_compiles_once_for_all_batch_sizes():
 @pytest.mark.parametrize("name", [n for n in ZOO if n != "mlp"])
 def test_compiled_step_matches_eager_on_zoo(name):
     compiled = _assert_steps_agree(name, [12, 7])
-    if name in CONV_MODELS:
-        pytest.xfail("known: Dynamo re-specializes the batch of conv step graphs (a recompile per size)")
     assert compiled._compiled[compiled._last_key].compiles == 1
-
-
-CONV_MODELS = {"mnist_cnn", "small_cnn", "resnet_gn", "depthwise"}
 
 
 @pytest.mark.compile

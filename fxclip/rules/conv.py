@@ -135,7 +135,9 @@ def conv(call: OpCall):
             Dense(g),
             Dense.deferred((batch, groups, g.shape[2], columns[0] * columns[1]), patch_factor),
             weight.shape,
-            materializer=per_example_grads,
+            # examples-as-groups needs a concrete batch size (groups = B·G); a step traced with a
+            # symbolic batch (compile=True) materializes from the patches instead
+            materializer=None if isinstance(batch, torch.SymInt) else per_example_grads,
             contraction=clipped_sum,
         )
     if "bias" in call.param_names:
