@@ -8,7 +8,6 @@ import torch
 import torch.nn as nn
 
 import fxclip
-from fxclip.forms import cost_values
 from fxclip.memory import peak_memory, step_memory
 
 MiB = 2**20
