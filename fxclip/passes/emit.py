@@ -52,6 +52,7 @@ class Component:
 
     params: tuple[str, ...]
     uses: list[ParamUse]
+    ids: list[int]  # the uses' indices in StepProgram.uses
     kind: str = ""
 
 
@@ -80,7 +81,7 @@ def _components(uses: list[ParamUse]) -> list[Component]:
     for nodes in nx.connected_components(graph):
         idx = sorted(i for kind, i in nodes if kind == "use")
         params = tuple(sorted(p for kind, p in nodes if kind == "param"))
-        comps.append(Component(params, [uses[i] for i in idx]))
+        comps.append(Component(params, [uses[i] for i in idx], idx))
     return sorted(comps, key=lambda c: c.params)
 
 
@@ -187,9 +188,8 @@ class StepProgram:
         for i, use in enumerate(self.uses):
             if use.chain_kind in ("identity", "transpose", "gather"):
                 self._footprints[i] = self._footprint(use, env)
-        index = {id(u): i for i, u in enumerate(self.uses)}
         for comp in self.components:
-            ids = [index[id(u)] for u in comp.uses]
+            ids = comp.ids
             if any(self.uses[i].chain_kind == "general" for i in ids):
                 comp.kind = "general"
             elif len(ids) == 1 or all(_disjoint(self._footprints[a], self._footprints[b]) for a, b in combinations(ids, 2)):
@@ -222,11 +222,7 @@ class StepProgram:
 
     def _oriented(self, comp: Component, forms: dict) -> list:
         """The forms of the component's uses, each seen in its parameter's orientation."""
-        return [forms[i].transposed() if self.uses[i].chain_kind == "transpose" else forms[i] for i in self._ids(comp)]
-
-    def _ids(self, comp: Component) -> list[int]:
-        index = {id(u): i for i, u in enumerate(self.uses)}
-        return [index[id(u)] for u in comp.uses]
+        return [forms[i].transposed() if self.uses[i].chain_kind == "transpose" else forms[i] for i in comp.ids]
 
     def _merged_shared_forms(self, forms: dict) -> dict[int, list[LinearForm]]:
         """For each shared component whose uses are all linear forms of one shape: the uses
@@ -239,7 +235,7 @@ class StepProgram:
         return merged
 
     def _norm_sq(self, comp: Component, forms: dict, env: dict, strategy: str, plan: list, merged=None) -> torch.Tensor:
-        ids = self._ids(comp)
+        ids = comp.ids
         budget = self.ctx.memory_budget
         if comp.kind == "separate":
             total = 0
@@ -302,7 +298,7 @@ class StepProgram:
                 with phase("book-keeping", comp.params):
                     shape = self.ctx.trainable[key].meta["val"].shape
                     grads[key] = sum(f.clipped_sum(clip).reshape(shape) for f in merged[id(comp)])
-                done.update(self._ids(comp))
+                done.update(comp.ids)
         for i, use in enumerate(self.uses):
             if i in done:
                 continue
