@@ -77,8 +77,8 @@ def step_memory(name: str, batch: int = 1024, device: str = "cpu", max_grad_norm
     on its own copy of the model (Opacus only when installed and able to run it). Each method runs
     once untimed first (capture, lazy state)."""
     from .bench.methods import METHODS as BENCH_METHODS
-    from .bench.methods import MethodUnavailable, PerExampleCrossEntropy
-    from .zoo import ZOO
+    from .bench.methods import MethodUnavailable
+    from .zoo import ZOO, PerExampleCrossEntropy
 
     entry = ZOO[name]
     inputs, targets = entry.make_batch(batch, torch.Generator().manual_seed(0))

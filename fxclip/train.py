@@ -22,7 +22,6 @@ from typing import Callable, Iterable
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 import fxclip
@@ -67,9 +66,8 @@ def build_model(name: str, data: Dataset) -> nn.Module:
         raise ValueError(f"model {name!r} does not fit data set {data.name!r}: {err}") from err
 
 
-def per_example_cross_entropy(output: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """Cross-entropy per example ([B]), the loss form `fxclip.transform` needs."""
-    return F.cross_entropy(output, targets, reduction="none")
+# cross-entropy per example ([B]), the loss form `fxclip.transform` needs (sequence targets too)
+per_example_cross_entropy = zoo.PerExampleCrossEntropy()
 
 
 @dataclass

@@ -173,6 +173,20 @@ class TransformerEncoderClassifier(nn.Module):
         return self.head(self.encoder(self.embed(tokens) + self.pos[: tokens.shape[1]]).mean(1))
 
 
+class PerExampleCrossEntropy:
+    """Cross entropy summed over every position of an example: one loss per example ([B]) for
+    classifiers ([B, C] logits, [B] labels) and sequence models ([B, T, C], [B, T]) alike.
+    `reduction` ("none" or "sum") is read by Opacus' ghost clipping, which switches it."""
+
+    def __init__(self, reduction: str = "none"):
+        self.reduction = reduction
+
+    def __call__(self, output: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        per_position = F.cross_entropy(output.flatten(0, -2), targets.flatten(), reduction="none")
+        losses = per_position.view(targets.shape[0], -1).sum(1)
+        return losses.sum() if self.reduction == "sum" else losses
+
+
 @dataclass(frozen=True)
 class ZooEntry:
     """A model factory and a batch maker: `make_batch(B, generator) -> (inputs_tuple, targets)`."""

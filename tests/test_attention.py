@@ -8,7 +8,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import fxclip
-from fxclip.bench.methods import PerExampleCrossEntropy
+from fxclip.zoo import PerExampleCrossEntropy
 from fxclip.zoo import TinyGPT
 from helpers import check_against_reference
 

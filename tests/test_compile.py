@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import fxclip
-from fxclip.bench.methods import PerExampleCrossEntropy
+from fxclip.zoo import PerExampleCrossEntropy
 from fxclip.passes.compile import CompiledStep, _constant_pad_functional, bucket_size
 from fxclip.zoo import ZOO
 

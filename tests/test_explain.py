@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import fxclip
-from fxclip.bench.methods import PerExampleCrossEntropy
+from fxclip.zoo import PerExampleCrossEntropy
 from fxclip.cli import main
 from fxclip.explain import short_source
 from fxclip.rules import RULES

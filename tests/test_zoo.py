@@ -5,7 +5,7 @@ import torch
 import torch.nn as nn
 
 import fxclip
-from fxclip.bench.methods import PerExampleCrossEntropy
+from fxclip.zoo import PerExampleCrossEntropy
 from fxclip.zoo import ZOO
 from helpers import check_against_reference
 

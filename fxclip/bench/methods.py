@@ -14,29 +14,15 @@ from dataclasses import dataclass
 from typing import Callable, Optional
 
 import torch
-import torch.nn.functional as F
 
 from ..api import transform
 from ..passes.emit import EPS
+from ..zoo import PerExampleCrossEntropy
 from ..reference import clipped_sum, naive_per_example_grads, per_example_grads
 
 
 class MethodUnavailable(Exception):
     """This method cannot run this model (or is not installed); the message says why."""
-
-
-class PerExampleCrossEntropy:
-    """Cross entropy summed over every position of an example: one loss per example ([B]) for
-    classifiers ([B, C] logits, [B] labels) and sequence models ([B, T, C], [B, T]) alike.
-    `reduction` ("none" or "sum") is read by Opacus' ghost clipping, which switches it."""
-
-    def __init__(self, reduction: str = "none"):
-        self.reduction = reduction
-
-    def __call__(self, output: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        per_position = F.cross_entropy(output.flatten(0, -2), targets.flatten(), reduction="none")
-        losses = per_position.view(targets.shape[0], -1).sum(1)
-        return losses.sum() if self.reduction == "sum" else losses
 
 
 @dataclass

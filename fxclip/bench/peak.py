@@ -14,7 +14,8 @@ import sys
 
 import torch
 
-from .methods import METHODS, PerExampleCrossEntropy
+from ..zoo import PerExampleCrossEntropy
+from .methods import METHODS
 
 
 def _status_kib(field: str) -> int:
