@@ -33,6 +33,16 @@ def per_example_grads(
     return per_example(trainable, inputs, targets)
 
 
+def any_per_example_grads(model, loss_fn, inputs, targets, batch_dims=None) -> tuple[dict[str, torch.Tensor], str]:
+    """(`per_example_grads`, "torch.func"), or, for models torch.func cannot transform (a custom
+    op without a vmap rule, pytorch#168393; cuDNN's LSTM under vmap), (`naive_per_example_grads`,
+    "per-example loop")."""
+    try:
+        return per_example_grads(model, loss_fn, inputs, targets, batch_dims), "torch.func"
+    except RuntimeError:  # NotImplementedError included
+        return naive_per_example_grads(model, loss_fn, inputs, targets, batch_dims), "per-example loop"
+
+
 def clipped_sum(grads: dict[str, torch.Tensor], max_grad_norm: float, eps: float = 1e-6):
     """(norms [B], {name: Σ_i min(1, C/(‖g_i‖+eps)) g_i}) from per-example gradients."""
     flat = torch.cat([g.flatten(1) for g in grads.values()], dim=1)

@@ -16,7 +16,7 @@ import torch
 
 from .api import transform
 from .errors import FxclipError
-from .reference import clipped_sum, naive_per_example_grads, per_example_grads
+from .reference import any_per_example_grads, clipped_sum
 from .rules.registry import RULES
 
 STRATEGIES = ("ghost", "materialize")
@@ -109,12 +109,7 @@ def check_rule(
         out = model(*inputs)
     targets = torch.randn(out.shape, generator=generator, dtype=out.dtype)
 
-    try:
-        ref = per_example_grads(model, _squared_error, inputs, targets)
-        reference = "torch.func"
-    except (RuntimeError, NotImplementedError):  # ops torch.func cannot transform (pytorch#168393)
-        ref = naive_per_example_grads(model, _squared_error, inputs, targets)
-        reference = "per-example loop"
+    ref, reference = any_per_example_grads(model, _squared_error, inputs, targets)
     ref_norms = clipped_sum(ref, 1.0)[0]
     bound = float(ref_norms.median().clamp(min=1e-12))
     ref_norms, ref_clipped = clipped_sum(ref, bound)

@@ -18,7 +18,7 @@ import torch
 from ..api import transform
 from ..passes.emit import EPS
 from ..zoo import PerExampleCrossEntropy
-from ..reference import clipped_sum, naive_per_example_grads, per_example_grads
+from ..reference import any_per_example_grads, clipped_sum, naive_per_example_grads, per_example_grads
 
 
 class MethodUnavailable(Exception):
@@ -172,8 +172,4 @@ DEFAULT_METHODS = [m for m in METHODS if m != "fxclip_compiled_buckets"]
 def reference_clipped_sum(model, loss_fn, max_grad_norm, inputs, targets) -> dict[str, torch.Tensor]:
     """Σ_i c_i g_i by torch.func (fxclip.reference), the check every method must pass; by the
     per-example loop for models torch.func cannot run (cuDNN's LSTM under vmap)."""
-    try:
-        grads = per_example_grads(model, loss_fn, inputs, targets)
-    except RuntimeError:
-        grads = naive_per_example_grads(model, loss_fn, inputs, targets)
-    return clipped_sum(grads, max_grad_norm, EPS)[1]
+    return clipped_sum(any_per_example_grads(model, loss_fn, inputs, targets)[0], max_grad_norm, EPS)[1]
