@@ -26,7 +26,7 @@ from ..forms import (
     linear_forms_norm_sq,
     materialized_norm_sq,
 )
-from ..rules.registry import OpCall, bind_arguments, fallback_rule
+from ..rules.registry import OpCall, argument_nodes, bind_arguments, fallback_rule
 from .analyze import CAST_OPS
 from .context import Context, ParamUse
 
@@ -94,6 +94,7 @@ class StepProgram:
         self.uses = ctx.uses
         self.components = _components(ctx.uses)
         self.use_nodes = list(dict.fromkeys(u.node for u in ctx.uses))
+        self._operand_axes = {node: _operand_axes(node) for node in self.use_nodes}
         needed: list[Node] = []
         for node in self.use_nodes:
             needed += [node, *_flat_nodes((node.args, node.kwargs))]
@@ -155,12 +156,6 @@ class StepProgram:
             args = map_arg(node.args, lambda n: env[n])
             kwargs = map_arg(node.kwargs, lambda n: env[n])
             arguments = bind_arguments(node, args, kwargs)
-            axes = {}
-            for name, value in bind_arguments(node, node.args, node.kwargs).items():
-                items = value if isinstance(value, (list, tuple)) else [value]
-                for j, v in enumerate(items):
-                    if isinstance(v, Node) and isinstance(v.meta.get("fxclip_batch_axis"), BatchAxis):
-                        axes[name if v is value else f"{name}.{j}"] = v.meta["fxclip_batch_axis"]
             out = env[node]
             g = grads_by_node[node]
             call = OpCall(
@@ -169,7 +164,7 @@ class StepProgram:
                 output=out,
                 grad=g[0] if len(g) == 1 else tuple(g),
                 batch_size=batch,
-                axes=axes,
+                axes=self._operand_axes[node],
                 output_axis=_first_axis(node.meta["fxclip_batch_axis"]),
                 param_names=tuple(self.uses[i].operand for i in idx),
             )
@@ -314,6 +309,17 @@ class StepProgram:
                 for key, g in zip(use.params, param_grads):
                     grads[key] = grads[key] + g if key in grads else g
         return grads
+
+
+def _operand_axes(node: Node) -> dict[str, BatchAxis]:
+    """Batch axis of each batched operand of `node` by schema name ("name.j" inside a list)."""
+    axes = {}
+    for name, value in argument_nodes(node).items():
+        items = value if isinstance(value, (list, tuple)) else [value]
+        for j, v in enumerate(items):
+            if isinstance(v, Node) and isinstance(v.meta.get("fxclip_batch_axis"), BatchAxis):
+                axes[name if v is value else f"{name}.{j}"] = v.meta["fxclip_batch_axis"]
+    return axes
 
 
 def env_param(env: dict, node: Node) -> torch.Tensor:
