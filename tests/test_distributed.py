@@ -3,6 +3,7 @@ on the union batch; one noise draw per step; Poisson sampling shards."""
 
 from __future__ import annotations
 
+import gc
 import socket
 
 import pytest
@@ -45,37 +46,45 @@ def free_port() -> int:
 def _worker(rank: int, port: int, out_path: str) -> None:
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD)
     try:
-        torch.set_num_threads(1)
-        # different initial weights per rank: DDP's construction must broadcast rank 0's
-        model = torch.nn.parallel.DistributedDataParallel(make_model(seed=rank))
-        x, y = union_batch()
-        mine = torch.arange(rank, BATCH, WORLD)
-        t = fxclip.transform(model, loss_fn, C)
-        results = {}
-        for sigma in (0.0, SIGMA):
-            opt = DistributedPrivateOptimizer(
-                torch.optim.SGD(model.parameters(), lr=0.1),
-                noise_multiplier=sigma,
-                max_grad_norm=C,
-                expected_batch_size=BATCH,
-            )
-            opt.zero_grad()
-            t.step(x[mine], y[mine])
-            opt.add_noise_and_average()
-            grads = torch.cat([p.grad.flatten() for p in model.module.parameters()])
-            gathered = [torch.empty_like(grads) for _ in range(WORLD)]
-            dist.all_gather(gathered, grads)
-            results[sigma] = torch.stack(gathered)
-        # sync_parameters brings a model with other weights to rank 0's
-        other = make_model(seed=100 + rank)
-        sync_parameters(other)
-        weights = torch.cat([p.detach().flatten() for p in other.parameters()])
-        gathered = [torch.empty_like(weights) for _ in range(WORLD)]
-        dist.all_gather(gathered, weights)
-        if rank == 0:
-            torch.save({"grads": results, "synced": torch.stack(gathered)}, out_path)
+        _run(rank, out_path)
+        # Tear down together and only after DDP's reducer (which holds gloo work) is gone: a rank that
+        # destroys its group while the peer or a live reducer still uses it can abort in gloo's threads.
+        gc.collect()
+        dist.barrier()
     finally:
         dist.destroy_process_group()
+
+
+def _run(rank: int, out_path: str) -> None:
+    torch.set_num_threads(1)
+    # different initial weights per rank: DDP's construction must broadcast rank 0's
+    model = torch.nn.parallel.DistributedDataParallel(make_model(seed=rank))
+    x, y = union_batch()
+    mine = torch.arange(rank, BATCH, WORLD)
+    t = fxclip.transform(model, loss_fn, C)
+    results = {}
+    for sigma in (0.0, SIGMA):
+        opt = DistributedPrivateOptimizer(
+            torch.optim.SGD(model.parameters(), lr=0.1),
+            noise_multiplier=sigma,
+            max_grad_norm=C,
+            expected_batch_size=BATCH,
+        )
+        opt.zero_grad()
+        t.step(x[mine], y[mine])
+        opt.add_noise_and_average()
+        grads = torch.cat([p.grad.flatten() for p in model.module.parameters()])
+        gathered = [torch.empty_like(grads) for _ in range(WORLD)]
+        dist.all_gather(gathered, grads)
+        results[sigma] = torch.stack(gathered)
+    # sync_parameters brings a model with other weights to rank 0's
+    other = make_model(seed=100 + rank)
+    sync_parameters(other)
+    weights = torch.cat([p.detach().flatten() for p in other.parameters()])
+    gathered = [torch.empty_like(weights) for _ in range(WORLD)]
+    dist.all_gather(gathered, weights)
+    if rank == 0:
+        torch.save({"grads": results, "synced": torch.stack(gathered)}, out_path)
 
 
 @pytest.fixture(scope="module")
