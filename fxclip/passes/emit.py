@@ -9,11 +9,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from itertools import combinations
-from typing import Any
+from typing import Any, NamedTuple
 
 import networkx as nx
 import torch
 import torch.fx.traceback as fx_traceback
+from torch.autograd.graph import GradientEdge, get_gradient_edge
 from torch.fx import GraphModule, Node
 from torch.fx.node import map_arg
 
@@ -97,11 +98,11 @@ class StepProgram:
         self._operand_axes = {node: _operand_axes(node) for node in self.use_nodes}
         needed: list[Node] = []
         for node in self.use_nodes:
-            needed += [node, *_flat_nodes((node.args, node.kwargs))]
+            needed += _flat_nodes((node.args, node.kwargs))
         for use in ctx.uses:
             needed += [n for c in use.chain for n in c.all_input_nodes if n not in use.chain]
         self.saved = list(dict.fromkeys(needed))
-        self.forward = _with_extra_outputs(gm, self.saved)
+        self.forward = _with_extra_outputs(gm, self.saved, self.use_nodes)
         self.plan: list[PlanEntry] = []
         self._footprints: dict[int, torch.Tensor] | None = None  # set by _classify on the first call
 
@@ -110,17 +111,18 @@ class StepProgram:
     def __call__(self, flat_args: list, max_grad_norm: float, strategy: str = "auto"):
         with phase("forward"):
             outs = self.forward(*flat_args)
-        losses, env = outs[0], dict(zip(self.saved, outs[1:]))
+        n_saved = len(self.saved)
+        losses, env, slots = outs[0], dict(zip(self.saved, outs[1 : 1 + n_saved])), outs[1 + n_saved :]
+        del outs
         batch = losses.shape[0]
-        outputs = [self._tensors(env[n]) for n in self.use_nodes]
-        flat_z = [z for zs in outputs for z in zs]
+        flat_slots = [s for node_slots in slots for s in node_slots]
         with phase("backward"):
-            dz = torch.autograd.grad(losses.sum(), flat_z, allow_unused=True) if flat_z else []
-        dz = [torch.zeros_like(z) if g is None else g for z, g in zip(flat_z, dz)]
+            dz = torch.autograd.grad(losses.sum(), [s.edge for s in flat_slots], allow_unused=True) if flat_slots else []
+        dz = [s.zeros() if g is None else g for s, g in zip(flat_slots, dz)]
         grads_by_node, i = {}, 0
-        for node, zs in zip(self.use_nodes, outputs):
-            grads_by_node[node] = dz[i : i + len(zs)]
-            i += len(zs)
+        for node, node_slots in zip(self.use_nodes, slots):
+            grads_by_node[node] = dz[i : i + len(node_slots)]
+            i += len(node_slots)
         # fxclip's own arithmetic runs outside any autocast region: norms, clip factors and
         # clipped sums accumulate in float32 (or float64) whatever dtype the forward ran in.
         with torch.no_grad(), torch.autocast(losses.device.type, enabled=False):
@@ -140,11 +142,6 @@ class StepProgram:
         self.plan = plan
         return losses.detach(), norms, clip, clipped
 
-    @staticmethod
-    def _tensors(value) -> list[torch.Tensor]:
-        items = value if isinstance(value, (tuple, list)) else [value]
-        return [v for v in items if isinstance(v, torch.Tensor) and v.requires_grad]
-
     def _forms(self, env: dict, grads_by_node: dict, batch: int) -> dict[int, Any]:
         """Each use's form, calling each rule once per op with all the operands it handles."""
         forms: dict[int, Any] = {}
@@ -156,12 +153,10 @@ class StepProgram:
             args = map_arg(node.args, lambda n: env[n])
             kwargs = map_arg(node.kwargs, lambda n: env[n])
             arguments = bind_arguments(node, args, kwargs)
-            out = env[node]
             g = grads_by_node[node]
             call = OpCall(
                 node=node,
                 arguments=arguments,
-                output=out,
                 grad=g[0] if len(g) == 1 else tuple(g),
                 batch_size=batch,
                 axes=self._operand_axes[node],
@@ -343,12 +338,40 @@ def _concatenable(forms) -> bool:
     return all(f.shape == first.shape and f.left.k == first.left.k and f.right.k == first.right.k for f in forms)
 
 
-def _with_extra_outputs(gm: GraphModule, saved: list[Node]) -> GraphModule:
-    """`gm` rewritten to return (loss, *saved values)."""
+class OutputSlot(NamedTuple):
+    """Where the backward delivers ∂L/∂z for one op output z, without keeping z alive (a graph
+    edge, not the tensor: z's memory is freed as soon as the forward is done with it)."""
+
+    edge: GradientEdge
+    shape: torch.Size
+    dtype: torch.dtype
+    device: torch.device
+
+    def zeros(self) -> torch.Tensor:
+        """∂L/∂z for an output the loss does not depend on."""
+        return torch.zeros(self.shape, dtype=self.dtype, device=self.device)
+
+
+def output_slots(value) -> list[OutputSlot]:
+    """An OutputSlot for each tensor of an op's output that requires grad."""
+    items = value if isinstance(value, (tuple, list)) else [value]
+    return [
+        OutputSlot(get_gradient_edge(z), z.shape, z.dtype, z.device)
+        for z in items
+        if isinstance(z, torch.Tensor) and z.requires_grad
+    ]
+
+
+def _with_extra_outputs(gm: GraphModule, saved: list[Node], tapped: list[Node]) -> GraphModule:
+    """`gm` rewritten to return (loss, *saved values, *the output slots of each tapped node)."""
     graph = gm.graph
+    slots = []
+    for node in tapped:
+        with graph.inserting_after(node):
+            slots.append(graph.call_function(output_slots, (node,)))
     output = next(n for n in graph.nodes if n.op == "output")
     loss = output.args[0][0]
-    output.args = ((loss, *saved),)
+    output.args = ((loss, *saved, *slots),)
     gm.recompile()
     return gm
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import inspect
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Any, Callable, Mapping, Optional
 
 import torch
@@ -26,12 +27,18 @@ class OpCall:
 
     node: Node
     arguments: dict[str, Any]  # schema name -> runtime value, defaults filled in
-    output: Any  # the op's output z
     grad: torch.Tensor  # ∂(Σ_i L_i)/∂z, laid out like z
     batch_size: int
     axes: dict[str, Optional[BatchAxis]]  # operand name (or "name.j" in a list) -> its batch axis
     output_axis: BatchAxis
     param_names: tuple[str, ...]  # operands that carry trainable parameters
+
+    @cached_property
+    def output(self) -> Any:
+        """The op's output z, recomputed from the operands on first read: the step does not keep
+        op outputs alive through the backward, since most rules never read them."""
+        with torch.no_grad():
+            return self.node.target(**self.arguments)
 
     def __getitem__(self, name: str) -> Any:
         """Operand by schema name; "indices.0" names element 0 of a list operand."""
