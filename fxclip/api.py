@@ -41,6 +41,7 @@ def transform(
     verify: bool = False,
     memory_budget: float | None = None,
     compile: bool | str = False,
+    max_physical_batch_size: int | None = None,
 ) -> "PrivateStep":
     """Make `model` trainable with per-example clipping.
 
@@ -52,6 +53,9 @@ def transform(
     `compile=True` traces the whole step into one graph and compiles it with torch.compile
     (fxclip/passes/compile.py): same results to float32 tolerance, one compile for all batch sizes;
     compile="buckets" pads each batch to one of a few sizes compiled statically instead.
+    `max_physical_batch_size` bounds memory: a larger batch is processed in chunks of at most
+    that many examples, one program run each, whose clipped sums add up (exact: clipping is per
+    example), so peak memory is that of the chunk, not of the batch (see docs/memory.md).
 
     A model wrapped in DistributedDataParallel is unwrapped (its `.module` is captured); the
     clipped sums are then all-reduced by `fxclip.distributed`, not by DDP (see docs/distributed.md).
@@ -59,14 +63,19 @@ def transform(
     factors and clipped sums are accumulated in float32 (see docs/mixed_precision.md)."""
     if isinstance(model, torch.nn.parallel.DistributedDataParallel):
         model = model.module
-    return PrivateStep(model, loss_fn, max_grad_norm, batch_dims, strategy, verify, memory_budget, compile)
+    return PrivateStep(
+        model, loss_fn, max_grad_norm, batch_dims, strategy, verify, memory_budget, compile, max_physical_batch_size
+    )
 
 
 class PrivateStep:
     """`step(inputs, targets)` accumulates Σ_i clip_i ∇θ L_i into each trainable `p.grad` (as
     `loss.backward()` accumulates), and returns the per-example losses and norms."""
 
-    def __init__(self, model, loss_fn, max_grad_norm, batch_dims, strategy, verify, memory_budget, compile=False):
+    def __init__(
+        self, model, loss_fn, max_grad_norm, batch_dims, strategy, verify, memory_budget, compile=False,
+        max_physical_batch_size=None,
+    ):
         try:
             bound = float(max_grad_norm)
         except (TypeError, ValueError):
@@ -77,6 +86,10 @@ class PrivateStep:
             raise FxclipError(f"strategy must be one of {STRATEGIES}, got {strategy!r}")
         if not isinstance(compile, bool) and compile not in BATCH_MODES:
             raise FxclipError(f"compile must be True, False or a batch mode {BATCH_MODES}, got {compile!r}")
+        if max_physical_batch_size is not None and (
+            isinstance(max_physical_batch_size, bool) or not isinstance(max_physical_batch_size, int) or max_physical_batch_size < 1
+        ):
+            raise FxclipError(f"max_physical_batch_size must be a positive int or None, got {max_physical_batch_size!r}")
         reject_batchnorm_in_training(model)
         self.model = model
         self.loss_fn = loss_fn
@@ -86,6 +99,7 @@ class PrivateStep:
         self.verify = verify
         self.memory_budget = memory_budget
         self.compile = compile
+        self.max_physical_batch_size = max_physical_batch_size
         self._compiled: dict[tuple, CompiledStep] = {}  # by the same key as _programs
         # by (model.training, autocast state): a graph captured under autocast asserts the dtypes
         # autocast gives its values, so each autocast setting gets its own capture
@@ -104,11 +118,8 @@ class PrivateStep:
             self._accumulate(trainable, {})
             return StepResult(empty, empty, empty)
         ctx, program = self._program(inputs, targets)
-        flat_args = self._flat_args(ctx, inputs, targets)
-        if self.compile:
-            losses, norms, clip, grads = self._compiled_step(ctx, program, flat_args)(flat_args)
-        else:
-            losses, norms, clip, grads = program(flat_args, self.max_grad_norm, self.strategy)
+        runs = [self._run(ctx, program, self._flat_args(ctx, *chunk)) for chunk in self._chunks(inputs, targets, batch)]
+        losses, norms, clip, grads = runs[0] if len(runs) == 1 else _combine(runs)
         if not torch.isfinite(losses).all():
             bad = (~torch.isfinite(losses)).nonzero().flatten().tolist()
             raise FxclipError(f"loss is NaN or infinite for examples {bad[:10]}; no gradients were written")
@@ -205,6 +216,25 @@ class PrivateStep:
             )
         return self._compiled[self._last_key]
 
+    def _run(self, ctx: Context, program: StepProgram, flat_args: list):
+        """(losses, norms, clip factors, clipped sums) of one physical batch."""
+        if self.compile:
+            return self._compiled_step(ctx, program, flat_args)(flat_args)
+        return program(flat_args, self.max_grad_norm, self.strategy)
+
+    def _chunks(self, inputs, targets, batch: int):
+        """(inputs, targets) of each physical batch: slices of at most max_physical_batch_size
+        examples along each input's batch dim and the targets' dim 0."""
+        size = self.max_physical_batch_size or batch
+        dims = self._batch_dims(inputs)
+        for start in range(0, batch, size):
+            n = min(size, batch - start)
+            if n == batch:
+                yield inputs, targets
+            else:
+                chunk_targets = pytree.tree_map(lambda t: t.narrow(0, start, n) if isinstance(t, torch.Tensor) else t, targets)
+                yield tuple(x.narrow(d, start, n) for x, d in zip(inputs, dims)), chunk_targets
+
     def _flat_args(self, ctx: Context, inputs, targets) -> list:
         params = dict(self.model.named_parameters())
         buffers = dict(self.model.named_buffers())
@@ -260,6 +290,17 @@ class PrivateStep:
                 bad.append(key)
         if bad:
             raise VerificationError(f"clipped gradients differ from the reference for parameters {bad}")
+
+
+def _combine(runs: list) -> tuple:
+    """The physical batches' results as one batch's: per-example vectors concatenated, clipped
+    sums added."""
+    losses, norms, clip = (torch.cat([run[j] for run in runs]) for j in range(3))
+    grads = dict(runs[0][3])
+    for run in runs[1:]:
+        for key, g in run[3].items():
+            grads[key] = grads[key] + g if key in grads else g
+    return losses, norms, clip, grads
 
 
 def _autocast_state(inputs) -> tuple:

@@ -53,9 +53,10 @@ def floor(model, loss_fn, max_grad_norm, inputs, targets, compiled: bool = False
     return Method(step, lambda: None)
 
 
-def fxclip_method(model, loss_fn, max_grad_norm, inputs, targets, compiled: bool | str = False) -> Method:
-    """fxclip.transform(...).step, eager or with compile=True (or a batch mode, "buckets")."""
-    private = transform(model, loss_fn, max_grad_norm, compile=compiled)
+def fxclip_method(model, loss_fn, max_grad_norm, inputs, targets, compiled: bool | str = False, **options) -> Method:
+    """fxclip.transform(...).step, eager or with compile=True (or a batch mode, "buckets");
+    `options` go to `transform` (max_physical_batch_size, strategy, ...)."""
+    private = transform(model, loss_fn, max_grad_norm, compile=compiled, **options)
 
     def step():
         _zero(model)
