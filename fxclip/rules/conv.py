@@ -78,19 +78,37 @@ def _groups_of_examples(x: torch.Tensor, call: OpCall) -> torch.Tensor:
     return xb.permute(1, 2, 0, *range(3, xb.dim())).flatten(0, 1).flatten(1, 2)
 
 
-def _weight_grad_kernel(call: OpCall, grad: torch.Tensor, x: torch.Tensor, weight_shape, groups: int):
+@torch.library.custom_op("fxclip::conv_weight_grad", mutates_args=())
+def conv_weight_grad(
+    grad: torch.Tensor, x: torch.Tensor, in_per_group: int, kernel: list[int], stride: list[int],
+    padding: list[int], dilation: list[int],
+) -> torch.Tensor:
+    """The weight gradient of aten.convolution_backward, [grad.shape[1], in_per_group, *kernel],
+    with groups = x.shape[1] // in_per_group read from the shapes when it runs. With every
+    example's channels as groups of their own this gives per-example gradients; as an opaque op
+    it also does so in a step traced with a symbolic batch (compile=True), where `groups` (an int
+    argument of the aten op) could not be B·G."""
+    weight = x.new_zeros(()).expand(grad.shape[1], in_per_group, *kernel)  # only its shape is read
+    return aten.convolution_backward(
+        grad, x, weight, None, stride, padding, dilation, False, [0] * len(kernel), x.shape[1] // in_per_group,
+        [False, True, False],
+    )[1]
+
+
+@conv_weight_grad.register_fake
+def _(grad, x, in_per_group, kernel, stride, padding, dilation):
+    return grad.new_empty(grad.shape[1], in_per_group, *kernel)
+
+
+def _weight_grad_kernel(call: OpCall, grad: torch.Tensor, x: torch.Tensor, weight_shape):
     """The convolution weight-gradient kernel (what an ordinary backward runs) on (grad, x), in
-    the accumulation dtype (float32 for bf16/fp16 values)."""
+    the accumulation dtype (float32 for bf16/fp16 values); the groups follow from x's channels."""
     dtype = accumulation_dtype(torch.promote_types(grad.dtype, x.dtype))
     grad, x = grad.to(dtype), x.to(dtype)
     nd = len(weight_shape) - 2
     dilation = _per_dim(call["dilation"], nd)
     x, padding = _explicit_padding(x, call, weight_shape[2:], dilation)
-    weight = x.new_zeros(()).expand(*weight_shape)  # only its shape is read
-    return torch.ops.aten.convolution_backward(
-        grad, x, weight, None, _per_dim(call["stride"], nd), padding, dilation,
-        False, [0] * nd, groups, [False, True, False],
-    )[1]
+    return conv_weight_grad(grad, x, weight_shape[1], list(weight_shape[2:]), _per_dim(call["stride"], nd), padding, dilation)
 
 
 @register_rule(CONV_OPS, params=("weight", "bias"), extra_check=_batch_in_dim0)
@@ -119,25 +137,20 @@ def conv(call: OpCall):
             return _example_positions(cols, call)
 
         def per_example_grads():
-            shape = (batch * weight.shape[0], *weight.shape[1:])
-            grads = _weight_grad_kernel(
-                call, _groups_of_examples(g_rows, call), _groups_of_examples(x, call), shape, batch * groups
-            )
+            grads = _weight_grad_kernel(call, _groups_of_examples(g_rows, call), _groups_of_examples(x, call), weight.shape)
             return grads.reshape(batch, *weight.shape)
 
         def clipped_sum(c):
             dtype = accumulation_dtype(g_rows.dtype)
             scale = call.output_axis.per_row(c.to(dtype), batch, g_rows.shape[0])
             scaled = g_rows.to(dtype) * scale.view(-1, *[1] * (g_rows.dim() - 1))
-            return _weight_grad_kernel(call, scaled, x, weight.shape, groups)
+            return _weight_grad_kernel(call, scaled, x, weight.shape)
 
         forms["weight"] = LinearForm(
             Dense(g),
             Dense.deferred((batch, groups, g.shape[2], columns[0] * columns[1]), patch_factor),
             weight.shape,
-            # examples-as-groups needs a concrete batch size (groups = B·G); a step traced with a
-            # symbolic batch (compile=True) materializes from the patches instead
-            materializer=None if isinstance(batch, torch.SymInt) else per_example_grads,
+            materializer=per_example_grads,
             contraction=clipped_sum,
         )
     if "bias" in call.param_names:
