@@ -118,7 +118,10 @@ class PrivateStep:
             self._accumulate(trainable, {})
             return StepResult(empty, empty, empty)
         ctx, program = self._program(inputs, targets)
-        runs = [self._run(ctx, program, self._flat_args(ctx, *chunk)) for chunk in self._chunks(inputs, targets, batch)]
+        runs = [
+            self._run(ctx, program, self._flat_args(ctx, *chunk, params=params))
+            for chunk in self._chunks(inputs, targets, batch)
+        ]
         losses, norms, clip, grads = runs[0] if len(runs) == 1 else _combine(runs)
         if not torch.isfinite(losses).all():
             bad = (~torch.isfinite(losses)).nonzero().flatten().tolist()
@@ -235,9 +238,9 @@ class PrivateStep:
                 chunk_targets = pytree.tree_map(lambda t: t.narrow(0, start, n) if isinstance(t, torch.Tensor) else t, targets)
                 yield tuple(x.narrow(d, start, n) for x, d in zip(inputs, dims)), chunk_targets
 
-    def _flat_args(self, ctx: Context, inputs, targets) -> list:
-        params = dict(self.model.named_parameters())
-        buffers = dict(self.model.named_buffers())
+    def _flat_args(self, ctx: Context, inputs, targets, params: dict | None = None) -> list:
+        params = dict(self.model.named_parameters()) if params is None else params
+        buffers = dict(self.model.named_buffers()) if any(kind == "buffer" for kind, _ in ctx.placeholders) else {}
         user = iter(pytree.tree_leaves((inputs, targets)))
         constants = ctx.exported.constants
         args = []

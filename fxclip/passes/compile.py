@@ -187,11 +187,12 @@ class CompiledStep:
         # dynamic=True: marking only the batch dims makes Dynamo specialize them on conv graphs
         # (their sizes are related to static dims); the step graph's feature sizes are constants
         compiled = torch.compile(gm, backend=counting_inductor, fullgraph=True, dynamic=key is None)
+        # no duck sizing when Dynamo traces: a batch that happens to equal a feature size (12
+        # sequences of 12 tokens) would share its symbol and be fixed by that dim's constant
+        no_duck_sizing = fx_config.patch(use_duck_shape=False)
 
         def fn(*args):
-            # no duck sizing when Dynamo traces: a batch that happens to equal a feature size
-            # (12 sequences of 12 tokens) would share its symbol and be fixed by that dim's constant
-            with fx_config.patch(use_duck_shape=False):
+            with no_duck_sizing:
                 return compiled(*args)
 
         self._compiled[key] = fn
