@@ -103,3 +103,28 @@ def test_a_trace_that_fixes_the_batch_falls_back_to_buckets(monkeypatch):
     with pytest.warns(UserWarning, match="buckets"):
         compiled = _assert_steps_agree("mlp", [17])
     assert compiled._compiled[compiled._last_key].batch_mode == "buckets"
+
+
+def test_conv_step_traces_with_a_symbolic_batch_through_the_weight_grad_op():
+    """The traced conv step (no compilation) keeps the batch a symbol, takes per-example conv
+    gradients from fxclip::conv_weight_grad (examples as groups, read at run time) rather than
+    unfolded patches, and computes the eager step for another batch size."""
+    torch.manual_seed(0)
+    private = fxclip.transform(ZOO["mnist_cnn"].factory(), LOSS, 1.0, strategy="materialize")
+    gen = torch.Generator().manual_seed(3)
+    inputs, targets = ZOO["mnist_cnn"].make_batch(6, gen)
+    private.step(inputs, targets)
+    ctx, program = private.program.ctx, private.program
+    args = private._flat_args(ctx, inputs, targets)
+    step = CompiledStep(program, args, [k for k, _ in ctx.placeholders], ctx.batch_dims, 1.0, strategy="materialize")
+    graph = step._trace(None, torch.full((6,), 1.0), args)  # raises if the batch got fixed
+    ops = [n.target for n in graph.graph.nodes if n.op == "call_function"]
+    assert ops.count(torch.ops.fxclip.conv_weight_grad.default) == 2  # conv1 and conv2, per example
+    assert torch.ops.aten.unfold.default not in ops  # no patches
+    inputs, targets = ZOO["mnist_cnn"].make_batch(9, gen)
+    args = private._flat_args(ctx, inputs, targets)
+    want = program(args, 1.0, "materialize")
+    got = graph(torch.full((9,), 1.0), *args)
+    torch.testing.assert_close(got[1], want[1], rtol=1e-4, atol=1e-6)
+    for key, g in zip(step.param_keys, got[3:]):
+        torch.testing.assert_close(g, want[3][key], rtol=1e-4, atol=1e-6)
