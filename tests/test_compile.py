@@ -117,7 +117,7 @@ def test_conv_step_traces_with_a_symbolic_batch_through_the_weight_grad_op():
     ctx, program = private.program.ctx, private.program
     args = private._flat_args(ctx, inputs, targets)
     step = CompiledStep(program, args, [k for k, _ in ctx.placeholders], ctx.batch_dims, 1.0, strategy="materialize")
-    graph = step._trace(None, torch.full((6,), 1.0), args)  # raises if the batch got fixed
+    graph, _ = step._trace(None, torch.full((6,), 1.0), args)  # raises if the batch got fixed
     ops = [n.target for n in graph.graph.nodes if n.op == "call_function"]
     assert ops.count(torch.ops.fxclip.conv_weight_grad.default) == 2  # conv1 and conv2, per example
     assert torch.ops.aten.unfold.default not in ops  # no patches

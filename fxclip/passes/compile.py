@@ -1,11 +1,13 @@
-"""Stage 6 (optional), compile: the whole private step as one fx graph, compiled by torch.compile.
+"""Stage 6 (optional), compile: the whole private step as one fx graph, compiled by inductor.
 
 `StepProgram.__call__` (pass 5) is Python around a forward graph: one `torch.autograd.grad`, the
 rules' forms, norms, clip factors and book-keeping contractions. `make_fx` traces all of it —
 through autograd into explicit backward aten ops — into ONE fx graph, the *step graph*
 (`CompiledStep.step_graph`, also what a user inspects), whose batch size is a symbol. That graph
-goes to `torch.compile(fullgraph=True)`, so inductor fuses the forward, backward, norm terms and
-contractions (C++ on a CPU, Triton on a GPU).
+goes to inductor (`compile_fx`, torch.compile's backend, called directly: the graph is already
+aten ops, so Dynamo would only add guard checks to every call), which fuses the forward, backward,
+norm terms and contractions (C++ on a CPU, Triton on a GPU). Each compiled graph is kept under its
+inputs' dtypes, devices and ranks; the generated code asserts their sizes and strides.
 
 Not in `PASSES`: it needs real parameters and a batch, and runs on the first compiled step.
 
@@ -25,6 +27,7 @@ time. tests/test_compile.py counts one compilation per zoo model for two batch s
 
 from __future__ import annotations
 
+import copy
 import math
 import warnings
 from typing import Callable, Sequence
@@ -33,7 +36,6 @@ import torch
 import torch.utils._pytree as pytree
 from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.fx import GraphModule
-from torch.fx.experimental import _config as fx_config
 from torch.fx.experimental.proxy_tensor import make_fx
 from torch.fx.experimental.symbolic_shapes import DimDynamic, ShapeEnv, StatelessSymbolicContext
 
@@ -114,7 +116,7 @@ class CompiledStep:
         _, _, _, grads = program(list(flat_args), self.max_grad_norm, strategy)
         self.param_keys = list(grads)
         self._graphs: dict[int | None, GraphModule] = {}
-        self._compiled: dict[int | None, Callable] = {}
+        self._compiled: dict[tuple, Callable] = {}  # by (bucket or None, input signature)
 
     # ---- public -----------------------------------------------------------------------------
 
@@ -132,7 +134,7 @@ class CompiledStep:
         args = self._padded(list(flat_args), batch, padded)
         bounds = torch.full((padded,), self.max_grad_norm, dtype=_norm_dtype(flat_args), device=_device(flat_args))
         bounds[batch:] = 0.0  # padding rows: clip factor 0, so they add nothing
-        key = None if self.batch_mode == "dynamic" else padded
+        key = (None if self.batch_mode == "dynamic" else padded, _signature(args))
         fn = self._compiled.get(key)
         if fn is None:
             try:
@@ -152,15 +154,15 @@ class CompiledStep:
         losses, norms, clip, grads = self.program(list(flat_args), bounds, self.strategy)
         return (losses, norms, clip, *(grads[k] for k in self.param_keys))
 
-    def _trace(self, key, bounds: torch.Tensor, args: list) -> GraphModule:
+    def _trace(self, bucket: int | None, bounds: torch.Tensor, args: list) -> tuple[GraphModule, list]:
         """make_fx of the whole step on fake tensors whose batch dims are one symbol (or, for a
-        bucket, the bucket size)."""
+        bucket, the bucket size); returns the graph and the fake inputs it was traced on."""
         shape_env = ShapeEnv(duck_shape=False)
         mode = FakeTensorMode(shape_env=shape_env)
 
         def fake(t: torch.Tensor, batch_dim: int | None):
             sizes = [DimDynamic.STATIC] * t.dim()
-            if batch_dim is not None and key is None:
+            if batch_dim is not None and bucket is None:
                 sizes[batch_dim] = DimDynamic.DYNAMIC
             leaf = t.detach().requires_grad_(t.requires_grad)
             return mode.from_tensor(leaf, symbolic_context=StatelessSymbolicContext(dynamic_sizes=sizes))
@@ -170,31 +172,22 @@ class CompiledStep:
         ]
         with mode:
             gm = make_fx(self._traced, tracing_mode="fake", decomposition_table=_SYMBOLIC_DECOMPOSITIONS)(*fakes)
-        if key is None:
+        if bucket is None:
             _check_batch_symbolic(shape_env, fakes[0].shape[0])
-        return gm
+        return gm, fakes
 
     def _compile(self, key, bounds: torch.Tensor, args: list) -> Callable:
-        gm = self._trace(key, bounds, args)
-        self._graphs.setdefault(None, gm)
+        """Inductor on the traced step graph directly (no Dynamo: the graph is already aten ops,
+        and Dynamo's guards cost a few hundred microseconds per call). What Dynamo's guards would
+        check is in `key` (dtypes, devices, ranks, contiguity); sizes and strides are asserted by
+        the generated code itself."""
+        from torch._inductor.compile_fx import compile_fx
 
-        def counting_inductor(graph, example_inputs):
-            from torch._inductor.compile_fx import compile_fx
-
-            self.compiles += 1
-            return compile_fx(graph, example_inputs, config_patches=self.options)
-
-        # dynamic=True: marking only the batch dims makes Dynamo specialize them on conv graphs
-        # (their sizes are related to static dims); the step graph's feature sizes are constants
-        compiled = torch.compile(gm, backend=counting_inductor, fullgraph=True, dynamic=key is None)
-        # no duck sizing when Dynamo traces: a batch that happens to equal a feature size (12
-        # sequences of 12 tokens) would share its symbol and be fixed by that dim's constant
-        no_duck_sizing = fx_config.patch(use_duck_shape=False)
-
-        def fn(*args):
-            with no_duck_sizing:
-                return compiled(*args)
-
+        gm, fakes = self._trace(key[0], bounds, args)
+        self._graphs.setdefault(None, copy.deepcopy(gm))  # compile_fx may rewrite its input
+        self.compiles += 1
+        with torch.no_grad():
+            fn = compile_fx(gm, fakes, config_patches=self.options)
         self._compiled[key] = fn
         return fn
 
@@ -214,6 +207,11 @@ class CompiledStep:
             filler = x.narrow(d, 0, 1).expand(*x.shape[:d], padded - batch, *x.shape[d + 1 :])
             out[j] = torch.cat([x, filler], d)
         return out
+
+
+def _signature(args: Sequence) -> tuple:
+    """What a compiled step graph assumes of its inputs besides their sizes and strides."""
+    return tuple((a.dtype, a.device, a.dim(), a.requires_grad) if isinstance(a, torch.Tensor) else a for a in args)
 
 
 def _user_dims(flat_args, user: list[int], batch_dims: Sequence[int]) -> list[int]:
