@@ -183,15 +183,6 @@ def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int
     return correct / len(y)
 
 
-def accumulate_clipped_grads(
-    transform, x: torch.Tensor, y: torch.Tensor, physical_batch_size: int
-) -> torch.Tensor:
-    """Add the sum of clipped per-example gradients of (x, y) into p.grad, `physical_batch_size`
-    examples at a time (gradient accumulation); returns the per-example losses."""
-    losses = [transform.step(xb, yb).losses for xb, yb in zip(x.split(physical_batch_size), y.split(physical_batch_size))]
-    return torch.cat(losses) if losses else x.new_zeros(0)
-
-
 def _train_epochs(
     model: nn.Module,
     data: Dataset,
@@ -238,7 +229,10 @@ def _train_epochs(
 
 def make_transform(model: nn.Module, config: TrainConfig):
     """fxclip's private step for `model` with per-example cross-entropy and config's clip bound."""
-    return fxclip.transform(model, per_example_cross_entropy, max_grad_norm=config.max_grad_norm, compile=config.compile)
+    return fxclip.transform(
+        model, per_example_cross_entropy, max_grad_norm=config.max_grad_norm, compile=config.compile,
+        max_physical_batch_size=config.physical_batch_size,
+    )
 
 
 def prepare_private_training(
@@ -282,7 +276,7 @@ def train_private(
     def private_step(indices: torch.Tensor) -> torch.Tensor:
         indices = indices.to(data.x_train.device)
         optimizer.zero_grad()
-        losses = accumulate_clipped_grads(transform, data.x_train[indices], data.y_train[indices], config.physical_batch_size)
+        losses = transform.step(data.x_train[indices], data.y_train[indices]).losses
         optimizer.step()
         return losses
 

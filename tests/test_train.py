@@ -18,7 +18,6 @@ from fxclip.sampling import PoissonBatchSampler
 from fxclip.train import (
     PrivacyPlan,
     TrainConfig,
-    accumulate_clipped_grads,
     build_model,
     naive_clipped_grad_sum,
     per_example_cross_entropy,
@@ -39,11 +38,11 @@ def test_gradient_accumulation_equals_one_big_batch(digits):
     torch.manual_seed(0)
     model = build_model("small_cnn", digits)
     x, y = digits.x_train[:50], digits.y_train[:50]
-    t = fxclip.transform(model, per_example_cross_entropy, max_grad_norm=0.5)
-    accumulate_clipped_grads(t, x, y, physical_batch_size=50)
+    fxclip.transform(model, per_example_cross_entropy, max_grad_norm=0.5).step(x, y)
     whole = _grads(model)
     model.zero_grad(set_to_none=True)
-    losses = accumulate_clipped_grads(t, x, y, physical_batch_size=7)  # 7 physical batches, last of 1
+    t = fxclip.transform(model, per_example_cross_entropy, max_grad_norm=0.5, max_physical_batch_size=7)
+    losses = t.step(x, y).losses  # 8 physical batches, the last of 1
     assert losses.shape == (50,)
     for a, b in zip(whole, _grads(model)):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
@@ -69,14 +68,14 @@ def test_no_noise_and_huge_clip_bound_equals_nonprivate_training_step_for_step(d
     config = TrainConfig(optimizer=optimizer, lr=0.05, max_grad_norm=1e6)
     n = 200
     x, y = digits.x_train[:n].double(), digits.y_train[:n]
-    t = fxclip.transform(private_model, per_example_cross_entropy, max_grad_norm=config.max_grad_norm)
+    t = fxclip.transform(private_model, per_example_cross_entropy, max_grad_norm=config.max_grad_norm, max_physical_batch_size=64)
     private_opt = PrivateOptimizer(
         config.make_optimizer(private_model), noise_multiplier=0.0, max_grad_norm=1e6, expected_batch_size=n
     )
     plain_opt = config.make_optimizer(plain_model)
     for indices in PoissonBatchSampler(n, 1.0, 5):  # q = 1: every batch is all n examples
         private_opt.zero_grad()
-        accumulate_clipped_grads(t, x[indices], y[indices], physical_batch_size=64)
+        t.step(x[indices], y[indices])
         private_opt.step()
         plain_opt.zero_grad()
         per_example_cross_entropy(plain_model(x[indices]), y[indices]).mean().backward()
@@ -189,15 +188,12 @@ def test_default_main_job_reaches_good_accuracy(tmp_path):
 @pytest.mark.slow
 @pytest.mark.compile
 def test_compiled_step_does_not_recompile_for_poisson_batch_sizes(digits):
-    from torch._dynamo.utils import counters
-
     torch.manual_seed(0)
     model = build_model("mlp", digits)
     t = fxclip.transform(model, per_example_cross_entropy, max_grad_norm=1.0, compile=True)
-    counters.clear()
     sizes = set()
     for indices in PoissonBatchSampler(len(digits.x_train), 0.01, 12, generator=torch.Generator().manual_seed(0)):
-        accumulate_clipped_grads(t, digits.x_train[indices], digits.y_train[indices], physical_batch_size=512)
+        t.step(digits.x_train[indices], digits.y_train[indices])
         sizes.add(len(indices))
     assert len(sizes) >= 5  # the batch size really varied
-    assert counters["stats"]["unique_graphs"] == 1
+    assert t._compiled[t._last_key].compiles == 1
