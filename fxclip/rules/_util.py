@@ -15,8 +15,14 @@ def positions(x: torch.Tensor) -> torch.Tensor:
 
 
 def bias_form(g: torch.Tensor, shape: torch.Size) -> LinearForm:
-    """A bias added at every position: G_i = Σ_t g_it, i.e. L = g and R = a column of ones."""
-    return LinearForm(Dense(g), Dense(g.new_ones(*g.shape[:-1], 1)), shape)
+    """A bias added at every position: G_i = Σ_t g_it, i.e. L = g and R = a column of ones.
+    Materialized as that sum over positions (not a product with the ones)."""
+    return LinearForm(
+        Dense(g),
+        Dense(g.new_ones(*g.shape[:-1], 1)),
+        shape,
+        materializer=lambda: g.sum(2, dtype=accumulation_dtype(g.dtype)).unsqueeze(-1),
+    )
 
 
 def per_example_sum_to(h: torch.Tensor, axis: BatchAxis, batch_size: int, shape) -> torch.Tensor:
