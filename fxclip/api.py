@@ -229,14 +229,12 @@ class PrivateStep:
         """(inputs, targets) of each physical batch: slices of at most max_physical_batch_size
         examples along each input's batch dim and the targets' dim 0."""
         size = self.max_physical_batch_size or batch
+        if size >= batch:
+            yield inputs, targets
+            return
         dims = self._batch_dims(inputs)
         for start in range(0, batch, size):
-            n = min(size, batch - start)
-            if n == batch:
-                yield inputs, targets
-            else:
-                chunk_targets = pytree.tree_map(lambda t: t.narrow(0, start, n) if isinstance(t, torch.Tensor) else t, targets)
-                yield tuple(x.narrow(d, start, n) for x, d in zip(inputs, dims)), chunk_targets
+            yield _examples(inputs, targets, dims, start, min(size, batch - start))
 
     def _flat_args(self, ctx: Context, inputs, targets, params: dict | None = None) -> list:
         params = dict(self.model.named_parameters()) if params is None else params
@@ -277,8 +275,7 @@ class PrivateStep:
             )
         dims = self._batch_dims(inputs)
         k = min(examples, pytree.tree_leaves(targets)[0].shape[0])
-        sub_inputs = tuple(x.narrow(d, 0, k) for x, d in zip(inputs, dims))
-        sub_targets = pytree.tree_map(lambda t: t[:k], targets)
+        sub_inputs, sub_targets = _examples(inputs, targets, dims, 0, k)
         _, norms, _, grads = program(self._flat_args(ctx, sub_inputs, sub_targets), self.max_grad_norm, self.strategy)
         ref, _ = any_per_example_grads(self.model, self.loss_fn, sub_inputs, sub_targets, dims)
         ref_norms, ref_clipped = clipped_sum(ref, self.max_grad_norm, EPS)
@@ -293,6 +290,12 @@ class PrivateStep:
                 bad.append(key)
         if bad:
             raise VerificationError(f"clipped gradients differ from the reference for parameters {bad}")
+
+
+def _examples(inputs: tuple, targets, dims, start: int, n: int) -> tuple:
+    """Examples start..start+n-1: each input narrowed along its batch dim, the targets along dim 0."""
+    sub_targets = pytree.tree_map(lambda t: t.narrow(0, start, n) if isinstance(t, torch.Tensor) else t, targets)
+    return tuple(x.narrow(d, start, n) for x, d in zip(inputs, dims)), sub_targets
 
 
 def _combine(runs: list) -> tuple:
