@@ -179,8 +179,8 @@ class CompiledStep:
     def _compile(self, key, bounds: torch.Tensor, args: list) -> Callable:
         """Inductor on the traced step graph directly (no Dynamo: the graph is already aten ops,
         and Dynamo's guards cost a few hundred microseconds per call). What Dynamo's guards would
-        check is in `key` (dtypes, devices, ranks, contiguity); sizes and strides are asserted by
-        the generated code itself."""
+        check is in `key` (dtypes, devices, ranks, requires_grad); sizes and strides are asserted
+        by the generated code itself."""
         from torch._inductor.compile_fx import compile_fx
 
         gm, fakes = self._trace(key[0], bounds, args)
