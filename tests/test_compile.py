@@ -128,3 +128,42 @@ def test_conv_step_traces_with_a_symbolic_batch_through_the_weight_grad_op():
     torch.testing.assert_close(got[1], want[1], rtol=1e-4, atol=1e-6)
     for key, g in zip(step.param_keys, got[3:]):
         torch.testing.assert_close(g, want[3][key], rtol=1e-4, atol=1e-6)
+
+
+def test_traced_lstm_step_computes_each_gram_product_once():
+    """W_ih and W_hh of an LSTM are projected per step, so both linear ops of a step get the
+    gradient at their sum; after CSE the traced step forms the gate-gradient Gram matrix once
+    (not once per weight) and still equals the eager step at another batch size."""
+    torch.manual_seed(0)
+    model = torch.nn.LSTM(3, 4)
+    head = torch.nn.Linear(4, 2)
+
+    class Net(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lstm, self.head = model, head
+
+        def forward(self, x):
+            return self.head(self.lstm(x)[0][-1])
+
+    private = fxclip.transform(Net(), LOSS, 1.0, batch_dims=(1,), strategy="ghost")
+    gen = torch.Generator().manual_seed(4)
+    x, y = torch.randn(5, 6, 3, generator=gen), torch.randint(0, 2, (6,), generator=gen)
+    private.step(x, y)
+    ctx, program = private.program.ctx, private.program
+    args = private._flat_args(ctx, (x,), y)
+    step = CompiledStep(program, args, [k for k, _ in ctx.placeholders], ctx.batch_dims, 1.0, strategy="ghost")
+    graph, _ = step._trace(None, torch.full((6,), 1.0), args)
+    grams = [
+        n for n in graph.graph.nodes
+        if n.target is torch.ops.aten.bmm.default and tuple(n.meta["val"].shape[1:]) == (5, 5)
+        and n.args[0].meta["val"].shape[-1] == 16  # the 4 gates' gradients, [B, T, 4·H]
+    ]
+    assert len(grams) == 1
+    x, y = torch.randn(5, 9, 3, generator=gen), torch.randint(0, 2, (9,), generator=gen)
+    args = private._flat_args(ctx, (x,), y)
+    want = program(args, 1.0, "ghost")
+    got = graph(torch.full((9,), 1.0), *args)
+    torch.testing.assert_close(got[1], want[1], rtol=1e-4, atol=1e-6)
+    for key, g in zip(step.param_keys, got[3:]):
+        torch.testing.assert_close(g, want[3][key], rtol=1e-4, atol=1e-6)

@@ -3,8 +3,9 @@
 `StepProgram.__call__` (pass 5) is Python around a forward graph: one `torch.autograd.grad`, the
 rules' forms, norms, clip factors and book-keeping contractions. `make_fx` traces all of it —
 through autograd into explicit backward aten ops — into ONE fx graph, the *step graph*
-(`CompiledStep.step_graph`, also what a user inspects), whose batch size is a symbol. That graph
-goes to inductor (`compile_fx`, torch.compile's backend, called directly: the graph is already
+(`CompiledStep.step_graph`, also what a user inspects), whose batch size is a symbol. Repeated
+computations are merged (`fx_graph_cse`: uses whose op outputs are summed get one gradient, so
+their factor concatenations and Gram products are the same ops). That graph goes to inductor (`compile_fx`, torch.compile's backend, called directly: the graph is already
 aten ops, so Dynamo would only add guard checks to every call), which fuses the forward, backward,
 norm terms and contractions (C++ on a CPU, Triton on a GPU). Each compiled graph is kept under its
 inputs' dtypes, devices and ranks; the generated code asserts their sizes and strides.
@@ -34,6 +35,7 @@ from typing import Callable, Sequence
 
 import torch
 import torch.utils._pytree as pytree
+from torch._functorch.compile_utils import fx_graph_cse
 from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.fx import GraphModule
 from torch.fx.experimental.proxy_tensor import make_fx
@@ -174,6 +176,10 @@ class CompiledStep:
             gm = make_fx(self._traced, tracing_mode="fake", decomposition_table=_SYMBOLIC_DECOMPOSITIONS)(*fakes)
         if bucket is None:
             _check_batch_symbolic(shape_env, fakes[0].shape[0])
+        # One computation of each repeated product: uses whose op outputs are summed get the same
+        # gradient, so their factors, concatenations and Gram matrices are the same ops.
+        gm.graph = fx_graph_cse(gm.graph)
+        gm.recompile()
         return gm, fakes
 
     def _compile(self, key, bounds: torch.Tensor, args: list) -> Callable:

@@ -5,12 +5,13 @@ nn.RNN) as one node with every weight inside a list operand, and the cells (nn.L
 one node per call. A rule at that level would only see the gradient at the layer's outputs, not at
 each step's gates. This pass writes each op out the way ATen's CPU kernel computes it:
 
-  the input projection hoisted over all steps   linear(x[T, B, I], W_ih, b_ih) -> [T, B, G·H]
-  the recurrent projection at every step         linear(h_{t-1}[B, H], W_hh, b_hh)
-  the gate nonlinearities, elementwise           (and LSTM's projection linear(h, W_hr))
+  the input projection (GRU: hoisted over all steps)  linear(x[T, B, I], W_ih, b_ih) -> [T, B, G·H]
+                     (LSTM, RNN: at every step)      linear(x_t[B, I], W_ih, b_ih)
+  the recurrent projection at every step              linear(h_{t-1}[B, H], W_hh, b_hh)
+  the gate nonlinearities, elementwise                (and LSTM's projection linear(h, W_hr))
 
-so the linear rule gives each use's form, and W_hh, b_hh (and W_hr) become parameters used T times
-whole: the emit pass takes the exact norm of their sum over steps (the shared-parameter case),
+so the linear rule gives each use's form, and W_hh, b_hh (and W_hr; W_ih, b_ih when projected per
+step) become parameters used T times whole: the emit pass takes the exact norm of their sum over steps (the shared-parameter case),
 never a sum of per-step norms. No rule and no norm code knows about recurrent layers.
 """
 
@@ -92,6 +93,11 @@ def _simple_step(nonlinearity) -> Callable:
     return step
 
 
+# Cells that add the two projections whole: projecting the input per step (not hoisted) gives both
+# linear ops of a step the same output gradient, the one at their sum, so W_ih's and W_hh's
+# uses share their left factors, and the compiled step computes each Gram product once.
+PROJECTION_SUMMED = {"lstm", "rnn_tanh", "rnn_relu"}
+
 STEPS = {"lstm": _lstm_step, "gru": _gru_step, "rnn_tanh": _simple_step(aten.tanh.default), "rnn_relu": _simple_step(aten.relu.default)}
 
 LAYERS = {aten.lstm.input: "lstm", aten.gru.input: "gru", aten.rnn_tanh.input: "rnn_tanh", aten.rnn_relu.input: "rnn_relu"}
@@ -107,17 +113,21 @@ CELLS = {
 def _one_direction(w: _Writer, kind: str, x: Node, state: tuple, weights: Sequence, reverse: bool):
     """One layer in one direction over time-major x [T, B, I]: (outputs [T, B, H_out], final state)."""
     w_ih, w_hh, b_ih, b_hh, w_hr = weights
-    projected = w(aten.linear.default, x, w_ih, b_ih)  # hoisted: [T, B, G·H]
     steps = x.meta["val"].shape[0]
     if not isinstance(steps, int):
         raise FxclipError(
             f"{where(w.anchor)}: the sequence length is symbolic; fxclip unrolls recurrent layers and "
             "needs a fixed length per capture (pad the sequences to one length)"
         )
-    per_step = w(aten.unbind.int, projected, 0)
+    if kind in PROJECTION_SUMMED:
+        x_steps = w(aten.unbind.int, x, 0)
+        projected = [w(aten.linear.default, w(operator.getitem, x_steps, t), w_ih, b_ih) for t in range(steps)]
+    else:
+        per_step = w(aten.unbind.int, w(aten.linear.default, x, w_ih, b_ih), 0)  # hoisted: [T, B, G·H]
+        projected = [w(operator.getitem, per_step, t) for t in range(steps)]
     outputs: list = [None] * steps
     for t in reversed(range(steps)) if reverse else range(steps):
-        state = STEPS[kind](w, w(operator.getitem, per_step, t), state, w_hh, b_hh, w_hr)
+        state = STEPS[kind](w, projected[t], state, w_hh, b_hh, w_hr)
         outputs[t] = state[0]
     return w(aten.stack.default, outputs, 0), state
 
