@@ -105,29 +105,49 @@ def test_a_trace_that_fixes_the_batch_falls_back_to_buckets(monkeypatch):
     assert compiled._compiled[compiled._last_key].batch_mode == "buckets"
 
 
+def _traced_step(model, inputs, targets, **options):
+    """(eager program, CompiledStep, the traced step graph with a symbolic batch): no compilation."""
+    private = fxclip.transform(model, LOSS, 1.0, **options)
+    private.step(inputs, targets)
+    ctx, program = private.program.ctx, private.program
+    args = private._flat_args(ctx, inputs, targets)
+    step = CompiledStep(program, args, [k for k, _ in ctx.placeholders], ctx.batch_dims, 1.0, strategy=private.strategy)
+    graph, _ = step._trace(None, torch.full((targets.shape[0],), 1.0), args)  # raises if the batch got fixed
+    return private, step, graph
+
+
+def _assert_graph_computes_step(private, step, graph, inputs, targets):
+    args = private._flat_args(private.program.ctx, inputs, targets)
+    want = private.program(args, 1.0, private.strategy)
+    got = graph(torch.full((targets.shape[0],), 1.0), *args)
+    torch.testing.assert_close(got[1], want[1], rtol=1e-4, atol=1e-6)
+    for key, g in zip(step.param_keys, got[3:]):
+        torch.testing.assert_close(g, want[3][key], rtol=1e-4, atol=1e-6)
+
+
+def _calls(graph, op) -> list:
+    return [n for n in graph.graph.nodes if n.target is op]
+
+
 def test_conv_step_traces_with_a_symbolic_batch_through_the_weight_grad_op():
     """The traced conv step (no compilation) keeps the batch a symbol, takes per-example conv
     gradients from fxclip::conv_weight_grad (examples as groups, read at run time) rather than
     unfolded patches, and computes the eager step for another batch size."""
     torch.manual_seed(0)
-    private = fxclip.transform(ZOO["mnist_cnn"].factory(), LOSS, 1.0, strategy="materialize")
     gen = torch.Generator().manual_seed(3)
-    inputs, targets = ZOO["mnist_cnn"].make_batch(6, gen)
-    private.step(inputs, targets)
-    ctx, program = private.program.ctx, private.program
-    args = private._flat_args(ctx, inputs, targets)
-    step = CompiledStep(program, args, [k for k, _ in ctx.placeholders], ctx.batch_dims, 1.0, strategy="materialize")
-    graph, _ = step._trace(None, torch.full((6,), 1.0), args)  # raises if the batch got fixed
-    ops = [n.target for n in graph.graph.nodes if n.op == "call_function"]
-    assert ops.count(torch.ops.fxclip.conv_weight_grad.default) == 2  # conv1 and conv2, per example
-    assert torch.ops.aten.unfold.default not in ops  # no patches
-    inputs, targets = ZOO["mnist_cnn"].make_batch(9, gen)
-    args = private._flat_args(ctx, inputs, targets)
-    want = program(args, 1.0, "materialize")
-    got = graph(torch.full((9,), 1.0), *args)
-    torch.testing.assert_close(got[1], want[1], rtol=1e-4, atol=1e-6)
-    for key, g in zip(step.param_keys, got[3:]):
-        torch.testing.assert_close(g, want[3][key], rtol=1e-4, atol=1e-6)
+    private, step, graph = _traced_step(ZOO["mnist_cnn"].factory(), *ZOO["mnist_cnn"].make_batch(6, gen), strategy="materialize")
+    assert len(_calls(graph, torch.ops.fxclip.conv_weight_grad.default)) == 2  # conv1 and conv2, per example
+    assert not _calls(graph, torch.ops.aten.unfold.default)  # no patches
+    _assert_graph_computes_step(private, step, graph, *ZOO["mnist_cnn"].make_batch(9, gen))
+
+
+class _LSTMNet(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lstm, self.head = torch.nn.LSTM(3, 4), torch.nn.Linear(4, 2)
+
+    def forward(self, x):
+        return self.head(self.lstm(x)[0][-1])
 
 
 def test_traced_lstm_step_computes_each_gram_product_once():
@@ -135,35 +155,34 @@ def test_traced_lstm_step_computes_each_gram_product_once():
     gradient at their sum; after CSE the traced step forms the gate-gradient Gram matrix once
     (not once per weight) and still equals the eager step at another batch size."""
     torch.manual_seed(0)
-    model = torch.nn.LSTM(3, 4)
-    head = torch.nn.Linear(4, 2)
-
-    class Net(torch.nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.lstm, self.head = model, head
-
-        def forward(self, x):
-            return self.head(self.lstm(x)[0][-1])
-
-    private = fxclip.transform(Net(), LOSS, 1.0, batch_dims=(1,), strategy="ghost")
     gen = torch.Generator().manual_seed(4)
-    x, y = torch.randn(5, 6, 3, generator=gen), torch.randint(0, 2, (6,), generator=gen)
-    private.step(x, y)
-    ctx, program = private.program.ctx, private.program
-    args = private._flat_args(ctx, (x,), y)
-    step = CompiledStep(program, args, [k for k, _ in ctx.placeholders], ctx.batch_dims, 1.0, strategy="ghost")
-    graph, _ = step._trace(None, torch.full((6,), 1.0), args)
+    batch = lambda b: ((torch.randn(5, b, 3, generator=gen),), torch.randint(0, 2, (b,), generator=gen))
+    private, step, graph = _traced_step(_LSTMNet(), *batch(6), batch_dims=(1,), strategy="ghost")
     grams = [
-        n for n in graph.graph.nodes
-        if n.target is torch.ops.aten.bmm.default and tuple(n.meta["val"].shape[1:]) == (5, 5)
-        and n.args[0].meta["val"].shape[-1] == 16  # the 4 gates' gradients, [B, T, 4·H]
+        n for n in _calls(graph, torch.ops.aten.bmm.default)
+        if tuple(n.meta["val"].shape[1:]) == (5, 5) and n.args[0].meta["val"].shape[-1] == 16  # the 4 gates, [B, T, 4·H]
     ]
     assert len(grams) == 1
-    x, y = torch.randn(5, 9, 3, generator=gen), torch.randint(0, 2, (9,), generator=gen)
-    args = private._flat_args(ctx, (x,), y)
-    want = program(args, 1.0, "ghost")
-    got = graph(torch.full((9,), 1.0), *args)
-    torch.testing.assert_close(got[1], want[1], rtol=1e-4, atol=1e-6)
-    for key, g in zip(step.param_keys, got[3:]):
-        torch.testing.assert_close(g, want[3][key], rtol=1e-4, atol=1e-6)
+    _assert_graph_computes_step(private, step, graph, *batch(9))
+
+
+@pytest.mark.parametrize(
+    "model, op",
+    [
+        (lambda: torch.nn.Sequential(torch.nn.Conv2d(2, 4, 3), torch.nn.GroupNorm(2, 4), torch.nn.Flatten(), torch.nn.Linear(16, 3)),
+         torch.ops.aten.native_group_norm.default),
+        (lambda: torch.nn.Sequential(torch.nn.Linear(6, 5), torch.nn.LayerNorm(5), torch.nn.Linear(5, 3)),
+         torch.ops.aten.native_layer_norm.default),
+    ],
+    ids=["group_norm", "layer_norm"],
+)
+def test_traced_norm_rules_reuse_the_forward_normalization(model, op):
+    """The norm rules read x̂'s statistics from the native kernel called with the forward's own
+    arguments, so after CSE the traced step normalizes once per layer, not twice."""
+    torch.manual_seed(0)
+    gen = torch.Generator().manual_seed(5)
+    shape = (2, 4, 4) if op is torch.ops.aten.native_group_norm.default else (6,)
+    batch = lambda b: ((torch.randn(b, *shape, generator=gen),), torch.randint(0, 3, (b,), generator=gen))
+    private, step, graph = _traced_step(model(), *batch(6))
+    assert len(_calls(graph, op)) == 1
+    _assert_graph_computes_step(private, step, graph, *batch(9))

@@ -2,14 +2,19 @@
 
 All share one identity: z = x̂ ⊙ w + b with x̂ the normalized input, so per example
 G_w = Σ_positions g ⊙ x̂ and G_b = Σ_positions g, materialized (|w| numbers per example).
-Cost: T·|w| per example for each. x̂ is recomputed from the op's input (no extra memory kept)."""
+Cost: T·|w| per example for each. x̂ is recomputed from the op's input (no extra memory kept).
+Layer and group norm take the statistics from the native kernel called with the forward's own
+arguments: in a compiled step that call is the forward's (merged by CSE), so x̂ costs one
+elementwise pass fused into the sum, not a second normalization."""
 
 from __future__ import annotations
+
+import math
 
 import torch
 import torch.nn.functional as F
 
-from ..forms import PerExampleGrad
+from ..forms import PerExampleGrad, accumulation_dtype
 from ._util import per_example_sum_to
 from .registry import OpCall, register_rule
 
@@ -32,12 +37,17 @@ def _channel_shape(call: OpCall) -> tuple:
     return (x.shape[1],) + (1,) * (x.dim() - 2)
 
 
+def _normalized(x: torch.Tensor, mean: torch.Tensor, rstd: torch.Tensor) -> torch.Tensor:
+    """x̂ = (x − mean)·rstd in at least float32, statistics broadcast against x."""
+    return (x.to(accumulation_dtype(x.dtype)) - mean) * rstd
+
+
 @register_rule(aten.layer_norm.default, params=("weight", "bias"))
 def layer_norm(call: OpCall):
     """F.layer_norm: x̂ normalized over the trailing `normalized_shape` dims."""
-    shape = call["normalized_shape"]
-    xhat = F.layer_norm(call["input"], shape, eps=call["eps"])
-    return _affine_forms(call, xhat, tuple(shape))
+    x, shape = call["input"], call["normalized_shape"]
+    _, mean, rstd = aten.native_layer_norm(x, shape, call["weight"], call["bias"], call["eps"])
+    return _affine_forms(call, _normalized(x, mean, rstd), tuple(shape))
 
 
 @register_rule(aten.rms_norm.default, params=("weight",))
@@ -51,7 +61,11 @@ def rms_norm(call: OpCall):
 @register_rule(aten.group_norm.default, params=("weight", "bias"))
 def group_norm(call: OpCall):
     """F.group_norm: x̂ normalized per example over each group of channels; per-channel w, b."""
-    xhat = F.group_norm(call["input"], call["num_groups"], eps=call["eps"])
+    x, groups = call["input"], call["num_groups"]
+    n, c = x.shape[:2]
+    _, mean, rstd = aten.native_group_norm(x, call["weight"], call["bias"], n, c, math.prod(x.shape[2:]), groups, call["eps"])
+    grouped = x.reshape(n, groups, -1)
+    xhat = _normalized(grouped, mean.unsqueeze(-1), rstd.unsqueeze(-1)).reshape(x.shape)
     return _affine_forms(call, xhat, _channel_shape(call))
 
 
