@@ -5,9 +5,10 @@ rules' forms, norms, clip factors and book-keeping contractions. `make_fx` trace
 through autograd into explicit backward aten ops — into ONE fx graph, the *step graph*
 (`CompiledStep.step_graph`, also what a user inspects), whose batch size is a symbol. Repeated
 computations are merged (`fx_graph_cse`: uses whose op outputs are summed get one gradient, so
-their factor concatenations and Gram products are the same ops). That graph goes to inductor (`compile_fx`, torch.compile's backend, called directly: the graph is already
-aten ops, so Dynamo would only add guard checks to every call), which fuses the forward, backward,
-norm terms and contractions (C++ on a CPU, Triton on a GPU). Each compiled graph is kept under its
+their factor concatenations and Gram products are the same ops). That graph goes to inductor
+(`compile_fx`, torch.compile's backend, called directly: the graph is already aten ops, so Dynamo
+would only add guard checks to every call), which fuses the forward, backward, norm terms and
+contractions (C++ on a CPU, Triton on a GPU). Each compiled graph is kept under its
 inputs' dtypes, devices and ranks; the generated code asserts their sizes and strides.
 
 Not in `PASSES`: it needs real parameters and a batch, and runs on the first compiled step.

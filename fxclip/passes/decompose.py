@@ -11,8 +11,8 @@ each step's gates. This pass writes each op out the way ATen's CPU kernel comput
   the gate nonlinearities, elementwise                (and LSTM's projection linear(h, W_hr))
 
 so the linear rule gives each use's form, and W_hh, b_hh (and W_hr; W_ih, b_ih when projected per
-step) become parameters used T times whole: the emit pass takes the exact norm of their sum over steps (the shared-parameter case),
-never a sum of per-step norms. No rule and no norm code knows about recurrent layers.
+step) become parameters used T times whole: the emit pass takes the exact norm of their sum over
+steps (the shared-parameter case), never a sum of per-step norms. No rule and no norm code knows about recurrent layers.
 """
 
 from __future__ import annotations
@@ -190,7 +190,7 @@ def _replace(graph: Graph, node: Node, outputs: list[Node], multi_output: bool) 
 def decompose(gm: GraphModule, ctx: Context) -> GraphModule:
     """Guarantees: no fused recurrent op (aten.lstm/gru/rnn_tanh/rnn_relu and their cells) is left;
     each is replaced by linear, elementwise, unbind/stack/cat/select ops computing the same values
-    in the same order as ATen's CPU kernel, every new node with meta["val"] and the fused op's
+    as ATen's CPU kernel (its cell arithmetic, step by step), every new node with meta["val"] and the fused op's
     source metadata."""
     graph = gm.graph
     fake_mode = None
