@@ -128,6 +128,7 @@ class CompiledStep:
         self.param_keys = list(grads)
         self._graphs: dict[int | None, GraphModule] = {}
         self._compiled: dict[tuple, Callable] = {}  # by (bucket or None, input signature)
+        self._bounds_made: dict[tuple, torch.Tensor] = {}  # by (that key, batch size)
 
     # ---- public -----------------------------------------------------------------------------
 
@@ -143,9 +144,8 @@ class CompiledStep:
         batch = self._batch_size(flat_args)
         padded = bucket_size(batch) if self.batch_mode == "buckets" else max(batch, 2)
         args = self._padded(list(flat_args), batch, padded)
-        bounds = torch.full((padded,), self.max_grad_norm, dtype=_norm_dtype(flat_args), device=_device(flat_args))
-        bounds[batch:] = 0.0  # padding rows: clip factor 0, so they add nothing
         key = (None if self.batch_mode == "dynamic" else padded, _signature(args))
+        bounds = self._bounds(key, batch, padded, args)
         fn = self._compiled.get(key)
         if fn is None:
             try:
@@ -156,8 +156,19 @@ class CompiledStep:
                 return self(flat_args)
         with torch.no_grad():
             outs = fn(bounds, *args)
-        losses, norms, clip = (t[:batch] for t in outs[:3])
+        losses, norms, clip = outs[:3] if padded == batch else (t[:batch] for t in outs[:3])
         return losses, norms, clip, dict(zip(self.param_keys, outs[3:]))
+
+    def _bounds(self, key: tuple, batch: int, padded: int, args: list) -> torch.Tensor:
+        """The per-example clipping bounds: C for the batch's rows, 0 for padding rows (clip
+        factor 0, so they add nothing). Made once per compiled graph and batch size (the compiled
+        code only reads it): a small step's time is mostly such per-call overhead."""
+        bounds = self._bounds_made.get((key, batch))
+        if bounds is None:
+            bounds = torch.full((padded,), self.max_grad_norm, dtype=_norm_dtype(args), device=_device(args))
+            bounds[batch:] = 0.0
+            self._bounds_made[(key, batch)] = bounds
+        return bounds
 
     # ---- tracing and compiling ---------------------------------------------------------------
 
