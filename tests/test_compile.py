@@ -130,15 +130,24 @@ def _calls(graph, op) -> list:
 
 
 def test_conv_step_traces_with_a_symbolic_batch_through_the_weight_grad_op():
-    """The traced conv step (no compilation) keeps the batch a symbol, takes per-example conv
-    gradients from fxclip::conv_weight_grad (examples as groups, read at run time) rather than
-    unfolded patches, and computes the eager step for another batch size."""
+    """The traced conv step (no compilation) keeps the batch a symbol and computes the eager
+    step for another batch size. Per-example gradients of the small conv come from its patches
+    (unfold), those of the large one from fxclip::conv_weight_grad (examples as groups, read at
+    run time) — the only call of that op: both clipped sums reuse the per-example gradients."""
+    from fxclip.rules.conv import PATCHES_MAX_ENTRIES
+
     torch.manual_seed(0)
+    model = torch.nn.Sequential(
+        torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.ReLU(), torch.nn.Conv2d(8, 8, 3, padding=1),
+        torch.nn.Flatten(), torch.nn.Linear(8 * 16 * 16, 2),
+    )
+    assert 16 * 16 * 3 * 9 <= PATCHES_MAX_ENTRIES < 16 * 16 * 8 * 9  # one conv on each side
     gen = torch.Generator().manual_seed(3)
-    private, step, graph = _traced_step(ZOO["mnist_cnn"].factory(), *ZOO["mnist_cnn"].make_batch(6, gen), strategy="materialize")
-    assert len(_calls(graph, torch.ops.fxclip.conv_weight_grad.default)) == 2  # conv1 and conv2, per example
-    assert not _calls(graph, torch.ops.aten.unfold.default)  # no patches
-    _assert_graph_computes_step(private, step, graph, *ZOO["mnist_cnn"].make_batch(9, gen))
+    batch = lambda b: ((torch.randn(b, 3, 16, 16, generator=gen),), torch.randint(0, 2, (b,), generator=gen))
+    private, step, graph = _traced_step(model, *batch(6), strategy="materialize")
+    assert len(_calls(graph, torch.ops.fxclip.conv_weight_grad.default)) == 1
+    assert _calls(graph, torch.ops.aten.unfold.default)
+    _assert_graph_computes_step(private, step, graph, *batch(9))
 
 
 class _LSTMNet(torch.nn.Module):

@@ -32,3 +32,17 @@ def test_float32_within_1e4(case):
     inputs = tuple(x.float() if x.is_floating_point() else x for x in case.inputs(6, g))
     targets = targets_for(model, inputs, case.batch_dims, g)
     check_against_reference(t, inputs, targets, rtol=1e-4)
+
+
+@pytest.mark.parametrize("case", [c for c in CASES if c.name.startswith("conv")], ids=lambda c: c.name)
+def test_conv_per_example_kernel_matches_reference(case, monkeypatch):
+    """The table's convs are small, so their per-example gradients come from patches; with the
+    threshold at 0 they come from the conv kernel with examples as groups, which must agree too."""
+    import fxclip.rules.conv
+
+    monkeypatch.setattr(fxclip.rules.conv, "PATCHES_MAX_ENTRIES", 0)
+    g = torch.Generator().manual_seed(3)
+    model = case.model().double()
+    t = fxclip.transform(model, sum_loss, max_grad_norm=0.7, strategy="materialize", batch_dims=case.batch_dims)
+    inputs = case.inputs(5, g)
+    check_against_reference(t, inputs, targets_for(model, inputs, case.batch_dims, g), case.batch_dims)
