@@ -8,6 +8,7 @@ A rule never builds per-example gradients unless that is the cheap way. It retur
   Its squared norm is available two ways, which must agree:
     ghost:        ‖L_iᵀ R_i‖² = ⟨L_i L_iᵀ, R_i R_iᵀ⟩      cost per example G·T²·(k_L + k_R)
     materialize:  build G_i, square and sum                  cost per example G·T·k_L·k_R
+                  (one one-hot factor: only G_i's nonzero rows,               G·T·k)
   and the clipped sum Σ_i c_i G_i is one contraction of (c ⊙ L) with R over (i, t).
 - `PerExampleGrad(grads)`: G_i itself, [B, *parameter shape]. For parameters whose per-example
   gradient is small (normalization affine weights, scales, broadcast biases) and for the fallback.
@@ -244,15 +245,24 @@ def _kinds(forms: Sequence[LinearForm]) -> tuple[str, str]:
     return left, right
 
 
+def _one_hot_side(left_kind: str, right_kind: str) -> str | None:
+    """"left" or "right" when exactly that factor is one-hot (an embedding's per-example gradient
+    is then materialized as its nonzero rows, see `one_hot_rows_norm_sq`), else None."""
+    if (left_kind == "OneHot") != (right_kind == "OneHot"):
+        return "left" if left_kind == "OneHot" else "right"
+    return None
+
+
 @lru_cache(maxsize=None)
 def _formulas(left_kind: str, right_kind: str) -> dict[str, sympy.Expr]:
     # a Gram entry costs k multiply-adds for a dense factor, one compare for a one-hot factor
     gram_left = KL if left_kind == "Dense" else sympy.Integer(1)
     gram_right = KR if right_kind == "Dense" else sympy.Integer(1)
-    return {
-        "ghost": G * T**2 * (gram_left + gram_right + 1),
-        "materialize": G * T * KL * KR + G * KL * KR,
-    }
+    one_hot = _one_hot_side(left_kind, right_kind)
+    # with one one-hot factor, materializing sums each example's rows of the dense factor per
+    # index (T·k, plus a sort of T indices) instead of building the [k_L, k_R] gradient
+    materialize = G * T * KL * KR + G * KL * KR if one_hot is None else G * T * (KR if one_hot == "left" else KL)
+    return {"ghost": G * T**2 * (gram_left + gram_right + 1), "materialize": materialize}
 
 
 @lru_cache(maxsize=None)
@@ -273,8 +283,11 @@ def cost_values(forms: Sequence[LinearForm]) -> dict:
     groups = f.left.groups
     positions = sum(u.left.positions for u in forms)
     shapes = {"T": positions, "k_L": f.left.k, "k_R": f.right.k, "G": groups}
-    flops = {name: int(fn(positions, f.left.k, f.right.k, groups)) for name, fn in _cost_functions(*_kinds(forms)).items()}
-    memory = {"ghost": 2 * groups * positions**2, "materialize": groups * f.left.k * f.right.k}
+    kinds = _kinds(forms)
+    flops = {name: int(fn(positions, f.left.k, f.right.k, groups)) for name, fn in _cost_functions(*kinds).items()}
+    one_hot = _one_hot_side(*kinds)
+    rows = f.left.k * f.right.k if one_hot is None else positions * (f.right.k if one_hot == "left" else f.left.k)
+    memory = {"ghost": 2 * groups * positions**2, "materialize": groups * rows}
     return {"flops": flops, "memory": memory, "shapes": shapes, "formulas": _formulas(*_kinds(forms))}
 
 
@@ -325,6 +338,22 @@ def ghost_norm_sq(forms: Sequence[LinearForm]) -> torch.Tensor:
     return total
 
 
+def one_hot_rows_norm_sq(form: LinearForm) -> torch.Tensor:
+    """‖G_i‖² for a form with one one-hot factor, G_i = Σ_t w_t e_{x_t} r_tᵀ (an embedding): the
+    nonzero rows of G_i are Σ_{t: x_t = v} w_t r_t, one per distinct index v, so
+    ‖G_i‖² = Σ_v ‖Σ_{t: x_t = v} w_t r_t‖². Sorting each example's indices numbers its distinct
+    ones; the rows are summed into those slots (at most T) and squared: T·k work and memory per
+    example, where the Gram products cost T²·k and the dense gradient k_L·k_R."""
+    one_hot, dense = (form.left, form.right) if isinstance(form.left, OneHot) else (form.right, form.left)
+    rows = _accumulate(dense.values) * _accumulate(one_hot.weight).unsqueeze(-1)  # [B, G, T, k]
+    ordered, order = one_hot.index.sort(dim=-1)
+    starts = torch.cat([torch.ones_like(ordered[..., :1], dtype=torch.bool), ordered[..., 1:] != ordered[..., :-1]], -1)
+    slot_of_ordered = starts.long().cumsum(-1) - 1  # the rank of each position's index among the distinct ones
+    slot = slot_of_ordered.scatter(-1, order, slot_of_ordered)  # back to the positions' order
+    sums = torch.zeros_like(rows).scatter_add(2, slot.unsqueeze(-1).expand_as(rows), rows)
+    return sums.pow(2).sum((1, 2, 3))
+
+
 def materialized_norm_sq(grads: torch.Tensor) -> torch.Tensor:
     """Σ over all but the batch dim of the squares of per-example gradients [B, ...]."""
     return _accumulate(grads).pow(2).flatten(1).sum(1)
@@ -335,6 +364,8 @@ def linear_forms_norm_sq(forms: Sequence[LinearForm], strategy: str) -> torch.Te
     if strategy == "ghost":
         return ghost_norm_sq(forms)
     blocks = concatenated(forms)
+    if len(blocks) == 1 and _one_hot_side(type(blocks[0].left).__name__, type(blocks[0].right).__name__):
+        return one_hot_rows_norm_sq(blocks[0])
     total = blocks[0].materialize()
     for f in blocks[1:]:
         total = total + f.materialize()

@@ -73,3 +73,14 @@ def test_cost_model_prefers_materialize_for_long_sequences():
     assert costs["memory"]["ghost"] == 2 * 1024**2 and costs["shapes"]["T"] == 1024
     assert choose_strategy([long], "auto", memory_budget=10) == "materialize"  # nothing fits: least memory
     assert str(cost_formulas([long])["materialize"]) == "G*T*k_L*k_R + G*k_L*k_R"
+
+
+def test_one_hot_forms_materialize_only_the_nonzero_rows():
+    """An embedding's per-example gradient has at most T nonzero rows: materializing it costs T·k
+    work and memory, not V·k, so "auto" takes it over T² Gram products for any sequence length."""
+    gen = torch.Generator().manual_seed(3)
+    emb = LinearForm(factor("onehot", 1, 1, 512, 50000, gen), factor("dense", 1, 1, 512, 64, gen), torch.Size([50000, 64]))
+    costs = cost_values([emb])
+    assert costs["flops"]["materialize"] == 512 * 64 and costs["memory"]["materialize"] == 512 * 64
+    assert choose_strategy([emb], "auto") == "materialize"
+    assert choose_strategy([emb.transposed()], "auto") == "materialize"
