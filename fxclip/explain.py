@@ -17,6 +17,7 @@ import sympy
 import torch
 
 from .errors import FxclipError
+from .forms import MEMORY_COST
 from .passes.analyze import module_of
 
 _PACKAGE_ROOT = Path(__file__).resolve().parent.parent
@@ -51,6 +52,7 @@ class UseRow:
     shapes: dict = field(default_factory=dict)  # T, k_L, k_R, G the costs were evaluated on
     formulas: dict = field(default_factory=dict)  # strategy -> sympy expression (linear forms)
     flops: dict = field(default_factory=dict)  # strategy -> value of its formula
+    memories: dict = field(default_factory=dict)  # strategy -> its extra elements per example
     memory: int = 0  # extra elements per example for the chosen strategy
 
 
@@ -121,6 +123,7 @@ def _use_row(entry, strategy_requested: str) -> UseRow:
         shapes=dict(costs.get("shapes", {})),
         formulas=dict(costs.get("formulas", {})),
         flops=dict(costs.get("flops", {})),
+        memories=dict(costs.get("memory", {})),
         memory=int(memory),
     )
 
@@ -209,7 +212,8 @@ def render(exp: Explanation) -> str:
         fmt(["-" * w for w in widths]),
         *(fmt(c) for c in lines),
         "",
-        "Costs are multiply-adds per example for the squared norm; * marks the strategy chosen.",
+        "Costs are multiply-adds per example for the squared norm; * marks the strategy chosen",
+        f"(auto: the least multiply-adds + {MEMORY_COST} x extra elements per example, within memory_budget).",
         "T: positions per example, k_L/k_R: widths of the two factors (G_i = L_iᵀR_i), G: groups.",
     ]
     for letter, formulas in legend.values():

@@ -64,8 +64,13 @@ class Dense:
 
     def release(self) -> None:
         """Drop a deferred factor's values (they are computed again if used again)."""
-        if self._compute is not None:
+        if self.is_deferred:
             self._values = None
+
+    @property
+    def is_deferred(self) -> bool:
+        """Whether the values are computed on first use (and so are extra memory when used)."""
+        return self._compute is not None
 
     @property
     def built(self) -> bool:
@@ -105,7 +110,7 @@ class OneHot:
     def groups(self) -> int:
         return self.index.shape[1]
 
-    built = True  # never deferred
+    built, is_deferred = True, False  # never deferred
 
     def scaled(self, c: torch.Tensor) -> "OneHot":
         weight = _accumulate(self.weight)
@@ -287,19 +292,33 @@ def cost_values(forms: Sequence[LinearForm]) -> dict:
     flops = {name: int(fn(positions, f.left.k, f.right.k, groups)) for name, fn in _cost_functions(*kinds).items()}
     one_hot = _one_hot_side(*kinds)
     rows = f.left.k * f.right.k if one_hot is None else positions * (f.right.k if one_hot == "left" else f.left.k)
-    memory = {"ghost": 2 * groups * positions**2, "materialize": groups * rows}
-    return {"flops": flops, "memory": memory, "shapes": shapes, "formulas": _formulas(*_kinds(forms))}
+    # a deferred factor (a conv's patches) is extra memory wherever a strategy builds it: ghost
+    # always, materialize unless the rule's kernel makes the gradients without it
+    deferred = sum(x.groups * x.positions * x.k for u in forms for x in (u.left, u.right) if x.is_deferred)
+    memory = {
+        "ghost": 2 * groups * positions**2 + deferred,
+        "materialize": groups * rows + (0 if len(forms) == 1 and f.materializer else deferred),
+    }
+    return {"flops": flops, "memory": memory, "shapes": shapes, "formulas": _formulas(*kinds)}
+
+
+# What one extra element per example costs, in multiply-adds, when "auto" weighs a strategy:
+# it is written to memory and read back (a Gram matrix once, a per-example gradient for its norm
+# and again for the clipped sum) and held until the clip factors exist. A CPU core does ~25 G
+# multiply-adds/s in matrix products and moves ~2.5 G float32/s, so about 10-20; at 16 the
+# GRU tagger's input weights (flops 230k ghost vs 203k materialize, memory 2k vs 6k) take ghost.
+MEMORY_COST = 16
 
 
 def choose_strategy(forms: Sequence[LinearForm], strategy: str, memory_budget: float | None = None) -> str:
-    """`strategy` if forced, else the cheaper one in flops among those within `memory_budget`
-    (elements per example)."""
+    """`strategy` if forced, else, among those within `memory_budget` (elements per example), the
+    one with the least flops + MEMORY_COST · extra elements."""
     if strategy != "auto":
         return strategy
     costs = cost_values(forms)
     allowed = [s for s in STRATEGIES if memory_budget is None or costs["memory"][s] <= memory_budget]
     candidates = allowed or [min(STRATEGIES, key=lambda s: costs["memory"][s])]
-    return min(candidates, key=lambda s: costs["flops"][s])
+    return min(candidates, key=lambda s: costs["flops"][s] + MEMORY_COST * costs["memory"][s])
 
 
 def _concat(factors: Sequence[Factor]) -> Factor:

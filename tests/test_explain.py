@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import fxclip
+from fxclip.forms import MEMORY_COST
 from fxclip.zoo import PerExampleCrossEntropy
 from fxclip.cli import main
 from fxclip.explain import short_source
@@ -51,8 +52,9 @@ def test_every_trainable_parameter_once_with_its_rule_and_strategy(name):
             registered = RULES_BY_NAME[use.op]
             assert use.rule == EXPECTED_RULE.get(use.op, registered.name) == registered.name, (row.name, use.op)
             assert use.source == short_source(registered.source) and use.source.startswith("fxclip/rules/")
-            if use.flops:  # auto without a budget: the cheaper strategy in flops
-                assert use.strategy == min(use.flops, key=use.flops.get), (row.name, use.flops)
+            if use.flops:  # auto without a budget: the least flops + MEMORY_COST · memory
+                weighed = {s: use.flops[s] + MEMORY_COST * use.memories[s] for s in use.flops}
+                assert use.strategy == min(weighed, key=weighed.get), (row.name, use.flops)
                 assert set(use.formulas) == {"ghost", "materialize"}
             else:
                 assert use.strategy == "materialize"

@@ -49,7 +49,7 @@ def weight_strategy(t: fxclip.PrivateStep) -> tuple[str, dict]:
 
 
 def test_memory_budget_flips_materialize_to_ghost():
-    positions, k = 8, 14
+    positions, k = 16, 24  # materialize: least flops + MEMORY_COST · memory, though ghost needs less memory
     x = torch.randn(4, positions, k, dtype=torch.float64)
     y = torch.randn(4, k, dtype=torch.float64)
     model = SequenceLinear(k).double()
