@@ -128,9 +128,11 @@ def conv(call: OpCall):
     block-diagonal, so groups never share a Gram product).
 
     weight: LinearForm(L = g, R = patches); ghost G·T²(d+p), materialize G·T·d·p. The patches
-    are only built for ghost norms: per-example gradients come from the weight-gradient kernel
-    with every example's channels as separate groups, and the clipped sum from the same kernel
-    on (c ⊙ g) — each as costly as an ordinary step's weight gradient, with no im2col copy.
+    are built for ghost norms and for the per-example gradients of small convs (at most
+    PATCHES_MAX_ENTRIES per example); larger convs get per-example gradients from the
+    weight-gradient kernel with every example's channels as separate groups, and, when no patches
+    were built, the clipped sum from the same kernel on (c ⊙ g) — each as costly as an ordinary
+    step's weight gradient, with no im2col copy.
     bias:   Σ over positions of g."""
     weight, groups, x = call["weight"], call["groups"], call["input"]
     batch = call.batch_size
