@@ -117,6 +117,16 @@ def test_non_finite_losses_write_nothing():
     assert_unchanged(model, before)
 
 
+def test_finite_losses_whose_sum_overflows_are_not_an_error():
+    """The step checks finiteness by one sum of the losses and norms; a sum that overflows while
+    every loss is finite goes to the exact check, which lets the step through."""
+    model = nn.Linear(4, 3)
+    huge = lambda out, y: out.sum(1) * 1e-3 + 3e38  # finite per example; the float32 sum is inf
+    result = fxclip.transform(model, huge, max_grad_norm=1.0).step(torch.randn(4, 4), torch.zeros(4))
+    assert torch.isfinite(result.losses).all() and not math.isfinite(float(result.losses.sum()))
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters())
+
+
 def test_batch_dims_count_must_match_inputs():
     with pytest.raises(fxclip.FxclipError, match="batch_dims has 2 entries"):
         fxclip.transform(nn.Linear(4, 3), ce, max_grad_norm=1.0, batch_dims=(0, 1)).step(
