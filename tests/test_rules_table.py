@@ -34,13 +34,16 @@ def test_float32_within_1e4(case):
     check_against_reference(t, inputs, targets, rtol=1e-4)
 
 
+@pytest.mark.parametrize("chunk_elements", [1 << 20, 1], ids=["whole", "chunked"])
 @pytest.mark.parametrize("case", [c for c in CASES if c.name.startswith("conv")], ids=lambda c: c.name)
-def test_conv_per_example_kernel_matches_reference(case, monkeypatch):
+def test_conv_per_example_kernel_matches_reference(case, chunk_elements, monkeypatch):
     """The table's convs are small, so their per-example gradients come from patches; with the
-    threshold at 0 they come from the conv kernel with examples as groups, which must agree too."""
+    threshold at 0 they come from the conv kernel with examples as groups, which must agree too,
+    also when the kernel runs one group at a time."""
     import fxclip.rules.conv
 
     monkeypatch.setattr(fxclip.rules.conv, "PATCHES_MAX_ENTRIES", 0)
+    monkeypatch.setattr(fxclip.rules.conv, "WEIGHT_GRAD_CHUNK_ELEMENTS", chunk_elements)
     g = torch.Generator().manual_seed(3)
     model = case.model().double()
     t = fxclip.transform(model, sum_loss, max_grad_norm=0.7, strategy="materialize", batch_dims=case.batch_dims)
