@@ -374,8 +374,10 @@ def one_hot_rows_norm_sq(form: LinearForm) -> torch.Tensor:
 
 
 def materialized_norm_sq(grads: torch.Tensor) -> torch.Tensor:
-    """Σ over all but the batch dim of the squares of per-example gradients [B, ...]."""
-    return _accumulate(grads).pow(2).flatten(1).sum(1)
+    """Σ over all but the batch dim of the squares of per-example gradients [B, ...] ([B] for a
+    0-dim parameter)."""
+    grads = _accumulate(grads)
+    return grads.pow(2).reshape(grads.shape[0], -1).sum(1)
 
 
 def linear_forms_norm_sq(forms: Sequence[LinearForm], strategy: str) -> torch.Tensor:

@@ -45,7 +45,7 @@ def any_per_example_grads(model, loss_fn, inputs, targets, batch_dims=None) -> t
 
 def clipped_sum(grads: dict[str, torch.Tensor], max_grad_norm: float, eps: float = 1e-6):
     """(norms [B], {name: Σ_i min(1, C/(‖g_i‖+eps)) g_i}) from per-example gradients."""
-    flat = torch.cat([g.flatten(1) for g in grads.values()], dim=1)
+    flat = torch.cat([g.reshape(g.shape[0], -1) for g in grads.values()], dim=1)
     norms = flat.norm(dim=1)
     clip = (max_grad_norm / (norms + eps)).clamp(max=1.0)
     return norms, {k: torch.tensordot(clip.to(g.dtype), g, dims=1) for k, g in grads.items()}

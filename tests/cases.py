@@ -228,6 +228,7 @@ CASES = [
     # parameters entering by broadcasting
     Case("layer_scale", lambda: Lambda(lambda s, x: x * s.gamma, gamma=P(5)), randn(3, 5)),
     Case("hand_rms_norm", lambda: nn.Sequential(nn.Linear(4, 6), HandRMSNorm()), randn(3, 4)),
+    Case("scalar_parameter", lambda: Lambda(lambda s, x: s.lin(x) / s.temperature, lin=nn.Linear(4, 3), temperature=nn.Parameter(torch.tensor(1.5, dtype=torch.float64))), randn(4)),
     Case("raw_bias", lambda: Lambda(lambda s, x: torch.tanh(x - s.b) / s.d, b=P(5), d=nn.Parameter(torch.rand(5, dtype=torch.float64) + 1)), randn(3, 5)),
     Case("positional_table", lambda: Lambda(lambda s, x: torch.tanh(x + s.pos), pos=P(3, 5)), randn(3, 5)),
     Case("class_token", ClassToken, randn(2, 3)),
