@@ -203,6 +203,9 @@ CASES = [
     Case("bmm_param_right", lambda: Lambda(lambda s, x: torch.bmm(x.transpose(0, 1), s.w).transpose(0, 1), w=P(3, 4, 2)), randn(3, 4)),
     Case("bmm_param_left", lambda: Lambda(lambda s, x: torch.bmm(s.w, x.permute(1, 2, 0)).permute(2, 0, 1), w=P(3, 2, 4)), randn(3, 4)),
     Case("addmm", lambda: Lambda(lambda s, x: torch.addmm(s.b, x, s.w, beta=0.5, alpha=2.0), w=P(5, 3), b=P(3)), randn(5)),
+    # composite ops without a rule are written as the ops they run (einsum: permutes and a bmm)
+    Case("einsum", lambda: Lambda(lambda s, x: torch.einsum("btj,jk->btk", x, s.w), w=P(4, 3)), randn(5, 4)),
+    Case("einsum_three_operands", lambda: Lambda(lambda s, x: torch.einsum("bi,oij,bj->bo", x, s.w, x), w=P(3, 4, 4)), randn(4)),
     # convolutions
     Case("conv1d", conv(1, in_channels=3, out_channels=4, kernel_size=3, stride=2, padding=1), conv_input(1, 3, 9)),
     Case("conv2d", conv(2, in_channels=3, out_channels=4, kernel_size=3), conv_input(2, 3, 6)),

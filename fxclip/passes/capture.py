@@ -66,7 +66,9 @@ def capture(gm: GraphModule | None, ctx: Context) -> GraphModule:
         _tree_batch_dims(targets, 0, batch),
     )
     try:
-        with warnings.catch_warnings():
+        # opt_einsum picks a contraction order from the operands' sizes, which would fix the batch
+        # size; without it an einsum of three or more operands contracts left to right
+        with warnings.catch_warnings(), torch.backends.opt_einsum.flags(enabled=False):
             # nn.RNN modules re-read their weights into `_flat_weights` on every call; harmless here
             warnings.filterwarnings("ignore", message=r".*_flat_weights.*were assigned during export")
             ep = torch.export.export(

@@ -1,4 +1,5 @@
-"""Pass 3, decompose: fused recurrent ops become the parameter-using primitives they are made of.
+"""Pass 3, decompose: fused recurrent ops, and composite ops no rule covers, become the
+parameter-using primitives they are made of.
 
 torch.export keeps `aten.lstm`, `aten.gru`, `aten.rnn_tanh`, `aten.rnn_relu` (nn.LSTM, nn.GRU,
 nn.RNN) as one node with every weight inside a list operand, and the cells (nn.LSTMCell, ...) as
@@ -21,11 +22,14 @@ import operator
 from typing import Callable, Sequence
 
 import torch
+import torch.utils._pytree as pytree
 from torch._guards import detect_fake_mode
 from torch.fx import Graph, GraphModule, Node
+from torch.fx.experimental.proxy_tensor import make_fx
 from torch.fx.node import map_arg
 
 from ..errors import FxclipError
+from ..rules.registry import RULES
 from .analyze import where
 from .context import Context
 
@@ -187,25 +191,91 @@ def _replace(graph: Graph, node: Node, outputs: list[Node], multi_output: bool) 
     graph.erase_node(node)
 
 
+# ---- composite ops without a rule ----------------------------------------------------------------
+
+
+def _parameter_values(graph: Graph, ctx: Context) -> set[Node]:
+    """Nodes computed from trainable parameters (and constants) only."""
+    params = dict(ctx.model.named_parameters())
+    placeholders = [n for n in graph.nodes if n.op == "placeholder"]
+    values = {n for n, (kind, key) in zip(placeholders, ctx.placeholders) if kind == "param" and params[key].requires_grad}
+    constant = {n for n, (kind, _) in zip(placeholders, ctx.placeholders) if kind in ("buffer", "constant")}
+    for node in graph.nodes:
+        if node.op == "call_function" and node.all_input_nodes:
+            if all(n in values or n in constant for n in node.all_input_nodes) and any(n in values for n in node.all_input_nodes):
+                values.add(node)
+    return values
+
+
+def _is_composite_without_rule(node: Node, parameter_values: set[Node]) -> bool:
+    """An op fxclip would otherwise hand to the fallback although ATen writes it as other ops: it
+    reads a parameter value and a batched one, has no rule, and has a CompositeImplicitAutograd kernel."""
+    op = node.target
+    if node.op != "call_function" or not isinstance(op, torch._ops.OpOverload) or op in RULES:
+        return False
+    if not torch._C._dispatch_has_kernel_for_dispatch_key(op.name(), torch._C.DispatchKey.CompositeImplicitAutograd):
+        return False
+    inputs = node.all_input_nodes
+    return any(n in parameter_values for n in inputs) and not all(n in parameter_values for n in inputs)
+
+
+def _inline_composite(gm: GraphModule, node: Node, fake_mode) -> bool:
+    """Replace `node` by the ops its composite kernel runs; False (graph untouched) when an operand
+    is not a tensor value or the trace needs constants of its own."""
+    flat, spec = pytree.tree_flatten((node.args, node.kwargs))
+    positions = [i for i, a in enumerate(flat) if isinstance(a, Node)]
+    if not all(isinstance(flat[i].meta.get("val"), torch.Tensor) for i in positions):
+        return False
+
+    def run(*tensors):
+        leaves = list(flat)
+        for i, t in zip(positions, tensors):
+            leaves[i] = t
+        args, kwargs = pytree.tree_unflatten(leaves, spec)
+        return node.target(*args, **kwargs)
+
+    with fake_mode, torch.backends.opt_einsum.flags(enabled=False):  # as in capture: no size-based order
+        sub = make_fx(run)(*(flat[i].meta["val"] for i in positions))
+    if any(n.op == "get_attr" for n in sub.graph.nodes):
+        return False
+    graph, env, operands = gm.graph, {}, iter(flat[i] for i in positions)
+    with graph.inserting_before(node):
+        for n in sub.graph.nodes:
+            if n.op == "placeholder":
+                env[n] = next(operands)
+            elif n.op == "output":
+                result = map_arg(n.args[0], env.__getitem__)
+            else:
+                env[n] = graph.node_copy(n, env.__getitem__)
+                env[n].meta.update({k: node.meta[k] for k in _SOURCE_META if k in node.meta})
+    multi_output = isinstance(node.meta.get("val"), (tuple, list))
+    _replace(graph, node, list(result) if multi_output else [result], multi_output)
+    return True
+
+
 def decompose(gm: GraphModule, ctx: Context) -> GraphModule:
     """Guarantees: no fused recurrent op (aten.lstm/gru/rnn_tanh/rnn_relu and their cells) is left;
     each is replaced by linear, elementwise, unbind/stack/cat/select ops computing the same values
-    as ATen's CPU kernel (its cell arithmetic, step by step), every new node with meta["val"] and the fused op's
-    source metadata."""
+    as ATen's CPU kernel (its cell arithmetic, step by step). Every op that reads a parameter and a
+    batched value, has no rule and has a CompositeImplicitAutograd kernel is replaced by the ops
+    that kernel runs. Every new node has meta["val"] and the replaced op's source metadata."""
     graph = gm.graph
-    fake_mode = None
+    fake_mode = detect_fake_mode([n.meta.get("val") for n in graph.nodes if n.op == "placeholder"])
     for node in list(graph.nodes):
         if node.op != "call_function":
             continue
         kind = LAYERS.get(node.target) or CELLS.get(node.target)
         if kind is None:
             continue
-        fake_mode = fake_mode or detect_fake_mode([n.meta.get("val") for n in graph.nodes if n.op == "placeholder"])
         w = _Writer(graph, node, fake_mode)
         if node.target in LAYERS:
             _replace(graph, node, _decompose_layer(w, kind, node), multi_output=True)
         else:
             _replace(graph, node, _decompose_cell(w, kind, node), multi_output=kind == "lstm")
+    parameter_values = _parameter_values(graph, ctx)
+    for node in list(graph.nodes):
+        if _is_composite_without_rule(node, parameter_values):
+            _inline_composite(gm, node, fake_mode)
     graph.eliminate_dead_code()
     gm.recompile()
     return gm
