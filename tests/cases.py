@@ -221,6 +221,10 @@ CASES = [
     Case("embedding", lambda: nn.Embedding(7, 4), tokens(7, 6)),
     Case("embedding_padding_idx", lambda: nn.Embedding(5, 4, padding_idx=0), tokens(5, 8)),
     Case("index_rows", lambda: Lambda(lambda s, x: s.w[x], w=P(6, 3)), tokens(6, 5)),
+    Case("embedding_bag_mean_padding", lambda: nn.EmbeddingBag(5, 4, mode="mean", padding_idx=0, dtype=torch.float64), tokens(5, 8)),
+    Case("embedding_bag_sum_weights", lambda: Lambda(lambda s, x, w: s.bag(x, per_sample_weights=w), bag=nn.EmbeddingBag(6, 3, mode="sum", dtype=torch.float64)),
+         lambda b, g: (torch.randint(0, 6, (b, 5), generator=g), torch.randn(b, 5, generator=g, dtype=torch.float64)), (0, 0)),
+    Case("embedding_bag_bags_per_example", lambda: Lambda(lambda s, x: s.bag(x.flatten(0, 1)).unflatten(0, (x.shape[0], -1)), bag=nn.EmbeddingBag(6, 3, dtype=torch.float64)), lambda b, g: (torch.randint(0, 6, (b, 3, 4), generator=g),)),
     Case("position_ids_broadcast", PositionIds, tokens(13, 9)),
     # normalization
     Case("layer_norm", lambda: nn.Sequential(nn.Linear(4, 6), nn.LayerNorm(6)), randn(3, 4)),

@@ -145,3 +145,33 @@ def test_model_that_cannot_be_captured():
 
     with pytest.raises(fxclip.CaptureError, match="torch.export could not capture"):
         fxclip.transform(DataDependent(), ce, max_grad_norm=1.0).step(torch.randn(3, 4), torch.tensor([0, 1, 2]))
+
+
+def bag_classifier(bag):
+    model = nn.Sequential(bag, nn.Linear(4, 3))
+    for p in model.parameters():
+        p.grad = torch.randn_like(p)
+    return model
+
+
+@pytest.mark.parametrize(
+    "layer",
+    [nn.Embedding(10, 4, scale_grad_by_freq=True), nn.EmbeddingBag(10, 4, scale_grad_by_freq=True)],
+    ids=["embedding", "embedding_bag"],
+)
+def test_gradient_scaled_by_batch_token_counts_is_refused(layer):
+    model = bag_classifier(layer) if isinstance(layer, nn.EmbeddingBag) else nn.Sequential(layer, nn.Flatten(), nn.Linear(12, 3))
+    before = snapshot(model)
+    t = fxclip.transform(model, ce, max_grad_norm=1.0)
+    with pytest.raises(fxclip.ExampleMixingError, match="scale_grad_by_freq"):
+        t.step(torch.randint(0, 10, (5, 3)), torch.randint(0, 3, (5,)))
+    assert_unchanged(model, before)
+
+
+def test_embedding_bag_max_mode_names_the_mode_and_writes_nothing():
+    model = bag_classifier(nn.EmbeddingBag(10, 4, mode="max"))
+    before = snapshot(model)
+    t = fxclip.transform(model, ce, max_grad_norm=1.0)
+    with pytest.raises(fxclip.FxclipError, match="mode='max'"):
+        t.step(torch.randint(0, 10, (5, 3)), torch.randint(0, 3, (5,)))
+    assert_unchanged(model, before)

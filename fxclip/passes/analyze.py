@@ -139,7 +139,7 @@ def _check_mixing(node: Node, in_axis) -> None:
             f"{where(node)}: batch normalization with batch statistics mixes examples. Replace it "
             "with nn.GroupNorm or nn.LayerNorm, or put the module in eval() mode."
         )
-    if target is aten.embedding.default and args.get("scale_grad_by_freq"):
+    if target in (aten.embedding.default, aten.embedding_bag.default, aten.embedding_bag.padding_idx) and args.get("scale_grad_by_freq"):
         raise ExampleMixingError(
             f"{where(node)}: scale_grad_by_freq=True scales gradients by token counts over the whole "
             "batch, which couples examples. Create the embedding with scale_grad_by_freq=False."

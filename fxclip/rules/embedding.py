@@ -4,9 +4,13 @@ from __future__ import annotations
 
 import torch
 
+from torch.fx import Node
+
+from ..errors import FxclipError
 from ..forms import Dense, LinearForm, OneHot
+from ..passes.analyze import where
 from ._util import positions
-from .registry import OpCall, register_rule
+from .registry import OpCall, argument_nodes, register_rule
 
 aten = torch.ops.aten
 
@@ -46,3 +50,47 @@ def _single_row_index(node) -> bool:
 def index_rows(call: OpCall):
     """W[x], W 2-D, with one integer index tensor: the embedding identity without padding."""
     return {"self": _row_gather_form(call, "indices.0", "self")}
+
+
+def _bag_length(call: OpCall) -> int:
+    """T when the bags are T consecutive indices (offsets = arange(0, numel, T), what
+    F.embedding_bag makes of a 2-D input), so no bag crosses from one example into the next."""
+    offsets = argument_nodes(call.node)["offsets"]
+    consecutive = (
+        isinstance(offsets, Node)
+        and offsets.target is aten.arange.start_step
+        and offsets.args[0] == 0
+        and isinstance(offsets.args[2], int)
+    )
+    if not consecutive or call["mode"] not in (0, 1) or call["include_last_offset"]:
+        raise FxclipError(
+            f"{where(call.node)}: fxclip computes per-example gradients of embedding_bag in mode "
+            "'sum' or 'mean' on 2-D input (one row of tokens per bag, without offsets); this call "
+            f"has mode={('sum', 'mean', 'max')[call['mode']]!r}"
+            f"{'' if consecutive else ' and offsets given by the model'}. Use mode='sum' or 'mean' "
+            "with a [batch, tokens] input, or register a rule for aten.embedding_bag."
+        )
+    return offsets.args[2]
+
+
+@register_rule([aten.embedding_bag.default, aten.embedding_bag.padding_idx], params=("weight",))
+def embedding_bag(call: OpCall):
+    """F.embedding_bag, sum or mean, bags of T consecutive tokens: bag b's output is
+    Σ_t a_bt W[x_bt], a = per_sample_weights (else 1), 0 at padding, divided in mean mode by the
+    bag's count of other tokens. G_i = Σ_(bags b of i) Σ_t a_bt e_(x_bt) g_bᵀ: `_row_gather_form`'s
+    identity with weights a and each bag's output gradient repeated over its T tokens (cost as
+    for an embedding of T tokens per bag). Other modes and layouts raise FxclipError."""
+    weight = call["weight"]
+    bag_length = _bag_length(call)
+    index = call.examples("indices").flatten(1)  # [B, bags·T]
+    g = call.grad_examples().flatten(1, -2)  # [B, bags, d]
+    bags = g.shape[1]
+    padding_idx = call.arguments.get("padding_idx")
+    scale = (index != padding_idx).to(g.dtype) if padding_idx is not None and padding_idx >= 0 else torch.ones_like(index, dtype=g.dtype)
+    if call["per_sample_weights"] is not None:
+        scale = scale * call.examples("per_sample_weights").flatten(1).to(g.dtype)
+    if call["mode"] == 1:
+        per_bag = scale.view(-1, bags, bag_length)
+        scale = (per_bag / per_bag.sum(-1, keepdim=True).clamp_min(1)).flatten(1)
+    g = g.unsqueeze(2).expand(-1, -1, bag_length, -1).reshape(g.shape[0], 1, bags * bag_length, g.shape[-1])
+    return {"weight": LinearForm(OneHot(index.unsqueeze(1), weight.shape[0], scale.unsqueeze(1)), Dense(g), weight.shape)}
