@@ -67,7 +67,7 @@ def _bag_length(call: OpCall) -> int:
             f"{where(call.node)}: fxclip computes per-example gradients of embedding_bag in mode "
             "'sum' or 'mean' on 2-D input (one row of tokens per bag, without offsets); this call "
             f"has mode={('sum', 'mean', 'max')[call['mode']]!r}"
-            f"{'' if consecutive else ' and offsets given by the model'}. Use mode='sum' or 'mean' "
+            f"{'' if consecutive else ' and offsets other than arange(0, numel, T)'}. Use mode='sum' or 'mean' "
             "with a [batch, tokens] input, or register a rule for aten.embedding_bag."
         )
     return offsets.args[2]
