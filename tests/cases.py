@@ -46,6 +46,18 @@ def P(*shape):
     return nn.Parameter(torch.randn(*shape, dtype=torch.float64) / max(1, shape[-1]) ** 0.5)
 
 
+class RelativePositionBias(nn.Module):
+    """A table of 2T-1 biases indexed by a [T, T] map of offsets: the gather repeats entries."""
+
+    def __init__(self, length=4):
+        super().__init__()
+        self.table = P(2 * length - 1)
+        self.register_buffer("offsets", torch.arange(length)[:, None] - torch.arange(length)[None, :] + length - 1)
+
+    def forward(self, x):
+        return torch.tanh(x + self.table[self.offsets])
+
+
 class TwiceApplied(nn.Module):
     def __init__(self):
         super().__init__()
@@ -239,6 +251,7 @@ CASES = [
     Case("raw_bias", lambda: Lambda(lambda s, x: torch.tanh(x - s.b) / s.d, b=P(5), d=nn.Parameter(torch.rand(5, dtype=torch.float64) + 1)), randn(3, 5)),
     Case("positional_table", lambda: Lambda(lambda s, x: torch.tanh(x + s.pos), pos=P(3, 5)), randn(3, 5)),
     Case("class_token", ClassToken, randn(2, 3)),
+    Case("relative_position_table", RelativePositionBias, randn(4, 4)),
     # shared, sliced and computed parameters
     Case("module_twice", TwiceApplied, randn(6)),
     Case("tied_embedding_output", TiedLM, tokens(11, 7)),

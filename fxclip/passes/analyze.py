@@ -34,7 +34,8 @@ IDENTITY_OPS = {
     aten.type_as.default,
 }
 CAST_OPS = {aten._to_copy.default, aten.to.dtype, aten.to.dtype_layout, aten.type_as.default}
-# ... and ops that copy a subset of its entries (the norm of a gradient is then unchanged).
+# ... and ops that copy a subset of its entries (the norm of a gradient is then unchanged, unless
+# an index repeats an entry: emit checks each gather chain's footprint for that).
 GATHER_OPS = IDENTITY_OPS | RESHAPES | PERMUTES | {
     aten.select.int, aten.slice.Tensor, aten.narrow.default, aten.split.Tensor, aten.chunk.default,
     aten.split_with_sizes.default, aten.unbind.int, aten.index_select.default, aten.embedding.default,

@@ -180,7 +180,9 @@ class StepProgram:
                 self._footprints[i] = self._footprint(use, env)
         for comp in self.components:
             ids = comp.ids
-            if any(self.uses[i].chain_kind == "general" for i in ids):
+            # a gather that copies some entry twice (a relative-position table indexed by a
+            # [T, T] map) is not norm-preserving: its norms must be taken back in parameter space
+            if any(self.uses[i].chain_kind == "general" or self._repeats_entries(i) for i in ids):
                 comp.kind = "general"
             elif len(ids) == 1 or all(_disjoint(self._footprints[a], self._footprints[b]) for a, b in combinations(ids, 2)):
                 comp.kind = "separate"
@@ -188,6 +190,9 @@ class StepProgram:
                 comp.kind = "shared"
             else:
                 comp.kind = "general"
+
+    def _repeats_entries(self, i: int) -> bool:
+        return self.uses[i].chain_kind == "gather" and self._footprints[i] is None
 
     def _footprint(self, use: ParamUse, env: dict) -> torch.Tensor | None:
         """Entry indices of the parameter that `use.value` copies; None if some entry repeats
