@@ -1,5 +1,6 @@
 """The reference every test and `verify=True` compare against: per-example gradients by
-`torch.func.vmap(torch.func.grad(...))` over `functional_call`, with no fxclip code involved."""
+`torch.func.vmap(torch.func.grad(...))` over `functional_call` of the model and then the loss, with
+no fxclip code involved but the two-line module that chains them."""
 
 from __future__ import annotations
 
@@ -7,6 +8,8 @@ from typing import Callable, Sequence
 
 import torch
 from torch.func import functional_call, grad, vmap
+
+from .passes.capture import ModelWithLoss
 
 
 def per_example_grads(
@@ -23,11 +26,14 @@ def per_example_grads(
     trainable = {k: p.detach() for k, p in model.named_parameters() if p.requires_grad}
     frozen = {k: p.detach() for k, p in model.named_parameters() if not p.requires_grad}
     buffers = dict(model.named_buffers())
+    # the loss runs inside the functional call too: a loss_fn that reads one of the model's
+    # parameters (a learned temperature) then sees the value being differentiated
+    with_loss = ModelWithLoss(model, loss_fn)
 
     def loss_of_one(params, xs, y):
         xs = tuple(x.unsqueeze(d) for x, d in zip(xs, batch_dims))
-        out = functional_call(model, {**params, **frozen, **buffers}, xs)
-        return loss_fn(out, y.unsqueeze(0)).sum()
+        state = {f"model.{k}": v for k, v in {**params, **frozen, **buffers}.items()}
+        return functional_call(with_loss, state, (xs, y.unsqueeze(0))).sum()
 
     per_example = vmap(grad(loss_of_one), in_dims=(None, batch_dims, 0), chunk_size=chunk_size)
     return per_example(trainable, inputs, targets)

@@ -7,6 +7,7 @@ import torch.nn as nn
 import fxclip
 from fxclip.zoo import PerExampleCrossEntropy
 from fxclip.zoo import ZOO
+from fxclip.reference import clipped_sum, naive_per_example_grads
 from helpers import check_against_reference
 
 
@@ -75,6 +76,24 @@ def test_verify_passes_on_a_correct_model():
     t = fxclip.transform(model, ce, max_grad_norm=1.0, verify=True)
     t.step(*zoo_batch(ZOO["depthwise"], 4, 0))
     assert t.verify is False  # checked once, on the first step
+
+
+def test_loss_that_reads_a_model_parameter():
+    """A learned temperature used inside loss_fn is a parameter like any other: fxclip, the
+    torch.func reference (verify=True) and the per-example loop all include its gradient."""
+    model = nn.Linear(4, 3).double()
+    model.temperature = nn.Parameter(torch.tensor(1.3, dtype=torch.float64))
+
+    def loss_fn(out, y):
+        return nn.functional.cross_entropy(out * model.temperature, y, reduction="none")
+
+    inputs, y = (torch.randn(6, 4, dtype=torch.float64),), torch.randint(0, 3, (6,))
+    t = fxclip.transform(model, loss_fn, max_grad_norm=0.5, verify=True)
+    result = check_against_reference(t, inputs, y)
+    loop = naive_per_example_grads(model, loss_fn, inputs, y)
+    norms, _ = clipped_sum(loop, 0.5)
+    assert float(loop["temperature"].abs().max()) > 0
+    torch.testing.assert_close(result.norms, norms, rtol=1e-10, atol=0)
 
 
 def test_verify_catches_a_wrong_rule():
