@@ -58,6 +58,20 @@ class RelativePositionBias(nn.Module):
         return torch.tanh(x + self.table[self.offsets])
 
 
+class FrozenUnderNoGrad(nn.Module):
+    """A feature extractor run under torch.no_grad() (export wraps it in a region op) and a head."""
+
+    def __init__(self):
+        super().__init__()
+        self.features = nn.Linear(4, 6)
+        self.head = nn.Linear(6, 3)
+
+    def forward(self, x):
+        with torch.no_grad():
+            f = torch.tanh(self.features(x))
+        return self.head(f)
+
+
 class TwiceApplied(nn.Module):
     def __init__(self):
         super().__init__()
@@ -252,6 +266,9 @@ CASES = [
     Case("positional_table", lambda: Lambda(lambda s, x: torch.tanh(x + s.pos), pos=P(3, 5)), randn(3, 5)),
     Case("class_token", ClassToken, randn(2, 3)),
     Case("relative_position_table", RelativePositionBias, randn(4, 4)),
+    # parameters gradients do not reach: detached, or used under torch.no_grad()
+    Case("detached_parameter", lambda: Lambda(lambda s, x: s.lin(x) * s.g.detach() + s.g, lin=nn.Linear(4, 3), g=P(3)), randn(4)),
+    Case("no_grad_region", FrozenUnderNoGrad, randn(4)),
     # shared, sliced and computed parameters
     Case("module_twice", TwiceApplied, randn(6)),
     Case("tied_embedding_output", TiedLM, tokens(11, 7)),

@@ -161,3 +161,29 @@ def test_one_capture_per_autocast_setting():
     assert t.program is program
     assert not mixed.norms.equal(plain.norms)  # the autocast forward really ran in bf16
     torch.testing.assert_close(mixed.norms, plain.norms, rtol=NORM_RTOL, atol=0)
+
+
+class AutocastInside(torch.nn.Module):
+    """Casts inside the model: a bf16 autocast region (export wraps it in a region op)."""
+
+    def __init__(self):
+        super().__init__()
+        self.inner = torch.nn.Linear(6, 8)
+        self.head = torch.nn.Linear(8, 3)
+
+    def forward(self, x):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            h = torch.tanh(self.inner(x))
+        return self.head(h.float())
+
+
+def test_autocast_region_inside_the_model_keeps_its_casts():
+    model = AutocastInside()
+    x, y = torch.randn(BATCH, 6, generator=torch.Generator().manual_seed(3)), torch.randint(0, 3, (BATCH,))
+    t = fxclip.transform(model, loss_fn, max_grad_norm=0.1)
+    result = t.step((x,), y)
+    captured = t.program.ctx.exported.graph_module.graph.nodes
+    to_bf16 = [n for n in captured if n.kwargs.get("dtype") is torch.bfloat16 or torch.bfloat16 in n.args]
+    assert to_bf16, "the region's casts to bfloat16 are not in the graph"
+    ref_norms, _ = clipped_sum(per_example_grads(model, loss_fn, (x,), y), 0.1)
+    assert torch.allclose(result.norms, ref_norms, rtol=NORM_RTOL)

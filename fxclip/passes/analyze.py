@@ -29,7 +29,7 @@ PERMUTES = {aten.permute.default, aten.transpose.int, aten.t.default, aten.moved
 
 # Parameter chains: ops that return the parameter unchanged (up to aliasing or dtype) ...
 IDENTITY_OPS = {
-    aten.alias.default, aten.detach.default, aten.clone.default, aten.contiguous.default,
+    aten.alias.default, aten.clone.default, aten.contiguous.default,
     aten._to_copy.default, aten.to.dtype, aten.to.dtype_layout, aten.lift_fresh_copy.default,
     aten.type_as.default,
 }
@@ -180,7 +180,9 @@ def analyze(gm: GraphModule, ctx: Context) -> GraphModule:
     """Guarantees: every node has meta["fxclip_batch_axis"] (a BatchAxis, None for batch-free
     values, a tuple for multi-output ops); no op mixes examples (else ExampleMixingError naming the
     module); `ctx.uses` lists every (op, operand) where trainable parameters meet the batch, and
-    every trainable parameter that reaches the loss appears in some use."""
+    every trainable parameter that reaches the loss (through ops gradients flow through: not a
+    detach, so not a torch.no_grad region either) appears in some use; no use's output is cut off
+    from the loss."""
     graph = gm.graph
     placeholders = [n for n in graph.nodes if n.op == "placeholder"]
     params = dict(ctx.model.named_parameters())
@@ -218,14 +220,19 @@ def analyze(gm: GraphModule, ctx: Context) -> GraphModule:
             first_axis = first.meta.get("fxclip_batch_axis") if first is not None else None
             _check_mixing(node, first_axis if isinstance(first_axis, BatchAxis) else None)
         node.meta["fxclip_batch_axis"] = axis
-        if axis is None and any(n in derived for n in node.all_input_nodes):
+        if axis is None and node.target is not aten.detach.default and any(n in derived for n in node.all_input_nodes):
             derived.add(node)
 
+    # gradients flow along these edges: none into a detach (a detached parameter is a constant)
     dependency = nx.DiGraph()
-    dependency.add_edges_from((i, n) for n in graph.nodes for i in n.all_input_nodes)
+    dependency.add_edges_from((i, n) for n in graph.nodes for i in n.all_input_nodes if n.target is not aten.detach.default)
+    output = next(n for n in graph.nodes if n.op == "output")
+    reaches_loss = nx.ancestors(dependency, output) if output in dependency else set()
     ctx.uses = []
     for node in graph.nodes:
         if node.op != "call_function" or node in derived or node.meta.get("fxclip_batch_axis") is None:
+            continue
+        if node not in reaches_loss:  # its output gets no gradient (detached, or unused)
             continue
         if node.target is operator.getitem:  # picks one output of a batched op: not a use
             continue

@@ -3,13 +3,19 @@
 from __future__ import annotations
 
 import warnings
+from functools import partial
 
 import torch
+from torch._guards import detect_fake_mode
 from torch.export import Dim
 from torch.fx import GraphModule
 
 from ..errors import CaptureError, ExampleMixingError
+from .analyze import where
 from .context import Context
+from .inline import inline_trace
+
+REGIONS = (torch.ops.higher_order.wrap_with_set_grad_enabled, torch.ops.higher_order.wrap_with_autocast)
 
 
 class ModelWithLoss(torch.nn.Module):
@@ -96,7 +102,35 @@ def capture(gm: GraphModule | None, ctx: Context) -> GraphModule:
             kinds[name] = ("input", None)
     ctx.placeholders = [kinds[n.name] for n in ep.graph_module.graph.nodes if n.op == "placeholder"]
     _check_loss_shape(ep.graph_module)
+    _inline_regions(ep.graph_module)
     return ep.graph_module
+
+
+def _inline_regions(gm: GraphModule) -> None:
+    """torch.export wraps what the model runs under torch.no_grad() (or enable_grad) and
+    torch.autocast(...) into higher-order ops over a submodule. Each becomes the submodule's ops,
+    retraced under its context, so autocast's casts are ops of the graph; the outputs of a region
+    without grad are detached (no gradient reaches the parameters it used)."""
+    fake_mode = detect_fake_mode([n.meta.get("val") for n in gm.graph.nodes if n.op == "placeholder"])
+    while (node := next((n for n in gm.graph.nodes if n.target in REGIONS), None)) is not None:
+        if node.target is torch.ops.higher_order.wrap_with_set_grad_enabled:
+            grad_enabled, submodule, *operands = node.args
+            context = partial(torch.set_grad_enabled, grad_enabled)
+        else:
+            device, dtype, enabled, cache, submodule, *operands = node.args
+            grad_enabled, context = True, partial(torch.autocast, device, dtype, enabled, cache)
+        region = getattr(gm, submodule.target)
+
+        def run(*values, region=region, grad_enabled=grad_enabled):
+            outputs = region(*values)
+            return outputs if grad_enabled else type(outputs)(o.detach() for o in outputs)
+
+        if not inline_trace(gm, node, run, operands, fake_mode, context):
+            raise CaptureError(f"{where(node)}: fxclip could not write out the ops of this {node.target.__name__} region")
+        if not submodule.users:
+            gm.graph.erase_node(submodule)
+            gm.delete_submodule(submodule.target)
+    gm.recompile()
 
 
 def _check_loss_shape(gm: GraphModule) -> None:

@@ -25,18 +25,16 @@ import torch
 import torch.utils._pytree as pytree
 from torch._guards import detect_fake_mode
 from torch.fx import Graph, GraphModule, Node
-from torch.fx.experimental.proxy_tensor import make_fx
 from torch.fx.node import map_arg
 
 from ..errors import FxclipError
 from ..rules.registry import RULES
 from .analyze import where
 from .context import Context
+from .inline import SOURCE_META, inline_trace, replace_node
 
 aten = torch.ops.aten
 
-# metadata a new node inherits from the fused op it replaces (error messages name the module)
-_SOURCE_META = ("nn_module_stack", "stack_trace", "source_fn_stack", "from_node")
 
 
 class _Writer:
@@ -49,7 +47,7 @@ class _Writer:
     def __call__(self, op, *args) -> Node:
         with self.graph.inserting_before(self.anchor):
             node = self.graph.call_function(op, args)
-        node.meta.update({k: self.anchor.meta[k] for k in _SOURCE_META if k in self.anchor.meta})
+        node.meta.update({k: self.anchor.meta[k] for k in SOURCE_META if k in self.anchor.meta})
         if op is operator.getitem:
             node.meta["val"] = args[0].meta["val"][args[1]]
         else:
@@ -179,18 +177,6 @@ def _decompose_cell(w: _Writer, kind: str, node: Node) -> list[Node]:
     return list(STEPS[kind](w, w(aten.linear.default, x, w_ih, b_ih), state, w_hh, b_hh, None))
 
 
-def _replace(graph: Graph, node: Node, outputs: list[Node], multi_output: bool) -> None:
-    if not multi_output:
-        node.replace_all_uses_with(outputs[0])
-    else:
-        for user in list(node.users):
-            if user.target is not operator.getitem:
-                raise FxclipError(f"{where(node)}: unexpected use of the op's outputs by {user.target}")
-            user.replace_all_uses_with(outputs[user.args[1]])
-            graph.erase_node(user)
-    graph.erase_node(node)
-
-
 # ---- composite ops without a rule ----------------------------------------------------------------
 
 
@@ -219,13 +205,10 @@ def _is_composite_without_rule(node: Node, parameter_values: set[Node]) -> bool:
     return any(n in parameter_values for n in inputs) and not all(n in parameter_values for n in inputs)
 
 
-def _inline_composite(gm: GraphModule, node: Node, fake_mode) -> bool:
-    """Replace `node` by the ops its composite kernel runs; False (graph untouched) when an operand
-    is not a tensor value or the trace needs constants of its own."""
+def _inline_composite(gm: GraphModule, node: Node, fake_mode) -> None:
+    """Replace `node` by the ops its composite kernel runs (left alone when it cannot be traced)."""
     flat, spec = pytree.tree_flatten((node.args, node.kwargs))
     positions = [i for i, a in enumerate(flat) if isinstance(a, Node)]
-    if not all(isinstance(flat[i].meta.get("val"), torch.Tensor) for i in positions):
-        return False
 
     def run(*tensors):
         leaves = list(flat)
@@ -234,23 +217,7 @@ def _inline_composite(gm: GraphModule, node: Node, fake_mode) -> bool:
         args, kwargs = pytree.tree_unflatten(leaves, spec)
         return node.target(*args, **kwargs)
 
-    with fake_mode, torch.backends.opt_einsum.flags(enabled=False):  # as in capture: no size-based order
-        sub = make_fx(run)(*(flat[i].meta["val"] for i in positions))
-    if any(n.op == "get_attr" for n in sub.graph.nodes):
-        return False
-    graph, env, operands = gm.graph, {}, iter(flat[i] for i in positions)
-    with graph.inserting_before(node):
-        for n in sub.graph.nodes:
-            if n.op == "placeholder":
-                env[n] = next(operands)
-            elif n.op == "output":
-                result = map_arg(n.args[0], env.__getitem__)
-            else:
-                env[n] = graph.node_copy(n, env.__getitem__)
-                env[n].meta.update({k: node.meta[k] for k in _SOURCE_META if k in node.meta})
-    multi_output = isinstance(node.meta.get("val"), (tuple, list))
-    _replace(graph, node, list(result) if multi_output else [result], multi_output)
-    return True
+    inline_trace(gm, node, run, [flat[i] for i in positions], fake_mode)
 
 
 def decompose(gm: GraphModule, ctx: Context) -> GraphModule:
@@ -269,9 +236,9 @@ def decompose(gm: GraphModule, ctx: Context) -> GraphModule:
             continue
         w = _Writer(graph, node, fake_mode)
         if node.target in LAYERS:
-            _replace(graph, node, _decompose_layer(w, kind, node), multi_output=True)
+            replace_node(graph, node, _decompose_layer(w, kind, node), multi_output=True)
         else:
-            _replace(graph, node, _decompose_cell(w, kind, node), multi_output=kind == "lstm")
+            replace_node(graph, node, _decompose_cell(w, kind, node), multi_output=kind == "lstm")
     parameter_values = _parameter_values(graph, ctx)
     for node in list(graph.nodes):
         if _is_composite_without_rule(node, parameter_values):
