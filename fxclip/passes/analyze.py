@@ -243,7 +243,7 @@ def analyze(gm: GraphModule, ctx: Context) -> GraphModule:
             chain = [n for n in graph.nodes if (n in ancestors or n is value) and n in derived and n.op != "placeholder"]
             used = tuple(k for k, p in trainable.items() if p in ancestors or p is value)
             ctx.uses.append(ParamUse(node, name, value, used, chain, _chain_kind(chain, used)))
-    _check_every_parameter_used(ctx, dependency, graph)
+    _check_every_parameter_used(ctx, reaches_loss)
     return gm
 
 
@@ -260,11 +260,10 @@ def _operands(node: Node):
                     yield f"{name}.{j}", v
 
 
-def _check_every_parameter_used(ctx: Context, dependency: nx.DiGraph, graph) -> None:
+def _check_every_parameter_used(ctx: Context, reaches_loss: set[Node]) -> None:
     """Every trainable parameter the loss depends on must have a norm term (the paper's ResNet
     code silently left the downsample convs out; the privacy bound then fails)."""
-    output = next(n for n in graph.nodes if n.op == "output")
     covered = {k for use in ctx.uses for k in use.params}
     for key, node in ctx.trainable.items():
-        if node in dependency and nx.has_path(dependency, node, output) and key not in covered:
+        if node in reaches_loss and key not in covered:
             raise FxclipError(f"internal error: parameter {key} reaches the loss but no use was found")

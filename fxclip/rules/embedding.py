@@ -15,6 +15,13 @@ from .registry import OpCall, argument_nodes, register_rule
 aten = torch.ops.aten
 
 
+def _not_padding(index: torch.Tensor, padding_idx: int | None, dtype: torch.dtype) -> torch.Tensor:
+    """1 where `index` is a token, 0 where it is `padding_idx` (none when None or negative)."""
+    if padding_idx is None or padding_idx < 0:
+        return torch.ones_like(index, dtype=dtype)
+    return (index != padding_idx).to(dtype)
+
+
 def _row_gather_form(call: OpCall, index_name: str, weight_name: str, padding_idx: int = -1) -> LinearForm:
     """Rows of W gathered by index: G_i = Σ_t e_{x_it} g_itᵀ, LinearForm(L = one-hot(x), R = g).
     Ghost compares tokens ([x_it = x_is], T²) and costs T²·d for g; materialize scatters T·d
@@ -22,8 +29,7 @@ def _row_gather_form(call: OpCall, index_name: str, weight_name: str, padding_id
     weight = call[weight_name]
     index = call.examples(index_name).flatten(1).unsqueeze(1)  # [B, 1, T]
     g = positions(call.grad_examples())
-    keep = (index != padding_idx) if padding_idx >= 0 else torch.ones_like(index, dtype=torch.bool)
-    return LinearForm(OneHot(index, weight.shape[0], keep.to(g.dtype)), Dense(g), weight.shape)
+    return LinearForm(OneHot(index, weight.shape[0], _not_padding(index, padding_idx, g.dtype)), Dense(g), weight.shape)
 
 
 @register_rule(aten.embedding.default, params=("weight",))
@@ -85,8 +91,7 @@ def embedding_bag(call: OpCall):
     index = call.examples("indices").flatten(1)  # [B, bags·T]
     g = call.grad_examples().flatten(1, -2)  # [B, bags, d]
     bags = g.shape[1]
-    padding_idx = call.arguments.get("padding_idx")
-    scale = (index != padding_idx).to(g.dtype) if padding_idx is not None and padding_idx >= 0 else torch.ones_like(index, dtype=g.dtype)
+    scale = _not_padding(index, call.arguments.get("padding_idx"), g.dtype)
     if call["per_sample_weights"] is not None:
         scale = scale * call.examples("per_sample_weights").flatten(1).to(g.dtype)
     if call["mode"] == 1:
