@@ -9,6 +9,8 @@ the chosen strategy needs. Fallbacks and shared parameters are marked and listed
 
 from __future__ import annotations
 
+import itertools
+
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -194,14 +196,22 @@ def _cells(row: ParamRow, use: UseRow | None, first: bool, legend: dict) -> list
     return [name, shape, use.op, use.module, f"{use.rule} ({use.source})", strategy, shapes, *costs, _count(use.memory)]
 
 
+def _runs(items: list, key=lambda x: x) -> list[tuple]:
+    """(first item, count) for each run of consecutive items with equal keys: a recurrent layer's
+    step-by-step uses of one weight are one line, not one per step."""
+    return [(group[0], len(group)) for group in (list(g) for _, g in itertools.groupby(items, key))]
+
+
 def render(exp: Explanation) -> str:
     """The explanation as a fixed-width table, the cost formulas, and notes on fallbacks and
     shared parameters."""
     legend: dict = {}
     lines = []
     for row in exp.rows:
-        for i, use in enumerate(row.uses or [None]):
-            lines.append(_cells(row, use, i == 0, legend))
+        for i, (use, count) in enumerate(_runs(row.uses) or [(None, 1)]):
+            cells = _cells(row, use, i == 0, legend)
+            cells[2] += f" ×{count}" if count > 1 else ""
+            lines.append(cells)
     widths = [max(len(h), *(len(c[j]) for c in lines)) for j, h in enumerate(HEADERS)]
     fmt = lambda cells: "  ".join(c.ljust(w) for c, w in zip(cells, widths)).rstrip()
     batch = f"batch {exp.batch_size}" if exp.batch_size is not None else "last step"
@@ -229,7 +239,8 @@ def render(exp: Explanation) -> str:
         memory += f", {total / 2**20:.2f} MiB for the batch of {exp.batch_size}"
     out.append(memory + ".")
     for row in exp.shared:
-        ops = ", ".join(f"{u.op} in {u.module}" for u in row.uses)
+        runs = _runs(row.uses, key=lambda u: (u.op, u.module))
+        ops = ", ".join(f"{u.op} in {u.module}" + (f" ×{n}" if n > 1 else "") for u, n in runs)
         out.append(f"= {row.name} is shared by {len(row.uses)} uses ({ops}): its norm is ‖Σ_u G_u‖², computed together.")
     for row in exp.fallbacks:
         for use in row.uses:

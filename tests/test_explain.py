@@ -73,6 +73,17 @@ def test_shared_parameter_stands_out():
     assert explanation.extra_memory_per_example == separate + row.uses[0].memory
 
 
+def test_recurrent_steps_render_as_one_line():
+    t, _, _ = stepped("gru")
+    explanation = t.explain()
+    row = explanation.row("gru.weight_hh_l0")
+    assert len(row.uses) == 32  # one use per time step
+    text = str(explanation)
+    lines = [line for line in text.splitlines() if "aten.linear.default ×32" in line]
+    assert len(lines) == 8 and any("gru.weight_hh_l0 " in line for line in lines)  # hh weights and biases
+    assert "gru.weight_hh_l0 is shared by 32 uses (aten.linear.default in gru (GRU) ×32)" in text
+
+
 @pytest.mark.parametrize("strategy", ["ghost", "materialize"])
 def test_forced_strategy_shows(strategy):
     t, _, _ = stepped("mnist_cnn", strategy=strategy)

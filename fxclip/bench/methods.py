@@ -157,6 +157,8 @@ METHODS: dict[str, Callable[..., Method]] = {
     "fxclip": fxclip_method,
     "fxclip_compiled": lambda *a: fxclip_method(*a, compiled=True),
     "fxclip_compiled_buckets": lambda *a: fxclip_method(*a, compiled="buckets"),
+    # the memory bound: the batch in two chunks (max_physical_batch_size), same clipped sum
+    "fxclip_compiled_halves": lambda *a: fxclip_method(*a, compiled=True, max_physical_batch_size=-(-a[4].shape[0] // 2)),
     "naive": naive,
     "vmap": vmap_grad,
     "vmap_compiled": lambda *a: vmap_grad(*a, compiled=True),
@@ -165,9 +167,9 @@ METHODS: dict[str, Callable[..., Method]] = {
 }
 FLOOR = "floor"
 NAIVE = "naive"
-COMPILED = {"floor_compiled", "fxclip_compiled", "fxclip_compiled_buckets", "vmap_compiled"}
-# what a plain run times: buckets (padding to static sizes) only on request, see --batch-modes
-DEFAULT_METHODS = [m for m in METHODS if m != "fxclip_compiled_buckets"]
+COMPILED = {"floor_compiled", "fxclip_compiled", "fxclip_compiled_buckets", "fxclip_compiled_halves", "vmap_compiled"}
+# what a plain run times: buckets (padding to static sizes) and halves only on request
+DEFAULT_METHODS = [m for m in METHODS if m not in ("fxclip_compiled_buckets", "fxclip_compiled_halves")]
 
 
 def reference_clipped_sum(model, loss_fn, max_grad_norm, inputs, targets) -> dict[str, torch.Tensor]:
