@@ -20,9 +20,29 @@ def _functional_variant(target):
     return getattr(packet, overload, None) if packet is not None else None
 
 
+def _base(node):
+    """The tensor `node` is a view of (through detach, view, slice, transpose ...), else itself."""
+    while node.op == "call_function" and isinstance(node.target, torch._ops.OpOverload):
+        returns = node.target._schema.returns
+        alias = returns[0].alias_info if len(returns) == 1 else None
+        if alias is None or alias.is_write or not node.args:
+            break
+        node = node.args[0]
+    return node
+
+
+# what the ops that mutate a model's state in its forward come from, and what to do instead
+_MUTATION_HINTS = {
+    torch.ops.aten.embedding_renorm_.default: "nn.Embedding(max_norm=...) renormalizes rows of its "
+    "weight in place during the forward; build the embedding without max_norm (and, if wanted, "
+    "renormalize its weight after each optimizer step instead)",
+}
+
+
 def functionalize(gm: GraphModule, ctx: Context) -> GraphModule:
     """Guarantees: no call_function node mutates its input; later readers of a mutated value read
-    the new out-of-place result. Mutating a model input, parameter or buffer is refused."""
+    the new out-of-place result. Mutating a model input, parameter or buffer (or a view of one,
+    such as its detach()) is refused."""
     graph = gm.graph
     for node in list(graph.nodes):
         if node.op != "call_function" or not isinstance(node.target, torch._ops.OpOverload):
@@ -31,11 +51,13 @@ def functionalize(gm: GraphModule, ctx: Context) -> GraphModule:
             continue
         mutated = node.args[0]
         variant = _functional_variant(node.target)
-        if variant is None or mutated.op == "placeholder":
+        state = _base(mutated).op == "placeholder"
+        if variant is None or state:
             raise FxclipError(
-                f"the model mutates {'its input or state' if mutated.op == 'placeholder' else 'a tensor'} "
+                f"the model mutates {'its input or state' if state else 'a tensor'} "
                 f"in place with {node.target} ({node.meta.get('stack_trace', '').strip().splitlines()[-1:]}); "
-                "fxclip needs a functional forward: use the out-of-place op"
+                "fxclip needs a functional forward: "
+                + _MUTATION_HINTS.get(node.target, "use the out-of-place op")
             )
         with graph.inserting_after(node):
             new = graph.call_function(variant, node.args, node.kwargs)
