@@ -9,9 +9,10 @@ from .api import PrivateStep, StepResult, transform
 from .errors import CaptureError, ExampleMixingError, FxclipError, VerificationError
 from .forms import Dense, LinearForm, OneHot, PerExampleGrad
 from .rules import OpCall, register_rule, unregister_rule
+from .whole_model import FallbackWarning
 
 __all__ = [
     "transform", "PrivateStep", "StepResult", "register_rule", "unregister_rule", "OpCall",
     "LinearForm", "PerExampleGrad", "Dense", "OneHot",
-    "FxclipError", "CaptureError", "ExampleMixingError", "VerificationError",
+    "FxclipError", "CaptureError", "ExampleMixingError", "VerificationError", "FallbackWarning",
 ]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
@@ -11,9 +12,10 @@ import torch.utils._pytree as pytree
 
 from .errors import FxclipError, VerificationError
 from .passes import Context, StepProgram, run_passes
-from .passes.capture import reject_batchnorm_in_training
+from .passes.capture import ExportFailed, reject_batchnorm_in_training
 from .passes.compile import BATCH_MODES, CompiledStep
 from .passes.emit import EPS
+from .whole_model import FallbackWarning, WholeModelStep
 
 STRATEGIES = ("auto", "ghost", "materialize")
 
@@ -119,7 +121,7 @@ class PrivateStep:
             return StepResult(empty, empty, empty)
         ctx, program = self._program(inputs, targets)
         runs = [
-            self._run(ctx, program, self._flat_args(ctx, *chunk, params=params))
+            program(*chunk, self.max_grad_norm) if ctx is None else self._run(ctx, program, self._flat_args(ctx, *chunk, params=params))
             for chunk in self._chunks(inputs, targets, batch)
         ]
         losses, norms, clip, grads = runs[0] if len(runs) == 1 else _combine(runs)
@@ -127,7 +129,7 @@ class PrivateStep:
         # two reductions instead of elementwise checks, which cost more than a small step's math.
         if not math.isfinite(float(losses.sum()) + float(norms.sum())):
             _raise_if_not_finite(inputs, losses, norms)
-        if self.verify:
+        if self.verify and ctx is not None:  # the whole-model fallback is the reference's own method
             self._verify(ctx, program, inputs, targets)
             self.verify = False
         self._accumulate(trainable, grads)
@@ -154,14 +156,23 @@ class PrivateStep:
         """'<param> in <op> (<module>)' for each parameter use that no rule covers (fallback)."""
         from .passes.analyze import where
 
-        return [f"{u.params} at {where(u.node)}" for ctx, _ in self._programs.values() for u in ctx.fallbacks]
+        found = []
+        for ctx, program in self._programs.values():
+            if ctx is None:
+                found.append(f"the whole model (not captured: {program.reason.splitlines()[0]})")
+            else:
+                found += [f"{u.params} at {where(u.node)}" for u in ctx.fallbacks]
+        return found
 
     @property
     def program(self) -> StepProgram:
         """The step program of the most recent capture (its plan says what the last step did)."""
         if self._last_key is None:
             raise FxclipError("no step has run yet: call step(inputs, targets) first")
-        return self._programs[self._last_key][1]
+        ctx, program = self._programs[self._last_key]
+        if ctx is None:
+            raise program.no_graph_error()
+        return program
 
     # ---- internals --------------------------------------------------------------------------
 
@@ -203,7 +214,17 @@ class PrivateStep:
                 strategy=self.strategy,
                 memory_budget=self.memory_budget,
             )
-            self._programs[key] = (ctx, run_passes(ctx))
+            try:
+                self._programs[key] = (ctx, run_passes(ctx))
+            except ExportFailed as e:
+                warnings.warn(
+                    f"{e}\nfxclip takes the whole-model fallback: per-example gradients of the whole model "
+                    "by torch.func (or one backward per example), exact but slower, and without "
+                    "explain(), graph() or compilation (fxclip.whole_model).",
+                    FallbackWarning,
+                    stacklevel=3,
+                )
+                self._programs[key] = (None, WholeModelStep(self.model, self.loss_fn, ctx.batch_dims, str(e)))
         return self._programs[key]
 
     def _compiled_step(self, ctx: Context, program: StepProgram, flat_args: list) -> CompiledStep:

@@ -140,13 +140,12 @@ def explain(step, inputs=None, targets=None) -> Explanation:
         losses, *_ = program(args, step.max_grad_norm, step.strategy)
         batch = losses.shape[0]
     else:
-        try:
-            program = step.program
-        except FxclipError as e:
+        if step._last_key is None:
             raise FxclipError(
                 "explain() has no plan yet: run t.step(inputs, targets) first, or pass a batch, "
                 "t.explain(inputs, targets), to plan it without writing gradients"
-            ) from e
+            )
+        program = step.program
         batch = None
     by_param: dict[str, list[UseRow]] = {}
     counted, extra = set(), 0

@@ -49,6 +49,8 @@ def bound_program(step, inputs, targets):
     inputs = inputs if isinstance(inputs, tuple) else (inputs,)
     step._check_inputs(inputs, targets)
     ctx, program = step._program(inputs, targets)
+    if ctx is None:  # the whole-model fallback
+        raise program.no_graph_error()
     return program, step._flat_args(ctx, inputs, targets)
 
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 from typing import Callable, Sequence
 
 import torch
-from torch.func import functional_call, grad, vmap
+from torch.func import functional_call, grad, grad_and_value, vmap
 
 from .passes.capture import ModelWithLoss
 
@@ -19,8 +19,10 @@ def per_example_grads(
     targets: torch.Tensor,
     batch_dims: Sequence[int] | None = None,
     chunk_size: int | None = None,
-) -> dict[str, torch.Tensor]:
-    """{name: [B, *param.shape]} for every parameter with requires_grad, each example run alone."""
+    with_losses: bool = False,
+):
+    """{name: [B, *param.shape]} for every parameter with requires_grad, each example run alone
+    (and, `with_losses`, the examples' losses [B] as a second result)."""
     inputs = tuple(inputs)
     batch_dims = tuple(batch_dims or (0,) * len(inputs))
     trainable = {k: p.detach() for k, p in model.named_parameters() if p.requires_grad}
@@ -35,39 +37,49 @@ def per_example_grads(
         state = {f"model.{k}": v for k, v in {**params, **frozen, **buffers}.items()}
         return functional_call(with_loss, state, (xs, y.unsqueeze(0))).sum()
 
-    per_example = vmap(grad(loss_of_one), in_dims=(None, batch_dims, 0), chunk_size=chunk_size)
+    transform = grad_and_value if with_losses else grad
+    per_example = vmap(transform(loss_of_one), in_dims=(None, batch_dims, 0), chunk_size=chunk_size)
     return per_example(trainable, inputs, targets)
 
 
-def any_per_example_grads(model, loss_fn, inputs, targets, batch_dims=None) -> tuple[dict[str, torch.Tensor], str]:
+def any_per_example_grads(model, loss_fn, inputs, targets, batch_dims=None, with_losses=False):
     """(`per_example_grads`, "torch.func"), or, for models torch.func cannot transform (a custom
-    op without a vmap rule, pytorch#168393; cuDNN's LSTM under vmap), (`naive_per_example_grads`,
-    "per-example loop")."""
+    op without a vmap rule, pytorch#168393; cuDNN's LSTM under vmap; Python control flow on a
+    tensor's value), (`naive_per_example_grads`, "per-example loop")."""
     try:
-        return per_example_grads(model, loss_fn, inputs, targets, batch_dims), "torch.func"
+        return per_example_grads(model, loss_fn, inputs, targets, batch_dims, with_losses=with_losses), "torch.func"
     except RuntimeError:  # NotImplementedError included
-        return naive_per_example_grads(model, loss_fn, inputs, targets, batch_dims), "per-example loop"
+        return naive_per_example_grads(model, loss_fn, inputs, targets, batch_dims, with_losses), "per-example loop"
+
+
+def clip_and_sum(grads: dict[str, torch.Tensor], max_grad_norm: float, eps: float = 1e-6):
+    """(norms ‖g_i‖ [B], clip factors min(1, C/(‖g_i‖+eps)) [B], {name: Σ_i clip_i g_i}) from
+    per-example gradients."""
+    flat = torch.cat([g.reshape(g.shape[0], -1) for g in grads.values()], dim=1)
+    norms = flat.norm(dim=1)
+    clip = (max_grad_norm / (norms + eps)).clamp(max=1.0)
+    return norms, clip, {k: torch.tensordot(clip.to(g.dtype), g, dims=1) for k, g in grads.items()}
 
 
 def clipped_sum(grads: dict[str, torch.Tensor], max_grad_norm: float, eps: float = 1e-6):
     """(norms [B], {name: Σ_i min(1, C/(‖g_i‖+eps)) g_i}) from per-example gradients."""
-    flat = torch.cat([g.reshape(g.shape[0], -1) for g in grads.values()], dim=1)
-    norms = flat.norm(dim=1)
-    clip = (max_grad_norm / (norms + eps)).clamp(max=1.0)
-    return norms, {k: torch.tensordot(clip.to(g.dtype), g, dims=1) for k, g in grads.items()}
+    norms, _, sums = clip_and_sum(grads, max_grad_norm, eps)
+    return norms, sums
 
 
-def naive_per_example_grads(model, loss_fn, inputs, targets, batch_dims=None) -> dict[str, torch.Tensor]:
+def naive_per_example_grads(model, loss_fn, inputs, targets, batch_dims=None, with_losses=False):
     """One forward and backward per example (the method DP-SGD started with; also the reference
-    for modules torch.func cannot vmap)."""
+    for modules torch.func cannot vmap); with `with_losses`, also the losses [B]."""
     inputs = tuple(inputs)
     batch_dims = tuple(batch_dims or (0,) * len(inputs))
     params = {k: p for k, p in model.named_parameters() if p.requires_grad}
-    out = {k: [] for k in params}
+    out, losses = {k: [] for k in params}, []
     for i in range(targets.shape[0]):
         xs = tuple(x.narrow(d, i, 1) for x, d in zip(inputs, batch_dims))
         loss = loss_fn(model(*xs), targets[i : i + 1]).sum()
         gs = torch.autograd.grad(loss, list(params.values()), allow_unused=True)
         for (k, p), g in zip(params.items(), gs):
             out[k].append(torch.zeros_like(p) if g is None else g)
-    return {k: torch.stack(v) for k, v in out.items()}
+        losses.append(loss.detach())
+    grads = {k: torch.stack(v) for k, v in out.items()}
+    return (grads, torch.stack(losses)) if with_losses else grads

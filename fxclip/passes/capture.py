@@ -18,6 +18,11 @@ from .inline import inline_trace
 REGIONS = (torch.ops.higher_order.wrap_with_set_grad_enabled, torch.ops.higher_order.wrap_with_autocast)
 
 
+class ExportFailed(CaptureError):
+    """torch.export could not capture the model; the step then takes the whole-model fallback
+    (`fxclip.whole_model`)."""
+
+
 class ModelWithLoss(torch.nn.Module):
     """model(*inputs) then loss_fn(output, targets): one graph that ends in per-example losses."""
 
@@ -81,7 +86,7 @@ def capture(gm: GraphModule | None, ctx: Context) -> GraphModule:
                 ModelWithLoss(ctx.model, ctx.loss_fn), (inputs, targets), dynamic_shapes=dynamic, strict=False
             )
     except Exception as e:  # torch.export raises many types; say what failed and keep the cause
-        raise CaptureError(
+        raise ExportFailed(
             f"torch.export could not capture the model with a symbolic batch size: {type(e).__name__}: "
             f"{str(e).splitlines()[0] if str(e) else ''}\nCommon causes: Python control flow on tensor "
             "values, a batch size written into the model's code (use x.shape[0]), or batch_dims that "
@@ -137,9 +142,13 @@ def _check_loss_shape(gm: GraphModule) -> None:
     out = next(n for n in gm.graph.nodes if n.op == "output").args[0]
     val = out[0].meta.get("val") if isinstance(out, (tuple, list)) and len(out) == 1 else None
     if not isinstance(val, torch.Tensor) or val.dim() != 1 or not isinstance(val.shape[0], torch.SymInt):
-        shape = tuple(val.shape) if isinstance(val, torch.Tensor) else type(val).__name__
-        raise CaptureError(
-            f"loss_fn must return one loss per example, a tensor of shape [batch]; it returned {shape}. "
-            "Use reduction='none' (e.g. F.cross_entropy(out, y, reduction='none')) and, for sequence "
-            "or pixel losses, sum or average over every dim but the batch."
-        )
+        raise loss_shape_error(tuple(val.shape) if isinstance(val, torch.Tensor) else type(val).__name__)
+
+
+def loss_shape_error(shape) -> CaptureError:
+    """The error for a loss_fn whose result is not one loss per example (it returned `shape`)."""
+    return CaptureError(
+        f"loss_fn must return one loss per example, a tensor of shape [batch]; it returned {shape}. "
+        "Use reduction='none' (e.g. F.cross_entropy(out, y, reduction='none')) and, for sequence "
+        "or pixel losses, sum or average over every dim but the batch."
+    )

@@ -1,0 +1,63 @@
+"""The whole-model fallback, for models torch.export cannot capture (Python control flow on a
+tensor's value, packed sequences, code export does not trace).
+
+Without a graph there are no ops to rewrite, so the step takes each example's gradient of the
+whole model: torch.func (vmap of grad over functional_call), or, where torch.func cannot run the
+model either, one forward and backward per example. Then it clips and sums, as the fast path does.
+The result is exact and private by the same bound (each example moves the sum by at most C), but
+it materializes every per-example gradient (B × the parameters) and costs what those methods cost
+(docs/benchmarks.md: vmap and naive); `explain`, `graph` and compilation need a graph and are not
+available. `PrivateStep` warns with `FallbackWarning` when it takes this path.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .errors import FxclipError
+from .passes.capture import loss_shape_error
+from .passes.emit import EPS
+from .reference import any_per_example_grads, clip_and_sum, naive_per_example_grads
+
+
+class FallbackWarning(UserWarning):
+    """fxclip could not capture the model and takes the slower whole-model fallback. Make it an
+    error with warnings.simplefilter("error", fxclip.FallbackWarning)."""
+
+
+class WholeModelStep:
+    """`__call__(inputs, targets, max_grad_norm)` -> (losses, norms, clip factors, {name: clipped
+    gradient sum}) for one batch, like the fast path's step program. `method` is "torch.func" or
+    "per-example loop" once a step has run; `reason` is why the model was not captured."""
+
+    def __init__(self, model: torch.nn.Module, loss_fn, batch_dims, reason: str):
+        self.model, self.batch_dims, self.reason = model, tuple(batch_dims), reason
+        self.method: str | None = None
+
+        def per_example_loss(output, targets):
+            loss = loss_fn(output, targets)
+            if not isinstance(loss, torch.Tensor) or loss.dim() != 1:
+                raise loss_shape_error(tuple(loss.shape) if isinstance(loss, torch.Tensor) else type(loss).__name__)
+            return loss
+
+        self.loss_fn = per_example_loss
+
+    def no_graph_error(self) -> FxclipError:
+        """What explain(), graph() and `PrivateStep.program` raise for a model on this path."""
+        return FxclipError(
+            "the model was not captured, so its step takes the whole-model fallback, which has no "
+            f"graph or plan to show. Why it was not captured: {self.reason}"
+        )
+
+    def __call__(self, inputs: tuple, targets, max_grad_norm: float):
+        args = (self.model, self.loss_fn, inputs, targets, self.batch_dims)
+        if self.method == "per-example loop":  # torch.func failed on this model before
+            grads, losses = naive_per_example_grads(*args, with_losses=True)
+        else:
+            (grads, losses), self.method = any_per_example_grads(*args, with_losses=True)
+        losses = losses.detach()
+        if not grads:  # nothing trainable: every norm is 0, as on the fast path
+            zeros = torch.zeros_like(losses)
+            return losses, zeros, torch.ones_like(zeros), {}
+        norms, clip, clipped = clip_and_sum(grads, max_grad_norm, EPS)
+        return losses, norms, clip, clipped

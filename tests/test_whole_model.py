@@ -1,0 +1,94 @@
+"""The whole-model fallback: a model torch.export cannot capture still gets exact clipped
+per-example gradients (torch.func, or one backward per example), with a FallbackWarning."""
+
+import warnings
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import fxclip
+from fxclip.reference import clipped_sum, naive_per_example_grads
+
+
+def ce(out, y):
+    return F.cross_entropy(out, y, reduction="none")
+
+
+class BranchPerExample(nn.Module):
+    """Python control flow on each example's values: export cannot trace it, vmap cannot run it."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(4, 3), nn.Linear(4, 3)
+
+    def forward(self, x):
+        return torch.stack([self.a(xi) if xi.sum() > 0 else self.b(xi).tanh() for xi in x])
+
+
+class PackedLSTM(nn.Module):
+    """Variable-length sequences through pack_padded_sequence (export fails on the packing)."""
+
+    def __init__(self):
+        super().__init__()
+        self.lstm, self.head = nn.LSTM(4, 5, batch_first=True), nn.Linear(5, 3)
+
+    def forward(self, x, lengths):
+        packed = nn.utils.rnn.pack_padded_sequence(x, lengths, batch_first=True, enforce_sorted=False)
+        return self.head(self.lstm(packed)[1][0][-1])
+
+
+def test_uncapturable_model_gets_exact_clipped_gradients_and_a_warning():
+    torch.manual_seed(0)
+    model = BranchPerExample().double()
+    x, y = torch.randn(6, 4, dtype=torch.float64), torch.randint(0, 3, (6,))
+    t = fxclip.transform(model, ce, max_grad_norm=0.5)
+    with pytest.warns(fxclip.FallbackWarning, match="(?s)torch.export could not capture.*whole-model fallback"):
+        result = t.step(x, y)
+    ref_norms, ref_sum = clipped_sum(naive_per_example_grads(model, ce, (x,), y), 0.5)
+    torch.testing.assert_close(result.norms, ref_norms)
+    for name, p in model.named_parameters():
+        torch.testing.assert_close(p.grad, ref_sum[name])
+    torch.testing.assert_close(result.losses, ce(model(x), y).detach())
+    assert (result.norms * result.clip_factors <= 0.5 + 1e-9).all()  # the privacy bound
+    assert t.fallbacks and t.fallbacks[0].startswith("the whole model (not captured")
+    with pytest.raises(fxclip.FxclipError, match="whole-model fallback"):
+        t.explain()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # warned once per capture, not per step
+        t.step(x, y)
+
+
+def test_packed_sequences_with_physical_batches():
+    torch.manual_seed(0)
+    model = PackedLSTM().double()
+    x, lengths = torch.randn(5, 4, 4, dtype=torch.float64), torch.tensor([4, 2, 3, 1, 4])
+    y = torch.randint(0, 3, (5,))
+    t = fxclip.transform(model, ce, max_grad_norm=1.0, max_physical_batch_size=2)
+    with pytest.warns(fxclip.FallbackWarning):
+        result = t.step((x, lengths), y)
+    ref_norms, ref_sum = clipped_sum(naive_per_example_grads(model, ce, (x, lengths), y), 1.0)
+    torch.testing.assert_close(result.norms, ref_norms)
+    for name, p in model.named_parameters():
+        torch.testing.assert_close(p.grad, ref_sum[name])
+
+
+def test_fallback_still_refuses_a_reduced_loss_and_writes_nothing():
+    model = BranchPerExample()
+    for p in model.parameters():
+        p.grad = torch.ones_like(p)
+    before = {k: (p.detach().clone(), p.grad.clone()) for k, p in model.named_parameters()}
+    t = fxclip.transform(model, lambda out, y: F.cross_entropy(out, y), max_grad_norm=1.0)
+    with pytest.warns(fxclip.FallbackWarning), pytest.raises(fxclip.CaptureError, match="one loss per example"):
+        t.step(torch.randn(3, 4), torch.tensor([0, 1, 2]))
+    for k, p in model.named_parameters():
+        assert torch.equal(p.detach(), before[k][0]) and torch.equal(p.grad, before[k][1])
+
+
+def test_warning_can_be_made_an_error():
+    t = fxclip.transform(BranchPerExample(), ce, max_grad_norm=1.0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", fxclip.FallbackWarning)
+        with pytest.raises(fxclip.FallbackWarning):
+            t.step(torch.randn(3, 4), torch.tensor([0, 1, 2]))
