@@ -104,8 +104,9 @@ class PrivateStep:
         self.max_physical_batch_size = max_physical_batch_size
         self._compiled: dict[tuple, CompiledStep] = {}  # by the same key as _programs
         # by (model.training, autocast state): a graph captured under autocast asserts the dtypes
-        # autocast gives its values, so each autocast setting gets its own capture
-        self._programs: dict[tuple, tuple[Context, StepProgram]] = {}
+        # autocast gives its values, so each autocast setting gets its own capture; a model export
+        # cannot capture gets (None, WholeModelStep)
+        self._programs: dict[tuple, tuple[Context | None, StepProgram | WholeModelStep]] = {}
         self._last_key: tuple | None = None
 
     # ---- public -----------------------------------------------------------------------------
@@ -120,10 +121,7 @@ class PrivateStep:
             self._accumulate(trainable, {})
             return StepResult(empty, empty, empty)
         ctx, program = self._program(inputs, targets)
-        runs = [
-            program(*chunk, self.max_grad_norm) if ctx is None else self._run(ctx, program, self._flat_args(ctx, *chunk, params=params))
-            for chunk in self._chunks(inputs, targets, batch)
-        ]
+        runs = [self._run(ctx, program, chunk, params) for chunk in self._chunks(inputs, targets, batch)]
         losses, norms, clip, grads = runs[0] if len(runs) == 1 else _combine(runs)
         # A sum is finite iff its terms are (or it overflowed: the exact check sorts that out);
         # two reductions instead of elementwise checks, which cost more than a small step's math.
@@ -236,8 +234,11 @@ class PrivateStep:
             )
         return self._compiled[self._last_key]
 
-    def _run(self, ctx: Context, program: StepProgram, flat_args: list):
-        """(losses, norms, clip factors, clipped sums) of one physical batch."""
+    def _run(self, ctx: Context | None, program, chunk: tuple, params: dict):
+        """(losses, norms, clip factors, clipped sums) of one physical batch (inputs, targets)."""
+        if ctx is None:  # the whole-model fallback
+            return program(*chunk, self.max_grad_norm)
+        flat_args = self._flat_args(ctx, *chunk, params=params)
         if self.compile:
             return self._compiled_step(ctx, program, flat_args)(flat_args)
         return program(flat_args, self.max_grad_norm, self.strategy)
