@@ -13,7 +13,7 @@ import torch.utils._pytree as pytree
 from .errors import FxclipError, VerificationError
 from .passes import Context, StepProgram, run_passes
 from .passes.capture import ExportFailed, reject_batchnorm_in_training
-from .passes.compile import BATCH_MODES, CompiledStep
+from .passes.compile import BATCH_MODES, CompiledStep, CompileFailed
 from .passes.emit import EPS
 from .whole_model import FallbackWarning, WholeModelStep
 
@@ -240,7 +240,11 @@ class PrivateStep:
             return program(*chunk, self.max_grad_norm)
         flat_args = self._flat_args(ctx, *chunk, params=params)
         if self.compile:
-            return self._compiled_step(ctx, program, flat_args)(flat_args)
+            try:
+                return self._compiled_step(ctx, program, flat_args)(flat_args)
+            except CompileFailed as e:  # the same step, eagerly: slower, same results
+                warnings.warn(f"{e}; the step runs eagerly instead (compile=False)", stacklevel=3)
+                self.compile = False
         return program(flat_args, self.max_grad_norm, self.strategy)
 
     def _chunks(self, inputs, targets, batch: int):

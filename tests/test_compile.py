@@ -105,6 +105,58 @@ def test_a_trace_that_fixes_the_batch_falls_back_to_buckets(monkeypatch):
     assert compiled._compiled[compiled._last_key].batch_mode == "buckets"
 
 
+class Lerp(torch.nn.Module):
+    """torch.lerp with a learned weight: in torch 2.13 its fake kernel cannot broadcast a symbolic
+    batch, so tracing with one raises."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin, self.mix = torch.nn.Linear(4, 4), torch.nn.Parameter(torch.rand(4))
+
+    def forward(self, x):
+        return torch.lerp(x, self.lin(x), self.mix)
+
+
+def _lerp_steps(**options):
+    torch.manual_seed(0)
+    model = Lerp()
+    t = fxclip.transform(model, LOSS, 1.0, **options)
+    results = []
+    for size in (6, 9):
+        model.zero_grad(set_to_none=True)
+        x, y = torch.randn(size, 4), torch.randint(0, 4, (size,))
+        results.append((t.step(x, y), [p.grad.clone() for p in model.parameters()]))
+    return t, results
+
+
+def _assert_same_steps(got, want):
+    for (r, grads), (r0, grads0) in zip(got, want):
+        torch.testing.assert_close(r.norms, r0.norms, rtol=1e-4, atol=1e-6)
+        for g, g0 in zip(grads, grads0):
+            torch.testing.assert_close(g, g0, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.compile
+def test_a_trace_that_fails_with_a_symbolic_batch_falls_back_to_buckets():
+    _, want = _lerp_steps()
+    with pytest.warns(UserWarning, match="symbolic batch failed.*buckets"):
+        t, got = _lerp_steps(compile=True)
+    _assert_same_steps(got, want)
+    assert t._compiled[t._last_key].batch_mode == "buckets"
+
+
+def test_a_step_that_cannot_be_compiled_runs_eagerly(monkeypatch):
+    def broken(self, key, bounds, args):
+        raise RuntimeError("C++ compile error")
+
+    monkeypatch.setattr(CompiledStep, "_compile", broken)
+    _, want = _lerp_steps()
+    with pytest.warns(UserWarning, match="C\\+\\+ compile error.*runs eagerly"):
+        t, got = _lerp_steps(compile=True)
+    _assert_same_steps(got, want)
+    assert t.compile is False
+
+
 def _traced_step(model, inputs, targets, **options):
     """(eager program, CompiledStep, the traced step graph with a symbolic batch): no compilation."""
     private = fxclip.transform(model, LOSS, 1.0, **options)

@@ -19,7 +19,10 @@ Batch sizes change every step under Poisson sampling. Two ways not to recompile 
   "buckets"  the batch is padded up to a bucket size (8 buckets per power of two, so at most
              12.5% padding) and each bucket compiles once with static shapes.
 If tracing fixes the batch size anyway (an op's fake kernel reads a concrete size: batched matmul
-does on CUDA with torch 2.11), "dynamic" warns and falls back to "buckets".
+does on CUDA with torch 2.11; a vmap over examples that loops) or fails with it (lerp's fake
+kernel cannot broadcast a symbolic size in torch 2.13), "dynamic" warns and falls back to
+"buckets". If tracing or compiling fails otherwise, `CompileFailed` tells `PrivateStep` to warn
+and run the step eagerly.
 Padding rows copy the first example and get a per-example clipping bound of 0, hence a clip
 factor of 0: they add nothing to the clipped sum, and their losses and norms are cut off before
 the step returns. `python -m fxclip.bench --batch-modes` measures both (docs/benchmarks.md);
@@ -63,6 +66,11 @@ INDUCTOR_OPTIONS = {"layout_optimization": False, "max_fusion_unique_io_buffers"
 class BatchSpecializedError(FxclipError):
     """Tracing with a symbolic batch fixed it to the example's size; the step then compiles
     per bucket instead."""
+
+
+class CompileFailed(FxclipError):
+    """Tracing or compiling the step failed even with a static batch; `PrivateStep` then runs
+    the same step eagerly."""
 
 
 def _constant_pad_functional(x: torch.Tensor, pad: Sequence[int], value: float = 0.0) -> torch.Tensor:
@@ -160,6 +168,10 @@ class CompiledStep:
                 warnings.warn(f"{e}; compiling per bucket of batch sizes instead (batch_mode='buckets')")
                 self.batch_mode = "buckets"
                 return self(flat_args)
+            except FxclipError:
+                raise
+            except Exception as e:  # inductor and make_fx raise many types
+                raise CompileFailed(f"compiling the step failed ({type(e).__name__}: {str(e).splitlines()[0][:200]})") from e
         with torch.no_grad():
             outs = fn(bounds, *args)
         losses, norms, clip = outs[:3] if padded == batch else (t[:batch] for t in outs[:3])
@@ -198,8 +210,16 @@ class CompiledStep:
         fakes = [fake(bounds, 0)] + [
             fake(a, self._user_batch_dims.get(j)) if isinstance(a, torch.Tensor) else a for j, a in enumerate(args)
         ]
-        with mode:
-            gm = make_fx(self._traced, tracing_mode="fake", decomposition_table=_SYMBOLIC_DECOMPOSITIONS)(*fakes)
+        try:
+            with mode:
+                gm = make_fx(self._traced, tracing_mode="fake", decomposition_table=_SYMBOLIC_DECOMPOSITIONS)(*fakes)
+        except Exception as e:
+            if bucket is not None or isinstance(e, FxclipError):
+                raise
+            # an op's fake kernel that cannot take a symbolic size (lerp's broadcast in torch 2.13)
+            raise BatchSpecializedError(
+                f"tracing the step with a symbolic batch failed ({type(e).__name__}: {str(e).splitlines()[0][:200]})"
+            ) from e
         if bucket is None:
             _check_batch_symbolic(shape_env, fakes[0].shape[0])
         # One computation of each repeated product: uses whose op outputs are summed get the same
