@@ -155,6 +155,26 @@ def test_gradient_scaled_by_batch_token_counts_is_refused(layer):
     assert_unchanged(model, before)
 
 
+def test_loss_cut_off_from_every_parameter_is_refused():
+    # a reentrant checkpoint whose input needs no gradient: export detaches everything after it;
+    # the step gave zero gradients where backward() gives the head's
+    from torch.utils.checkpoint import checkpoint
+
+    class Checkpointed(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.body, self.head = nn.Linear(4, 6), nn.Linear(6, 3)
+
+        def forward(self, x):
+            return self.head(checkpoint(lambda h: torch.tanh(self.body(h)), x, use_reentrant=True))
+
+    model = Checkpointed()
+    before = snapshot(model)
+    with pytest.warns(UserWarning), pytest.raises(fxclip.FxclipError, match="use_reentrant=False"):
+        fxclip.transform(model, ce, max_grad_norm=1.0).step(torch.randn(5, 4), torch.randint(0, 3, (5,)))
+    assert_unchanged(model, before)
+
+
 def test_embedding_max_norm_is_refused_and_writes_nothing():
     # max_norm renormalizes the weight in place (through weight.detach()) in the forward: silently
     # dropping that gave gradients of the unnormalized rows (error 0.61 against autograd)

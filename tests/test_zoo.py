@@ -96,6 +96,18 @@ def test_loss_that_reads_a_model_parameter():
     torch.testing.assert_close(result.norms, norms, rtol=1e-10, atol=0)
 
 
+def test_loss_from_an_op_with_a_batch_free_second_output():
+    """aten.nll_loss_forward returns (losses [B], total weight []); the unused total weight has no
+    batch axis and is not a reduction over the batch (it was refused as one)."""
+    model = nn.Linear(4, 3).double()
+
+    def loss_fn(out, y):
+        return torch.ops.aten.nll_loss_forward(out.log_softmax(-1), y, None, 0, -100)[0]
+
+    inputs, y = (torch.randn(5, 4, dtype=torch.float64),), torch.randint(0, 3, (5,))
+    check_against_reference(fxclip.transform(model, loss_fn, max_grad_norm=0.5), inputs, y)
+
+
 def test_verify_catches_a_wrong_rule():
     from fxclip.rules import linear as linear_rules
     from fxclip.rules.registry import RULES

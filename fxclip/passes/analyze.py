@@ -85,7 +85,9 @@ class _BatchLocator:
 
     def locate(self, node: Node, val, in_axes: list[tuple[torch.Tensor, BatchAxis]]):
         if isinstance(val, (tuple, list)):
-            return tuple(self.locate(node, v, in_axes) for v in val)
+            # an output nothing reads may lack the batch (nll_loss_forward's total weight)
+            used = {u.args[1] for u in node.users if u.target is operator.getitem and u.users}
+            return tuple(self.locate(node, v, in_axes) if i in used else None for i, v in enumerate(val))
         if not isinstance(val, torch.Tensor):
             return None
         dims = [d for d, s in enumerate(val.shape) if self.has_batch(s)]
@@ -262,7 +264,15 @@ def _operands(node: Node):
 
 def _check_every_parameter_used(ctx: Context, reaches_loss: set[Node]) -> None:
     """Every trainable parameter the loss depends on must have a norm term (the paper's ResNet
-    code silently left the downsample convs out; the privacy bound then fails)."""
+    code silently left the downsample convs out; the privacy bound then fails), and the loss must
+    depend on some trainable parameter."""
+    if ctx.trainable and not any(node in reaches_loss for node in ctx.trainable.values()):
+        # what loss.backward() refuses eagerly ("does not require grad"); not a step of zeros
+        raise FxclipError(
+            "the loss does not depend on any trainable parameter: everything between them is "
+            "detached or computed under torch.no_grad(), so there is nothing to train. Check "
+            "detach()/no_grad in the model; torch.utils.checkpoint needs use_reentrant=False."
+        )
     covered = {k for use in ctx.uses for k in use.params}
     for key, node in ctx.trainable.items():
         if node in reaches_loss and key not in covered:
