@@ -7,6 +7,7 @@ from __future__ import annotations
 from typing import Callable, Sequence
 
 import torch
+import torch.utils._pytree as pytree
 from torch.func import functional_call, grad, grad_and_value, vmap
 
 from .passes.capture import ModelWithLoss
@@ -35,10 +36,11 @@ def per_example_grads(
     def loss_of_one(params, xs, y):
         xs = tuple(x.unsqueeze(d) for x, d in zip(xs, batch_dims))
         state = {f"model.{k}": v for k, v in {**params, **frozen, **buffers}.items()}
-        return functional_call(with_loss, state, (xs, y.unsqueeze(0))).sum()
+        return functional_call(with_loss, state, (xs, pytree.tree_map(lambda t: t.unsqueeze(0) if isinstance(t, torch.Tensor) else t, y))).sum()
 
     transform = grad_and_value if with_losses else grad
-    per_example = vmap(transform(loss_of_one), in_dims=(None, batch_dims, 0), chunk_size=chunk_size)
+    target_dims = None if targets is None else 0  # targets: a tensor, a pytree of them, or None
+    per_example = vmap(transform(loss_of_one), in_dims=(None, batch_dims, target_dims), chunk_size=chunk_size)
     return per_example(trainable, inputs, targets)
 
 
@@ -74,9 +76,9 @@ def naive_per_example_grads(model, loss_fn, inputs, targets, batch_dims=None, wi
     batch_dims = tuple(batch_dims or (0,) * len(inputs))
     params = {k: p for k, p in model.named_parameters() if p.requires_grad}
     out, losses = {k: [] for k in params}, []
-    for i in range(targets.shape[0]):
+    for i in range(inputs[0].shape[batch_dims[0]]):
         xs = tuple(x.narrow(d, i, 1) for x, d in zip(inputs, batch_dims))
-        loss = loss_fn(model(*xs), targets[i : i + 1]).sum()
+        loss = loss_fn(model(*xs), pytree.tree_map(lambda t: t[i : i + 1] if isinstance(t, torch.Tensor) else t, targets)).sum()
         gs = torch.autograd.grad(loss, list(params.values()), allow_unused=True)
         for (k, p), g in zip(params.items(), gs):
             out[k].append(torch.zeros_like(p) if g is None else g)

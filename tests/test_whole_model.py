@@ -92,3 +92,21 @@ def test_warning_can_be_made_an_error():
         warnings.simplefilter("error", fxclip.FallbackWarning)
         with pytest.raises(fxclip.FallbackWarning):
             t.step(torch.randn(3, 4), torch.tensor([0, 1, 2]))
+
+
+@pytest.mark.parametrize("targets", [None, "dict"])
+def test_fallback_with_no_targets_or_a_dict_of_them(targets):
+    torch.manual_seed(0)
+    model = BranchPerExample().double()
+    x = torch.randn(5, 4, dtype=torch.float64)
+    if targets is None:
+        loss_fn = lambda out, y: (out**2).sum(1)  # noqa: E731
+    else:
+        targets = {"y": torch.randn(5, 3, dtype=torch.float64)}
+        loss_fn = lambda out, y: ((out - y["y"]) ** 2).sum(1)  # noqa: E731
+    with pytest.warns(fxclip.FallbackWarning):
+        result = fxclip.transform(model, loss_fn, max_grad_norm=1.0).step(x, targets)
+    ref_norms, ref_sum = clipped_sum(naive_per_example_grads(model, loss_fn, (x,), targets), 1.0)
+    torch.testing.assert_close(result.norms, ref_norms)
+    for name, p in model.named_parameters():
+        torch.testing.assert_close(p.grad, ref_sum[name])

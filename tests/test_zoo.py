@@ -1,5 +1,7 @@
 """Every zoo model through transform, against the reference, and the step's API contract."""
 
+import warnings
+
 import pytest
 import torch
 import torch.nn as nn
@@ -106,6 +108,19 @@ def test_loss_from_an_op_with_a_batch_free_second_output():
 
     inputs, y = (torch.randn(5, 4, dtype=torch.float64),), torch.randint(0, 3, (5,))
     check_against_reference(fxclip.transform(model, loss_fn, max_grad_norm=0.5), inputs, y)
+
+
+def test_targets_as_a_dict_take_the_fast_path():
+    """Targets may be any pytree of tensors batched along dim 0 (export's dynamic shapes were
+    given only tuples and lists: a dict made export fail)."""
+    model = nn.Linear(4, 3).double()
+    inputs = (torch.randn(6, 4, dtype=torch.float64),)
+    targets = {"y": torch.randn(6, 3, dtype=torch.float64), "w": torch.rand(6, dtype=torch.float64)}
+    t = fxclip.transform(model, lambda out, t: ((out - t["y"]) ** 2).sum(1) * t["w"], max_grad_norm=0.5, verify=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", fxclip.FallbackWarning)
+        t.step(inputs, targets)
+    assert t.program.plan  # captured: a plan, not the whole-model fallback
 
 
 def test_verify_catches_a_wrong_rule():

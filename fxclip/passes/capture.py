@@ -6,6 +6,7 @@ import warnings
 from functools import partial
 
 import torch
+import torch.utils._pytree as pytree
 from torch._guards import detect_fake_mode
 from torch.export import Dim
 from torch.fx import GraphModule
@@ -48,21 +49,16 @@ def reject_batchnorm_in_training(model: torch.nn.Module) -> None:
 
 
 def _tree_batch_dims(value, dim: int, batch: Dim):
-    """dynamic_shapes entry marking `dim` of every tensor in `value` as the batch."""
-    if isinstance(value, torch.Tensor):
-        return {dim: batch}
-    if isinstance(value, (tuple, list)):
-        return type(value)(_tree_batch_dims(v, dim, batch) for v in value)
-    return None
+    """dynamic_shapes entry marking `dim` of every tensor in `value` (a tensor, or tuples, lists
+    and dicts of them) as the batch."""
+    return pytree.tree_map(lambda v: {dim: batch} if isinstance(v, torch.Tensor) else None, value)
 
 
 def _at_least_two(value, dim: int):
     """torch.export specializes a size-1 dimension; capture with the batch repeated to 2."""
-    if isinstance(value, torch.Tensor):
-        return value if value.shape[dim] >= 2 else torch.cat([value] * 2, dim)
-    if isinstance(value, (tuple, list)):
-        return type(value)(_at_least_two(v, dim) for v in value)
-    return value
+    return pytree.tree_map(
+        lambda v: torch.cat([v] * 2, dim) if isinstance(v, torch.Tensor) and v.shape[dim] < 2 else v, value
+    )
 
 
 def capture(gm: GraphModule | None, ctx: Context) -> GraphModule:
