@@ -25,7 +25,7 @@ def _base(node):
     while node.op == "call_function" and isinstance(node.target, torch._ops.OpOverload):
         returns = node.target._schema.returns
         alias = returns[0].alias_info if len(returns) == 1 else None
-        if alias is None or alias.is_write or not node.args:
+        if alias is None or alias.is_write or not node.args or not isinstance(node.args[0], torch.fx.Node):
             break
         node = node.args[0]
     return node
