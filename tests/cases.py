@@ -276,6 +276,7 @@ CASES = [
     Case("overlapping_slices", OverlappingSlices, randn(5)),
     Case("transposed_use", TransposedUse, randn(3, 5)),
     Case("weight_norm_chain", WeightNormLinear, randn(5)),
+    Case("weight_norm_parametrization", lambda: nn.utils.parametrizations.weight_norm(nn.Linear(5, 3)), randn(5)),
     # layouts
     Case("seq_first_flattened", SeqFirst, lambda b, g: (torch.randn(5, b, 4, generator=g, dtype=torch.float64),), (1,)),
     Case("two_inputs_batch_in_dim1", lambda: Lambda(lambda s, x, y: s.a(x) * s.b(y.T), a=nn.Linear(3, 4), b=nn.Linear(2, 4)),

@@ -202,6 +202,18 @@ def test_conv_step_traces_with_a_symbolic_batch_through_the_weight_grad_op():
     _assert_graph_computes_step(private, step, graph, *batch(9))
 
 
+def test_weight_normed_step_traces_with_a_symbolic_batch():
+    """The per-example vjp through weight norm (a vmap) keeps the batch a symbol: the fused
+    kernel's backward has no batching rule, so vmap looped over the examples and fixed the batch
+    (the step compiled once per bucket); decompose writes it out unfused."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.utils.parametrizations.weight_norm(torch.nn.Linear(4, 6)), torch.nn.Tanh(), torch.nn.Linear(6, 2))
+    gen = torch.Generator().manual_seed(3)
+    batch = lambda b: ((torch.randn(b, 4, generator=gen),), torch.randint(0, 2, (b,), generator=gen))
+    private, step, graph = _traced_step(model, *batch(6))
+    _assert_graph_computes_step(private, step, graph, *batch(9))
+
+
 class _LSTMNet(torch.nn.Module):
     def __init__(self):
         super().__init__()

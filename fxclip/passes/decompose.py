@@ -205,8 +205,20 @@ def _is_composite_without_rule(node: Node, parameter_values: set[Node]) -> bool:
     return any(n in parameter_values for n in inputs) and not all(n in parameter_values for n in inputs)
 
 
-def _inline_composite(gm: GraphModule, node: Node, fake_mode) -> None:
-    """Replace `node` by the ops its composite kernel runs (left alone when it cannot be traced)."""
+def _weight_norm_unfused(v: torch.Tensor, g: torch.Tensor, dim: int = 0) -> torch.Tensor:
+    """aten._weight_norm as ATen computes it without the fused kernel."""
+    return v * (g / torch.norm_except_dim(v, 2, dim))
+
+
+# Ops whose fused kernel's derivative has no vmap batching rule (`_weight_norm_interface_backward`):
+# the per-example vjp through a parameter's chain (emit) would loop over the examples, one small
+# backward each (4.8x the non-private step on a weight-normed CNN), and a loop fixes the batch
+# size when the step is traced for compilation. They are written out as the unfused computation.
+UNFUSED: dict[Callable, Callable] = {aten._weight_norm.default: _weight_norm_unfused}
+
+
+def _inline(gm: GraphModule, node: Node, fake_mode, fn: Callable) -> None:
+    """Replace `node` by the ops fn(*its arguments) runs (left alone when it cannot be traced)."""
     flat, spec = pytree.tree_flatten((node.args, node.kwargs))
     positions = [i for i, a in enumerate(flat) if isinstance(a, Node)]
 
@@ -215,7 +227,7 @@ def _inline_composite(gm: GraphModule, node: Node, fake_mode) -> None:
         for i, t in zip(positions, tensors):
             leaves[i] = t
         args, kwargs = pytree.tree_unflatten(leaves, spec)
-        return node.target(*args, **kwargs)
+        return fn(*args, **kwargs)
 
     inline_trace(gm, node, run, [flat[i] for i in positions], fake_mode)
 
@@ -225,7 +237,8 @@ def decompose(gm: GraphModule, ctx: Context) -> GraphModule:
     each is replaced by linear, elementwise, unbind/stack/cat/select ops computing the same values
     as ATen's CPU kernel (its cell arithmetic, step by step). Every op that reads a parameter and a
     batched value, has no rule and has a CompositeImplicitAutograd kernel is replaced by the ops
-    that kernel runs. Every new node has meta["val"] and the replaced op's source metadata."""
+    that kernel runs, and every `UNFUSED` op by its unfused computation. Every new node has
+    meta["val"] and the replaced op's source metadata."""
     graph = gm.graph
     fake_mode = detect_fake_mode([n.meta.get("val") for n in graph.nodes if n.op == "placeholder"])
     for node in list(graph.nodes):
@@ -241,8 +254,10 @@ def decompose(gm: GraphModule, ctx: Context) -> GraphModule:
             replace_node(graph, node, _decompose_cell(w, kind, node), multi_output=kind == "lstm")
     parameter_values = _parameter_values(graph, ctx)
     for node in list(graph.nodes):
-        if _is_composite_without_rule(node, parameter_values):
-            _inline_composite(gm, node, fake_mode)
+        if node.op == "call_function" and node.target in UNFUSED:
+            _inline(gm, node, fake_mode, UNFUSED[node.target])
+        elif _is_composite_without_rule(node, parameter_values):
+            _inline(gm, node, fake_mode, node.target)
     graph.eliminate_dead_code()
     gm.recompile()
     return gm
