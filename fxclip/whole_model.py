@@ -51,10 +51,19 @@ class WholeModelStep:
 
     def __call__(self, inputs: tuple, targets, max_grad_norm: float):
         args = (self.model, self.loss_fn, inputs, targets, self.batch_dims)
-        if self.method == "per-example loop":  # torch.func failed on this model before
-            grads, losses = naive_per_example_grads(*args, with_losses=True)
-        else:
-            (grads, losses), self.method = any_per_example_grads(*args, with_losses=True)
+        try:
+            if self.method == "per-example loop":  # torch.func failed on this model before
+                grads, losses = naive_per_example_grads(*args, with_losses=True)
+            else:
+                (grads, losses), self.method = any_per_example_grads(*args, with_losses=True)
+        except FxclipError:
+            raise
+        except Exception as e:  # the model fails on one example alone (a batch size in its code)
+            raise FxclipError(
+                f"the whole-model fallback could not run the model one example at a time "
+                f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}). It was not captured "
+                f"because: {self.reason}"
+            ) from e
         losses = losses.detach()
         if not grads:  # nothing trainable: every norm is 0, as on the fast path
             zeros = torch.zeros_like(losses)

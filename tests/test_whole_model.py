@@ -110,3 +110,19 @@ def test_fallback_with_no_targets_or_a_dict_of_them(targets):
     torch.testing.assert_close(result.norms, ref_norms)
     for name, p in model.named_parameters():
         torch.testing.assert_close(p.grad, ref_sum[name])
+
+
+def test_model_that_runs_only_on_full_batches_gets_both_reasons_and_writes_nothing():
+    class FixedBatch(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(4, 3)
+
+        def forward(self, x):
+            return self.lin(x.view(3, 4))  # the batch size written into the code
+
+    model = FixedBatch()
+    t = fxclip.transform(model, ce, max_grad_norm=1.0)
+    with pytest.warns(fxclip.FallbackWarning), pytest.raises(fxclip.FxclipError, match="(?s)one example at a time.*not captured because"):
+        t.step(torch.randn(3, 4), torch.tensor([0, 1, 2]))
+    assert all(p.grad is None for p in model.parameters())
