@@ -242,6 +242,10 @@ CASES = [
     Case("conv2d_groups", conv(2, in_channels=4, out_channels=6, kernel_size=3, groups=2, padding=1), conv_input(2, 4, 5)),
     Case("conv2d_depthwise", conv(2, in_channels=3, out_channels=6, kernel_size=3, groups=3), conv_input(2, 3, 5)),
     Case("conv2d_reflect", conv(2, in_channels=2, out_channels=2, kernel_size=3, padding=1, padding_mode="reflect"), conv_input(2, 2, 5)),
+    Case("conv_transpose1d_groups_dilation", lambda: nn.Sequential(nn.ConvTranspose1d(4, 6, 3, stride=2, groups=2, dilation=2), nn.Flatten(), nn.Tanh()), conv_input(1, 4, 5)),
+    Case("conv_transpose2d_output_padding", lambda: nn.Sequential(nn.ConvTranspose2d(2, 3, 3, stride=2, padding=1, output_padding=1), nn.Flatten(), nn.Tanh()), conv_input(2, 2, 4)),
+    Case("conv_transpose2d_no_bias", lambda: nn.Sequential(nn.ConvTranspose2d(2, 3, (2, 3), stride=(1, 2), bias=False), nn.Flatten(), nn.Tanh()), conv_input(2, 2, 3)),
+    Case("conv_transpose3d", lambda: nn.Sequential(nn.ConvTranspose3d(2, 2, 2, stride=2), nn.Flatten(), nn.Tanh()), conv_input(3, 2, 2)),
     Case("conv3d", conv(3, in_channels=2, out_channels=3, kernel_size=2, stride=(1, 2, 1), padding=1), conv_input(3, 2, 4)),
     # embeddings
     Case("embedding", lambda: nn.Embedding(7, 4), tokens(7, 6)),
@@ -286,7 +290,6 @@ CASES = [
     Case("frames_folded_into_conv_batch", Frames, randn(3, 2, 4, 4)),
     Case("seq_first_embedding", SeqFirstEmbedding, lambda b, g: (torch.randint(0, 9, (6, b), generator=g),), (1,)),
     # the fallback (ops no rule covers)
-    Case("fallback_conv_transpose", lambda: nn.ConvTranspose2d(2, 3, 3, stride=2), conv_input(2, 2, 4)),
     Case("fallback_prelu", lambda: nn.Sequential(nn.Linear(4, 5), nn.PReLU(5)), randn(4)),
     Case("fallback_bilinear_seq_first", lambda: Lambda(lambda s, x: s.bil(x, x.flip(-1)).mean(0), bil=nn.Bilinear(4, 4, 3)),
          lambda b, g: (torch.randn(3, b, 4, generator=g, dtype=torch.float64),), (1,)),

@@ -79,10 +79,10 @@ def _batch_in_dim0(node) -> bool:
     return node.meta["fxclip_batch_axis"].dim == 0
 
 
-def _explicit_padding(x, call: OpCall, kernel, dilation) -> tuple[torch.Tensor, list[int]]:
+def _explicit_padding(x, padding, kernel, dilation) -> tuple[torch.Tensor, list[int]]:
     """The input and a symmetric padding list for aten.convolution_backward ('same' with an even
     kernel pads one more after: that part is applied to the input)."""
-    pads = _pads(call["padding"], kernel, dilation)
+    pads = _pads(padding, kernel, dilation)
     if all(before == after for before, after in pads):
         return x, [before for before, _ in pads]
     extra = [p for before, after in reversed(pads) for p in (0, after - before)]
@@ -136,15 +136,59 @@ def _(grad, x, in_per_group, kernel, stride, padding, dilation):
     return grad.new_empty(grad.shape[1], in_per_group, *kernel)
 
 
-def _weight_grad_kernel(call: OpCall, grad: torch.Tensor, x: torch.Tensor, weight_shape):
+def _weight_grad_kernel(grad: torch.Tensor, x: torch.Tensor, weight_shape, stride, padding, dilation):
     """The convolution weight-gradient kernel (what an ordinary backward runs) on (grad, x), in
     the accumulation dtype (float32 for bf16/fp16 values); the groups follow from x's channels."""
     dtype = accumulation_dtype(torch.promote_types(grad.dtype, x.dtype))
     grad, x = grad.to(dtype), x.to(dtype)
     nd = len(weight_shape) - 2
-    dilation = _per_dim(call["dilation"], nd)
-    x, padding = _explicit_padding(x, call, weight_shape[2:], dilation)
-    return conv_weight_grad(grad, x, weight_shape[1], list(weight_shape[2:]), _per_dim(call["stride"], nd), padding, dilation)
+    dilation = _per_dim(dilation, nd)
+    x, padding = _explicit_padding(x, padding, weight_shape[2:], dilation)
+    return conv_weight_grad(grad, x, weight_shape[1], list(weight_shape[2:]), _per_dim(stride, nd), padding, dilation)
+
+
+def _conv_weight_form(call: OpCall, out_rows, in_rows, weight_shape, groups: int) -> LinearForm:
+    """The weight's form for a convolution that maps `in_rows` [N, C_in, *S] to outputs whose
+    gradient is `out_rows` [N, C_out, *out] with a weight of `weight_shape` [C_out, C_in/groups,
+    *kernel] (stride, padding and dilation read from the call): L = out_rows per position, R = the
+    patches of in_rows, or per-example gradients / the clipped sum from the weight-gradient kernel."""
+    batch = call.batch_size
+    stride, padding, dilation = call["stride"], call["padding"], call["dilation"]
+    g = out_rows.reshape(out_rows.shape[0], groups, out_rows.shape[1] // groups, -1).transpose(-1, -2)
+    g = _example_positions(g, call)  # [B, G, T, C_out/G]
+    kernel = weight_shape[2:]
+    columns = weight_shape[1] * math.prod(kernel)
+
+    def patch_factor():
+        return _example_positions(patches(in_rows, kernel, stride, padding, dilation, groups), call)
+
+    def per_example_grads():
+        grads = _weight_grad_kernel(
+            _groups_of_examples(out_rows, call), _groups_of_examples(in_rows, call), weight_shape, stride, padding, dilation
+        )
+        return grads.reshape(batch, *weight_shape)
+
+    def clipped_sum(c):
+        dtype = accumulation_dtype(out_rows.dtype)
+        scale = call.output_axis.per_row(c.to(dtype), batch, out_rows.shape[0])
+        scaled = out_rows.to(dtype) * scale.view(-1, *[1] * (out_rows.dim() - 1))
+        return _weight_grad_kernel(scaled, in_rows, weight_shape, stride, padding, dilation)
+
+    by_patches = groups * g.shape[2] * columns <= PATCHES_MAX_ENTRIES  # an example's patches
+    return LinearForm(
+        Dense(g),
+        Dense.deferred((batch, groups, g.shape[2], columns), patch_factor),
+        weight_shape,
+        materializer=None if by_patches else per_example_grads,
+        contraction=clipped_sum,
+    )
+
+
+def _bias_form(call: OpCall) -> LinearForm:
+    """A convolution's bias: Σ over output positions of the output gradient."""
+    g_rows = call.grad
+    g = _example_positions(g_rows.reshape(g_rows.shape[0], 1, g_rows.shape[1], -1).transpose(-1, -2), call)
+    return bias_form(g, call["bias"].shape)
 
 
 @register_rule(CONV_OPS, params=("weight", "bias"), extra_check=_batch_in_dim0)
@@ -160,38 +204,31 @@ def conv(call: OpCall):
     were built, the clipped sum from the same kernel on (c ⊙ g) — each as costly as an ordinary
     step's weight gradient, with no im2col copy.
     bias:   Σ over positions of g."""
-    weight, groups, x = call["weight"], call["groups"], call["input"]
-    batch = call.batch_size
-    g_rows = call.grad  # [N, C_out, *out]
-    g = g_rows.reshape(g_rows.shape[0], groups, g_rows.shape[1] // groups, -1).transpose(-1, -2)
-    g = _example_positions(g, call)  # [B, G, T, C_out/G]
     forms = {}
     if "weight" in call.param_names:
-        kernel = weight.shape[2:]
-        columns = (weight.shape[1], math.prod(kernel))
-
-        def patch_factor():
-            cols = patches(x, kernel, call["stride"], call["padding"], call["dilation"], groups)
-            return _example_positions(cols, call)
-
-        def per_example_grads():
-            grads = _weight_grad_kernel(call, _groups_of_examples(g_rows, call), _groups_of_examples(x, call), weight.shape)
-            return grads.reshape(batch, *weight.shape)
-
-        def clipped_sum(c):
-            dtype = accumulation_dtype(g_rows.dtype)
-            scale = call.output_axis.per_row(c.to(dtype), batch, g_rows.shape[0])
-            scaled = g_rows.to(dtype) * scale.view(-1, *[1] * (g_rows.dim() - 1))
-            return _weight_grad_kernel(call, scaled, x, weight.shape)
-
-        by_patches = groups * g.shape[2] * columns[0] * columns[1] <= PATCHES_MAX_ENTRIES
-        forms["weight"] = LinearForm(
-            Dense(g),
-            Dense.deferred((batch, groups, g.shape[2], columns[0] * columns[1]), patch_factor),
-            weight.shape,
-            materializer=None if by_patches else per_example_grads,
-            contraction=clipped_sum,
-        )
+        forms["weight"] = _conv_weight_form(call, call.grad, call["input"], call["weight"].shape, call["groups"])
     if "bias" in call.param_names:
-        forms["bias"] = bias_form(g, call["bias"].shape)
+        forms["bias"] = _bias_form(call)
+    return forms
+
+
+CONV_TRANSPOSE_OPS = [aten.conv_transpose1d.default, aten.conv_transpose2d.input, aten.conv_transpose3d.input]
+
+
+@register_rule(CONV_TRANSPOSE_OPS, params=("weight", "bias"), extra_check=_batch_in_dim0)
+def conv_transpose(call: OpCall):
+    """z = conv_transpose(x, W) + b, W [C_in, C_out/groups, *kernel]: the adjoint of the
+    convolution u ↦ conv(u, W) from C_out to C_in channels with the same stride, padding,
+    dilation and groups, so ⟨z, g⟩ = ⟨x, conv(g, W)⟩ and the weight gradient is that
+    convolution's with g as its input and x as its output gradient (output_padding only makes g
+    longer at the end, which that convolution's output size drops).
+
+    weight: the conv rule's form with the roles swapped: L = x per position (T = input
+    positions), R = the patches of g; same costs with T = input positions.
+    bias:   Σ over output positions of g."""
+    forms = {}
+    if "weight" in call.param_names:
+        forms["weight"] = _conv_weight_form(call, call["input"], call.grad, call["weight"].shape, call["groups"])
+    if "bias" in call.param_names:
+        forms["bias"] = _bias_form(call)
     return forms
