@@ -1,6 +1,12 @@
 """Errors fxclip raises. Each message says what is wrong and how to fix it."""
 
 
+def describe(e: BaseException) -> str:
+    """'Type: first line of the message', for an error that names the exception it wraps."""
+    lines = str(e).splitlines()
+    return f"{type(e).__name__}: {lines[0] if lines else ''}"
+
+
 class FxclipError(ValueError):
     """Base class: bad input or a model fxclip cannot make private as it stands."""
 

@@ -10,7 +10,6 @@ the chosen strategy needs. Fallbacks and shared parameters are marked and listed
 from __future__ import annotations
 
 import itertools
-
 import math
 from dataclasses import dataclass, field
 from pathlib import Path

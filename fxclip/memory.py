@@ -18,6 +18,8 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
+from .errors import describe
+
 
 class _LiveTensorBytes(TorchDispatchMode):
     """Counts the bytes of storages created inside the mode while they are alive, and their peak."""
@@ -99,7 +101,7 @@ def step_memory(
         except (MethodUnavailable, RuntimeError, AttributeError) as e:
             if label != "opacus":  # a peer that cannot run this model is reported, not fatal
                 raise
-            print(f"opacus skipped on {name} ({device}): {type(e).__name__}: {str(e).splitlines()[0]}")
+            print(f"opacus skipped on {name} ({device}): {describe(e)}")
             continue
         result[label] = peak_memory(method.step, device)
     return result

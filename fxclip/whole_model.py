@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import torch
 
-from .errors import FxclipError
+from .errors import FxclipError, describe
 from .passes.capture import loss_shape_error
 from .passes.emit import EPS
 from .reference import any_per_example_grads, clip_and_sum, naive_per_example_grads
@@ -61,7 +61,7 @@ class WholeModelStep:
         except Exception as e:  # the model fails on one example alone (a batch size in its code)
             raise FxclipError(
                 f"the whole-model fallback could not run the model one example at a time "
-                f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}). It was not captured "
+                f"({describe(e)}). It was not captured "
                 f"because: {self.reason}"
             ) from e
         losses = losses.detach()

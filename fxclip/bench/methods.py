@@ -16,6 +16,7 @@ from typing import Callable, Optional
 import torch
 
 from ..api import transform
+from ..errors import describe
 from ..passes.emit import EPS
 from ..zoo import PerExampleCrossEntropy
 from ..reference import any_per_example_grads, clipped_sum, naive_per_example_grads, per_example_grads
@@ -109,7 +110,7 @@ def opacus_hooks(model, loss_fn, max_grad_norm, inputs, targets) -> Method:
     try:
         module = GradSampleModule(model, loss_reduction="sum")
     except Exception as e:  # Opacus raises several types for modules it does not support
-        raise MethodUnavailable(f"Opacus cannot wrap the model: {type(e).__name__}: {str(e).splitlines()[0]}") from e
+        raise MethodUnavailable(f"Opacus cannot wrap the model: {describe(e)}") from e
     optimizer = DPOptimizer(
         torch.optim.SGD(model.parameters(), lr=0.0), noise_multiplier=0.0, max_grad_norm=max_grad_norm,
         expected_batch_size=targets.shape[0], loss_reduction="sum",
@@ -136,7 +137,7 @@ def opacus_ghost(model, loss_fn, max_grad_norm, inputs, targets) -> Method:
             model, loss_reduction="sum", max_grad_norm=max_grad_norm, use_ghost_clipping=True
         )
     except Exception as e:  # Opacus raises several types for modules it does not support
-        raise MethodUnavailable(f"Opacus cannot wrap the model: {type(e).__name__}: {str(e).splitlines()[0]}") from e
+        raise MethodUnavailable(f"Opacus cannot wrap the model: {describe(e)}") from e
     optimizer = DPOptimizerFastGradientClipping(
         torch.optim.SGD(model.parameters(), lr=0.0), noise_multiplier=0.0, max_grad_norm=max_grad_norm,
         expected_batch_size=targets.shape[0], loss_reduction="sum",

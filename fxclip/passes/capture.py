@@ -11,7 +11,7 @@ from torch._guards import detect_fake_mode
 from torch.export import Dim
 from torch.fx import GraphModule
 
-from ..errors import CaptureError, ExampleMixingError
+from ..errors import CaptureError, ExampleMixingError, describe
 from .analyze import where
 from .context import Context
 from .inline import inline_trace
@@ -83,8 +83,8 @@ def capture(gm: GraphModule | None, ctx: Context) -> GraphModule:
             )
     except Exception as e:  # torch.export raises many types; say what failed and keep the cause
         raise ExportFailed(
-            f"torch.export could not capture the model with a symbolic batch size: {type(e).__name__}: "
-            f"{str(e).splitlines()[0] if str(e) else ''}\nCommon causes: Python control flow on tensor "
+            f"torch.export could not capture the model with a symbolic batch size: {describe(e)}"
+            "\nCommon causes: Python control flow on tensor "
             "values, a batch size written into the model's code (use x.shape[0]), or batch_dims that "
             "do not match the inputs."
         ) from e

@@ -45,7 +45,7 @@ from torch.fx import GraphModule
 from torch.fx.experimental.proxy_tensor import make_fx
 from torch.fx.experimental.symbolic_shapes import DimDynamic, ShapeEnv, StatelessSymbolicContext
 
-from ..errors import FxclipError
+from ..errors import FxclipError, describe
 
 BATCH_MODES = ("dynamic", "buckets")
 
@@ -171,7 +171,7 @@ class CompiledStep:
             except FxclipError:
                 raise
             except Exception as e:  # inductor and make_fx raise many types
-                raise CompileFailed(f"compiling the step failed ({type(e).__name__}: {str(e).splitlines()[0][:200]})") from e
+                raise CompileFailed(f"compiling the step failed ({describe(e)})") from e
         with torch.no_grad():
             outs = fn(bounds, *args)
         losses, norms, clip = outs[:3] if padded == batch else (t[:batch] for t in outs[:3])
@@ -218,7 +218,7 @@ class CompiledStep:
                 raise
             # an op's fake kernel that cannot take a symbolic size (lerp's broadcast in torch 2.13)
             raise BatchSpecializedError(
-                f"tracing the step with a symbolic batch failed ({type(e).__name__}: {str(e).splitlines()[0][:200]})"
+                f"tracing the step with a symbolic batch failed ({describe(e)})"
             ) from e
         if bucket is None:
             _check_batch_symbolic(shape_env, fakes[0].shape[0])

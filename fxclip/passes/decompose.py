@@ -212,8 +212,8 @@ def _weight_norm_unfused(v: torch.Tensor, g: torch.Tensor, dim: int = 0) -> torc
 
 # Ops whose fused kernel's derivative has no vmap batching rule (`_weight_norm_interface_backward`):
 # the per-example vjp through a parameter's chain (emit) would loop over the examples, one small
-# backward each (4.8x the non-private step on a weight-normed CNN), and a loop fixes the batch
-# size when the step is traced for compilation. They are written out as the unfused computation.
+# backward each, and the loop fixes the batch size when the step is traced for compilation (the
+# step then compiled once per bucket). They are written out as the unfused computation.
 UNFUSED: dict[Callable, Callable] = {aten._weight_norm.default: _weight_norm_unfused}
 
 

@@ -184,7 +184,7 @@ def _conv_weight_form(call: OpCall, out_rows, in_rows, weight_shape, groups: int
     )
 
 
-def _bias_form(call: OpCall) -> LinearForm:
+def _conv_bias_form(call: OpCall) -> LinearForm:
     """A convolution's bias: Σ over output positions of the output gradient."""
     g_rows = call.grad
     g = _example_positions(g_rows.reshape(g_rows.shape[0], 1, g_rows.shape[1], -1).transpose(-1, -2), call)
@@ -208,7 +208,7 @@ def conv(call: OpCall):
     if "weight" in call.param_names:
         forms["weight"] = _conv_weight_form(call, call.grad, call["input"], call["weight"].shape, call["groups"])
     if "bias" in call.param_names:
-        forms["bias"] = _bias_form(call)
+        forms["bias"] = _conv_bias_form(call)
     return forms
 
 
@@ -230,5 +230,5 @@ def conv_transpose(call: OpCall):
     if "weight" in call.param_names:
         forms["weight"] = _conv_weight_form(call, call["input"], call.grad, call["weight"].shape, call["groups"])
     if "bias" in call.param_names:
-        forms["bias"] = _bias_form(call)
+        forms["bias"] = _conv_bias_form(call)
     return forms
