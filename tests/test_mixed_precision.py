@@ -74,10 +74,12 @@ def check_norms_and_sums(name, device, autocast, stored, strategy="auto"):
     assert rel <= NORM_RTOL, (name, rel)
     # The clipped sum: reduced-precision backprop through a deep net is itself a few % off float64
     # (3.7% for resnet_gn, fxclip or not), so fxclip's sum is held to what an ordinary backward in
-    # the same precision computes for Σ_i c_i L_i, within 0.5% of the gradient's norm.
+    # the same precision computes for Σ_i c_i L_i, within 1.5% of the gradient's norm (four bf16
+    # roundoffs, 2^-8 each: the two sums round differently, by 0.5-0.6% for resnet_gn on an AMD EPYC
+    # CPU; a sum without the clip factors is off by 13% to 92%).
     got = grads_of(model)
     plain = plain_weighted_grads(model, x, y, result.clip_factors.to(device), autocast)
-    assert (got - plain).norm() <= 5e-3 * plain.norm(), (name, ((got - plain).norm() / plain.norm()).item())
+    assert (got - plain).norm() <= 1.5e-2 * plain.norm(), (name, ((got - plain).norm() / plain.norm()).item())
 
 
 @pytest.mark.parametrize("name", MODELS)
