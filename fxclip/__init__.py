@@ -6,7 +6,7 @@
 
 from . import rules  # noqa: F401  (registers the built-in rules)
 from .api import PrivateStep, StepResult, transform
-from .errors import CaptureError, ExampleMixingError, FxclipError, VerificationError
+from .errors import CaptureError, ExampleMixingError, FxclipError, NotCovered, VerificationError
 from .forms import Dense, LinearForm, OneHot, PerExampleGrad
 from .rules import OpCall, register_rule, unregister_rule
 from .whole_model import FallbackWarning
@@ -14,5 +14,5 @@ from .whole_model import FallbackWarning
 __all__ = [
     "transform", "PrivateStep", "StepResult", "register_rule", "unregister_rule", "OpCall",
     "LinearForm", "PerExampleGrad", "Dense", "OneHot",
-    "FxclipError", "CaptureError", "ExampleMixingError", "VerificationError", "FallbackWarning",
+    "FxclipError", "CaptureError", "NotCovered", "ExampleMixingError", "VerificationError", "FallbackWarning",
 ]

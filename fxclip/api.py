@@ -10,9 +10,9 @@ from typing import Callable, Sequence
 import torch
 import torch.utils._pytree as pytree
 
-from .errors import FxclipError, VerificationError
+from .errors import FxclipError, NotCovered, VerificationError
 from .passes import Context, StepProgram, run_passes
-from .passes.capture import ExportFailed, reject_batchnorm_in_training
+from .passes.capture import reject_batchnorm_in_training
 from .passes.compile import BATCH_MODES, CompiledStep, CompileFailed
 from .passes.emit import EPS
 from .whole_model import FallbackWarning, WholeModelStep
@@ -120,13 +120,14 @@ class PrivateStep:
             empty = torch.zeros(0)
             self._accumulate(trainable, {})
             return StepResult(empty, empty, empty)
-        ctx, program = self._program(inputs, targets)
-        runs = [self._run(ctx, program, chunk, params) for chunk in self._chunks(inputs, targets, batch)]
+        self._program(inputs, targets)
+        runs = [self._run(chunk, params) for chunk in self._chunks(inputs, targets, batch)]
         losses, norms, clip, grads = runs[0] if len(runs) == 1 else _combine(runs)
         # A sum is finite iff its terms are (or it overflowed: the exact check sorts that out);
         # two reductions instead of elementwise checks, which cost more than a small step's math.
         if not math.isfinite(float(losses.sum()) + float(norms.sum())):
             _raise_if_not_finite(inputs, losses, norms)
+        ctx, program = self._programs[self._last_key]
         if self.verify and ctx is not None:  # the whole-model fallback is the reference's own method
             self._verify(ctx, program, inputs, targets)
             self.verify = False
@@ -157,7 +158,7 @@ class PrivateStep:
         found = []
         for ctx, program in self._programs.values():
             if ctx is None:
-                found.append(f"the whole model (not captured: {program.reason.splitlines()[0]})")
+                found.append(f"the whole model ({program.reason.splitlines()[0]})")
             else:
                 found += [f"{u.params} at {where(u.node)}" for u in ctx.fallbacks]
         return found
@@ -214,16 +215,20 @@ class PrivateStep:
             )
             try:
                 self._programs[key] = (ctx, run_passes(ctx))
-            except ExportFailed as e:
-                warnings.warn(
-                    f"{e}\nfxclip takes the whole-model fallback: per-example gradients of the whole model "
-                    "by torch.func (or one backward per example), exact but slower, and without "
-                    "explain(), graph() or compilation (fxclip.whole_model).",
-                    FallbackWarning,
-                    stacklevel=3,
-                )
-                self._programs[key] = (None, WholeModelStep(self.model, self.loss_fn, ctx.batch_dims, str(e)))
+            except NotCovered as e:
+                self._fall_back(e, ctx.batch_dims)
         return self._programs[key]
+
+    def _fall_back(self, reason: NotCovered, batch_dims) -> None:
+        """Give the current key the whole-model step, with a warning that says why."""
+        warnings.warn(
+            f"{reason}\nfxclip takes the whole-model fallback: per-example gradients of the whole model "
+            "by torch.func (or one backward per example), exact but slower, and without "
+            "explain(), graph() or compilation (fxclip.whole_model).",
+            FallbackWarning,
+            stacklevel=4,
+        )
+        self._programs[self._last_key] = (None, WholeModelStep(self.model, self.loss_fn, batch_dims, str(reason)))
 
     def _compiled_step(self, ctx: Context, program: StepProgram, flat_args: list) -> CompiledStep:
         if self._last_key not in self._compiled:
@@ -234,18 +239,25 @@ class PrivateStep:
             )
         return self._compiled[self._last_key]
 
-    def _run(self, ctx: Context | None, program, chunk: tuple, params: dict):
-        """(losses, norms, clip factors, clipped sums) of one physical batch (inputs, targets)."""
+    def _run(self, chunk: tuple, params: dict):
+        """(losses, norms, clip factors, clipped sums) of one physical batch (inputs, targets), by
+        the current key's program; a rule that finds its op not covered (NotCovered) hands this
+        key to the whole-model fallback."""
+        ctx, program = self._programs[self._last_key]
         if ctx is None:  # the whole-model fallback
             return program(*chunk, self.max_grad_norm)
         flat_args = self._flat_args(ctx, *chunk, params=params)
-        if self.compile:
-            try:
-                return self._compiled_step(ctx, program, flat_args)(flat_args)
-            except CompileFailed as e:  # the same step, eagerly: slower, same results
-                warnings.warn(f"{e}; the step runs eagerly instead (compile=False)", stacklevel=3)
-                self.compile = False
-        return program(flat_args, self.max_grad_norm, self.strategy)
+        try:
+            if self.compile:
+                try:
+                    return self._compiled_step(ctx, program, flat_args)(flat_args)
+                except CompileFailed as e:  # the same step, eagerly: slower, same results
+                    warnings.warn(f"{e}; the step runs eagerly instead (compile=False)", stacklevel=3)
+                    self.compile = False
+            return program(flat_args, self.max_grad_norm, self.strategy)
+        except NotCovered as e:
+            self._fall_back(e, ctx.batch_dims)
+            return self._run(chunk, params)
 
     def _chunks(self, inputs, targets, batch: int):
         """(inputs, targets) of each physical batch: slices of at most max_physical_batch_size

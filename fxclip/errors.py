@@ -15,6 +15,12 @@ class CaptureError(FxclipError):
     """The model could not be captured as a graph by torch.export."""
 
 
+class NotCovered(FxclipError):
+    """fxclip's graph path does not cover this model: torch.export could not capture it, or an op or
+    layout in its graph has no rule and the per-op fallback cannot run it. The model itself may be
+    fine, so `PrivateStep` then takes the whole-model fallback (`fxclip.whole_model`) and warns."""
+
+
 class ExampleMixingError(FxclipError):
     """An op lets one example influence another's output (BatchNorm in training mode, a batch
     reduction); per-example gradients, and so DP-SGD clipping, are then undefined."""

@@ -1,5 +1,6 @@
 """The whole-model fallback, for models torch.export cannot capture (Python control flow on a
-tensor's value, packed sequences, code export does not trace).
+tensor's value, packed sequences, code export does not trace) and models with a part the graph
+path does not cover (`errors.NotCovered`: an op neither a rule nor the per-op fallback can run).
 
 Without a graph there are no ops to rewrite, so the step takes each example's gradient of the
 whole model: torch.func (vmap of grad over functional_call), or, where torch.func cannot run the
@@ -28,7 +29,7 @@ class FallbackWarning(UserWarning):
 class WholeModelStep:
     """`__call__(inputs, targets, max_grad_norm)` -> (losses, norms, clip factors, {name: clipped
     gradient sum}) for one batch, like the fast path's step program. `method` is "torch.func" or
-    "per-example loop" once a step has run; `reason` is why the model was not captured."""
+    "per-example loop" once a step has run; `reason` is why the graph path does not cover the model."""
 
     def __init__(self, model: torch.nn.Module, loss_fn, batch_dims, reason: str):
         self.model, self.batch_dims, self.reason = model, tuple(batch_dims), reason
@@ -45,8 +46,8 @@ class WholeModelStep:
     def no_graph_error(self) -> FxclipError:
         """What explain(), graph() and `PrivateStep.program` raise for a model on this path."""
         return FxclipError(
-            "the model was not captured, so its step takes the whole-model fallback, which has no "
-            f"graph or plan to show. Why it was not captured: {self.reason}"
+            "the model's step takes the whole-model fallback, which has no graph or plan to show. "
+            f"Why: {self.reason}"
         )
 
     def __call__(self, inputs: tuple, targets, max_grad_norm: float):
@@ -61,7 +62,7 @@ class WholeModelStep:
         except Exception as e:  # the model fails on one example alone (a batch size in its code)
             raise FxclipError(
                 f"the whole-model fallback could not run the model one example at a time "
-                f"({describe(e)}). It was not captured "
+                f"({describe(e)}). It took the fallback "
                 f"because: {self.reason}"
             ) from e
         losses = losses.detach()

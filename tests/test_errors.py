@@ -186,12 +186,3 @@ def test_embedding_max_norm_is_refused_and_writes_nothing():
     with pytest.raises(fxclip.FxclipError, match="max_norm"):
         t.step(torch.randint(0, 10, (5, 3)), torch.randint(0, 3, (5,)))
     assert_unchanged(model, before)
-
-
-def test_embedding_bag_max_mode_names_the_mode_and_writes_nothing():
-    model = bag_classifier(nn.EmbeddingBag(10, 4, mode="max"))
-    before = snapshot(model)
-    t = fxclip.transform(model, ce, max_grad_norm=1.0)
-    with pytest.raises(fxclip.FxclipError, match="mode='max'"):
-        t.step(torch.randint(0, 10, (5, 3)), torch.randint(0, 3, (5,)))
-    assert_unchanged(model, before)

@@ -52,12 +52,29 @@ def test_uncapturable_model_gets_exact_clipped_gradients_and_a_warning():
         torch.testing.assert_close(p.grad, ref_sum[name])
     torch.testing.assert_close(result.losses, ce(model(x), y).detach())
     assert (result.norms * result.clip_factors <= 0.5 + 1e-9).all()  # the privacy bound
-    assert t.fallbacks and t.fallbacks[0].startswith("the whole model (not captured")
+    assert t.fallbacks and t.fallbacks[0].startswith("the whole model (torch.export could not capture")
     with pytest.raises(fxclip.FxclipError, match="whole-model fallback"):
         t.explain()
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # warned once per capture, not per step
         t.step(x, y)
+
+
+@pytest.mark.parametrize("options", [{}, {"max_physical_batch_size": 2, "compile": True}], ids=["eager", "chunks_compiled"])
+def test_op_no_rule_covers_takes_the_fallback(options):
+    # the embedding_bag rule covers modes sum and mean; mode max is found when the rule first runs
+    # (inside the step program, or its trace under compile), after capture succeeded
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.EmbeddingBag(10, 4, mode="max"), nn.Linear(4, 3)).double()
+    x, y = torch.randint(0, 10, (5, 3)), torch.randint(0, 3, (5,))
+    t = fxclip.transform(model, ce, max_grad_norm=0.3, **options)
+    with pytest.warns(fxclip.FallbackWarning, match="(?s)mode='max'.*whole-model fallback"):
+        result = t.step(x, y)
+    ref_norms, ref_sum = clipped_sum(naive_per_example_grads(model, ce, (x,), y), 0.3)
+    torch.testing.assert_close(result.norms, ref_norms)
+    for name, p in model.named_parameters():
+        torch.testing.assert_close(p.grad, ref_sum[name])
+    assert t.fallbacks[0].startswith("the whole model (")
 
 
 def test_packed_sequences_with_physical_batches():
@@ -123,6 +140,6 @@ def test_model_that_runs_only_on_full_batches_gets_both_reasons_and_writes_nothi
 
     model = FixedBatch()
     t = fxclip.transform(model, ce, max_grad_norm=1.0)
-    with pytest.warns(fxclip.FallbackWarning), pytest.raises(fxclip.FxclipError, match="(?s)one example at a time.*not captured because"):
+    with pytest.warns(fxclip.FallbackWarning), pytest.raises(fxclip.FxclipError, match="(?s)one example at a time.*took the fallback because"):
         t.step(torch.randn(3, 4), torch.tensor([0, 1, 2]))
     assert all(p.grad is None for p in model.parameters())

@@ -12,7 +12,7 @@ import torch
 from torch.fx import GraphModule, Node
 
 from ..batch import BatchAxis
-from ..errors import ExampleMixingError, FxclipError
+from ..errors import ExampleMixingError, FxclipError, NotCovered
 from ..rules.registry import argument_nodes
 from .context import Context, ParamUse
 
@@ -252,7 +252,7 @@ def analyze(gm: GraphModule, ctx: Context) -> GraphModule:
 def _operands(node: Node):
     """(schema name, node) for each node operand; "name.j" for element j of a list operand."""
     if not isinstance(node.target, torch._ops.OpOverload):
-        raise FxclipError(f"{where(node)}: fxclip handles aten ops; got {node.target}")
+        raise NotCovered(f"{where(node)}: fxclip handles aten ops; got {node.target}")
     for name, value in argument_nodes(node).items():
         if isinstance(value, Node):
             yield name, value

@@ -11,7 +11,7 @@ from torch._guards import detect_fake_mode
 from torch.export import Dim
 from torch.fx import GraphModule
 
-from ..errors import CaptureError, ExampleMixingError, describe
+from ..errors import CaptureError, ExampleMixingError, NotCovered, describe
 from .analyze import where
 from .context import Context
 from .inline import inline_trace
@@ -19,9 +19,8 @@ from .inline import inline_trace
 REGIONS = (torch.ops.higher_order.wrap_with_set_grad_enabled, torch.ops.higher_order.wrap_with_autocast)
 
 
-class ExportFailed(CaptureError):
-    """torch.export could not capture the model; the step then takes the whole-model fallback
-    (`fxclip.whole_model`)."""
+class ExportFailed(CaptureError, NotCovered):
+    """torch.export could not capture the model."""
 
 
 class ModelWithLoss(torch.nn.Module):
@@ -127,7 +126,7 @@ def _inline_regions(gm: GraphModule) -> None:
             return outputs if grad_enabled else type(outputs)(o.detach() for o in outputs)
 
         if not inline_trace(gm, node, run, operands, fake_mode, context):
-            raise CaptureError(f"{where(node)}: fxclip could not write out the ops of this {node.target.__name__} region")
+            raise NotCovered(f"{where(node)}: fxclip could not write out the ops of this {node.target.__name__} region")
         if not submodule.users:
             gm.graph.erase_node(submodule)
             gm.delete_submodule(submodule.target)

@@ -27,7 +27,7 @@ from torch._guards import detect_fake_mode
 from torch.fx import Graph, GraphModule, Node
 from torch.fx.node import map_arg
 
-from ..errors import FxclipError
+from ..errors import NotCovered
 from ..rules.registry import RULES
 from .analyze import where
 from .context import Context
@@ -117,7 +117,7 @@ def _one_direction(w: _Writer, kind: str, x: Node, state: tuple, weights: Sequen
     w_ih, w_hh, b_ih, b_hh, w_hr = weights
     steps = x.meta["val"].shape[0]
     if not isinstance(steps, int):
-        raise FxclipError(
+        raise NotCovered(
             f"{where(w.anchor)}: the sequence length is symbolic; fxclip unrolls recurrent layers and "
             "needs a fixed length per capture (pad the sequences to one length)"
         )

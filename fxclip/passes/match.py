@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch.fx import GraphModule, Node
 
-from ..errors import FxclipError
+from ..errors import NotCovered
 from ..rules.registry import argument_nodes, fallback_rule, find_rule
 from .analyze import where
 from .context import Context
@@ -25,7 +25,7 @@ def _check_fallback_possible(node: Node) -> None:
                 continue
             is_size = isinstance(v.meta.get("val"), torch.SymInt)
             if is_size or (v is not value and _batched(v)):
-                raise FxclipError(
+                raise NotCovered(
                     f"{where(node)}: no rule covers this op, and the per-example fallback cannot run it "
                     f"(operand '{name}' is {'a size computed from the batch' if is_size else 'a batched tensor inside a list'}). "
                     "Register a rule for it with fxclip.register_rule."
@@ -41,7 +41,7 @@ def match(gm: GraphModule, ctx: Context) -> GraphModule:
         use.rule = find_rule(use.node, use.operand)
         if use.rule is fallback:
             if "." in use.operand:
-                raise FxclipError(
+                raise NotCovered(
                     f"{where(use.node)}: a parameter inside the list operand '{use.operand}' and no rule "
                     "for this op. Register one with fxclip.register_rule."
                 )

@@ -6,7 +6,7 @@ import torch
 
 from torch.fx import Node
 
-from ..errors import FxclipError
+from ..errors import NotCovered
 from ..forms import Dense, LinearForm, OneHot
 from ..passes.analyze import where
 from ._util import positions
@@ -69,7 +69,7 @@ def _bag_length(call: OpCall) -> int:
         and isinstance(offsets.args[2], int)
     )
     if not consecutive or call["mode"] not in (0, 1) or call["include_last_offset"]:
-        raise FxclipError(
+        raise NotCovered(
             f"{where(call.node)}: fxclip computes per-example gradients of embedding_bag in mode "
             "'sum' or 'mean' on 2-D input (one row of tokens per bag, without offsets); this call "
             f"has mode={('sum', 'mean', 'max')[call['mode']]!r}"
@@ -85,7 +85,7 @@ def embedding_bag(call: OpCall):
     Σ_t a_bt W[x_bt], a = per_sample_weights (else 1), 0 at padding, divided in mean mode by the
     bag's count of other tokens. G_i = Σ_(bags b of i) Σ_t a_bt e_(x_bt) g_bᵀ: `_row_gather_form`'s
     identity with weights a and each bag's output gradient repeated over its T tokens (cost as
-    for an embedding of T tokens per bag). Other modes and layouts raise FxclipError."""
+    for an embedding of T tokens per bag). Other modes and layouts are NotCovered (the whole-model fallback takes them)."""
     weight = call["weight"]
     bag_length = _bag_length(call)
     index = call.examples("indices").flatten(1)  # [B, bags·T]
