@@ -106,8 +106,7 @@ def test_a_trace_that_fixes_the_batch_falls_back_to_buckets(monkeypatch):
 
 
 class Lerp(torch.nn.Module):
-    """torch.lerp with a learned weight: in torch 2.13 its fake kernel cannot broadcast a symbolic
-    batch, so tracing with one raises."""
+    """torch.lerp with a learned weight."""
 
     def __init__(self):
         super().__init__()
@@ -137,7 +136,20 @@ def _assert_same_steps(got, want):
 
 
 @pytest.mark.compile
-def test_a_trace_that_fails_with_a_symbolic_batch_falls_back_to_buckets():
+def test_a_trace_that_fails_with_a_symbolic_batch_falls_back_to_buckets(monkeypatch):
+    import fxclip.passes.compile as compile_pass
+
+    def make_fx(fn, **options):
+        """make_fx whose trace fails on a symbolic size, as an op's fake kernel may (torch 2.13's
+        lerp did without the Python dispatcher)."""
+        def trace(*args):
+            if any(isinstance(s, torch.SymInt) for a in args if isinstance(a, torch.Tensor) for s in a.shape):
+                raise RuntimeError("cannot broadcast a symbolic size")
+            return real(fn, **options)(*args)
+        return trace
+
+    real = compile_pass.make_fx
+    monkeypatch.setattr(compile_pass, "make_fx", make_fx)
     _, want = _lerp_steps()
     with pytest.warns(UserWarning, match="symbolic batch failed.*buckets"):
         t, got = _lerp_steps(compile=True)
@@ -210,6 +222,22 @@ def test_weight_normed_step_traces_with_a_symbolic_batch():
     model = torch.nn.Sequential(torch.nn.utils.parametrizations.weight_norm(torch.nn.Linear(4, 6)), torch.nn.Tanh(), torch.nn.Linear(6, 2))
     gen = torch.Generator().manual_seed(3)
     batch = lambda b: ((torch.randn(b, 4, generator=gen),), torch.randint(0, 2, (b,), generator=gen))
+    private, step, graph = _traced_step(model, *batch(6))
+    _assert_graph_computes_step(private, step, graph, *batch(9))
+
+
+@pytest.mark.parametrize("mode", ["nearest", "bilinear"])
+def test_upsampling_step_traces_with_a_symbolic_batch(mode):
+    """aten.upsample_*.vec's C++ composite kernel reads concrete sizes, which fixed the batch in
+    the trace (one compile per bucket); the trace runs under the Python dispatcher, whose
+    decompositions of these ops keep sizes symbolic."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(
+        torch.nn.Conv2d(2, 3, 3, padding=1), torch.nn.Upsample(scale_factor=2, mode=mode),
+        torch.nn.Conv2d(3, 2, 3), torch.nn.Flatten(), torch.nn.Linear(2 * 10 * 10, 2),
+    )
+    gen = torch.Generator().manual_seed(3)
+    batch = lambda b: ((torch.randn(b, 2, 6, 6, generator=gen),), torch.randint(0, 2, (b,), generator=gen))
     private, step, graph = _traced_step(model, *batch(6))
     _assert_graph_computes_step(private, step, graph, *batch(9))
 

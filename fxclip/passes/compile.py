@@ -39,6 +39,7 @@ from typing import Callable, Sequence
 
 import torch
 import torch.utils._pytree as pytree
+from torch._dispatch.python import enable_python_dispatcher
 from torch._functorch.compile_utils import fx_graph_cse
 from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.fx import GraphModule
@@ -211,12 +212,12 @@ class CompiledStep:
             fake(a, self._user_batch_dims.get(j)) if isinstance(a, torch.Tensor) else a for j, a in enumerate(args)
         ]
         try:
-            with mode:
+            with mode, enable_python_dispatcher():
                 gm = make_fx(self._traced, tracing_mode="fake", decomposition_table=_SYMBOLIC_DECOMPOSITIONS)(*fakes)
         except Exception as e:
             if bucket is not None or isinstance(e, FxclipError):
                 raise
-            # an op's fake kernel that cannot take a symbolic size (lerp's broadcast in torch 2.13)
+            # an op's fake kernel that cannot take a symbolic size
             raise BatchSpecializedError(
                 f"tracing the step with a symbolic batch failed ({describe(e)})"
             ) from e
