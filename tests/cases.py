@@ -209,6 +209,40 @@ class SeqFirstEmbedding(nn.Module):
         return self.out(torch.tanh(self.emb(x)).mean(0))
 
 
+class FilledBuffer(nn.Module):
+    """A hand-written recurrent loop writing each step into a buffer it allocated,
+    `outs[:, t] = h`: the writes are the only path from the cell's weights to the loss."""
+
+    def __init__(self):
+        super().__init__()
+        self.cell = nn.GRUCell(3, 4)
+
+    def forward(self, x):
+        h = x.new_zeros(x.shape[0], 4)
+        outs = x.new_zeros(x.shape[0], x.shape[1], 4)
+        for t in range(x.shape[1]):
+            h = self.cell(x[:, t], h)
+            outs[:, t] = h
+        return outs
+
+
+class WritesThroughViews(nn.Module):
+    """Writes into slices of an uninitialized buffer (nn.AdaptiveLogSoftmaxWithLoss.log_prob does
+    this), an in-place add through a select, and a view made before the writes read after them."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(4, 3), nn.Linear(4, 3)
+
+    def forward(self, x):
+        out = x.new_empty(x.shape[0], 6)
+        pairs = out.view(x.shape[0], 3, 2)
+        out[:, :3] = self.a(x).log_softmax(1)
+        out[:, 3:] = torch.tanh(self.b(x))
+        out[:, 0].add_(self.b(x)[:, 1])
+        return pairs.sum(-1) * out[:, 1:4]
+
+
 def conv(dim, **kw):
     cls = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}[dim]
     return lambda: nn.Sequential(cls(**kw), nn.Flatten(), nn.Tanh())
@@ -289,6 +323,10 @@ CASES = [
          lambda b, g: (torch.randn(5, b, 3, generator=g, dtype=torch.float64),), (1,)),
     Case("frames_folded_into_conv_batch", Frames, randn(3, 2, 4, 4)),
     Case("seq_first_embedding", SeqFirstEmbedding, lambda b, g: (torch.randint(0, 9, (6, b), generator=g),), (1,)),
+    # in-place writes into tensors the forward made (functionalize)
+    Case("filled_buffer", FilledBuffer, randn(3, 3)),
+    Case("writes_through_views", WritesThroughViews, randn(4)),
+    Case("adaptive_log_softmax", lambda: Lambda(lambda s, x: s.asm.log_prob(x), asm=nn.AdaptiveLogSoftmaxWithLoss(6, 10, cutoffs=[3, 6], div_value=2.0)), randn(6)),
     # the fallback (ops no rule covers)
     Case("fallback_prelu", lambda: nn.Sequential(nn.Linear(4, 5), nn.PReLU(5)), randn(4)),
     Case("fallback_bilinear_seq_first", lambda: Lambda(lambda s, x: s.bil(x, x.flip(-1)).mean(0), bil=nn.Bilinear(4, 4, 3)),

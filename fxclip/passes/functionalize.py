@@ -1,13 +1,19 @@
 """Pass 2, functionalize: in-place ops become out-of-place, so every op's output stays the value
-the rules need (a ReLU(inplace=True) after a conv would otherwise overwrite the conv's output)."""
+the rules need (a ReLU(inplace=True) after a conv would otherwise overwrite the conv's output),
+and a write into a view of a tensor (`out[:, t] = h` into a buffer the forward allocated) becomes
+a scatter into a new value of that tensor, which every later reader reads."""
 
 from __future__ import annotations
 
 import torch
-from torch.fx import GraphModule
+from torch._guards import detect_fake_mode
+from torch.fx import GraphModule, Node
+from torch.fx.experimental.proxy_tensor import make_fx
+from torch.fx.node import map_arg
 
-from ..errors import FxclipError
-from .context import Context
+from ..errors import FxclipError, NotCovered, describe
+from .analyze import where
+from .inline import SOURCE_META
 
 
 def _functional_variant(target):
@@ -20,15 +26,22 @@ def _functional_variant(target):
     return getattr(packet, overload, None) if packet is not None else None
 
 
-def _base(node):
-    """The tensor `node` is a view of (through detach, view, slice, transpose ...), else itself."""
-    while node.op == "call_function" and isinstance(node.target, torch._ops.OpOverload):
-        returns = node.target._schema.returns
-        alias = returns[0].alias_info if len(returns) == 1 else None
-        if alias is None or alias.is_write or not node.args or not isinstance(node.args[0], torch.fx.Node):
-            break
+def _is_view(node: Node) -> bool:
+    """An op whose output aliases its first operand (detach, view, slice, transpose ...)."""
+    if node.op != "call_function" or not isinstance(node.target, torch._ops.OpOverload):
+        return False
+    returns = node.target._schema.returns
+    alias = returns[0].alias_info if len(returns) == 1 else None
+    return alias is not None and not alias.is_write and bool(node.args) and isinstance(node.args[0], Node)
+
+
+def _view_chain(node: Node) -> tuple[Node, list[Node]]:
+    """(base, views): `node` is views[-1](...views[0](base)), base itself not a view."""
+    views = []
+    while _is_view(node):
+        views.append(node)
         node = node.args[0]
-    return node
+    return node, views[::-1]
 
 
 # what the ops that mutate a model's state in its forward come from, and what to do instead
@@ -39,44 +52,110 @@ _MUTATION_HINTS = {
 }
 
 
-def functionalize(gm: GraphModule, ctx: Context) -> GraphModule:
-    """Guarantees: no call_function node mutates its input; later readers of a mutated value read
-    the new out-of-place result. Mutating a model input, parameter or buffer (or a view of one,
-    such as its detach()) is refused."""
+def functionalize(gm: GraphModule, ctx) -> GraphModule:
+    """Guarantees: no call_function node mutates its input; every reader that comes after an
+    in-place op, of the mutated tensor or of any view of the same base, reads the new value. A
+    write through views becomes torch's functional form of it (slice_scatter, select_scatter ...).
+    Mutating a model input, parameter or buffer (or a view of one, such as its detach()) is
+    refused."""
     graph = gm.graph
+    fake_mode = detect_fake_mode([n.meta.get("val") for n in graph.nodes if n.op == "placeholder"])
+    order = {n: float(i) for i, n in enumerate(graph.nodes)}
     for node in list(graph.nodes):
         if node.op != "call_function" or not isinstance(node.target, torch._ops.OpOverload):
             continue
         if not node.target._schema.is_mutable:
             continue
-        mutated = node.args[0]
+        base, views = _view_chain(node.args[0])
         variant = _functional_variant(node.target)
-        state = _base(mutated).op == "placeholder"
-        if variant is None or state:
+        if base.op == "placeholder":
             raise FxclipError(
-                f"the model mutates {'its input or state' if state else 'a tensor'} "
+                "the model mutates its input or state "
                 f"in place with {node.target} ({node.meta.get('stack_trace', '').strip().splitlines()[-1:]}); "
                 "fxclip needs a functional forward: "
                 + _MUTATION_HINTS.get(node.target, "use the out-of-place op")
             )
-        with graph.inserting_after(node):
-            new = graph.call_function(variant, node.args, node.kwargs)
-            new.meta = dict(node.meta)
-        node.replace_all_uses_with(new)
-        # readers of the mutated tensor that come after the in-place op see the new value
-        for user in list(mutated.users):
-            if user is not node and user is not new and _comes_after(user, node):
-                user.replace_input_with(mutated, new)
+        with graph.inserting_before(node):
+            if views or variant is None:
+                new_base = _write_through_views(gm, node, base, views, fake_mode)
+            else:
+                new_base = graph.call_function(variant, node.args, node.kwargs)
+                new_base.meta = dict(node.meta)
+            for n in graph.nodes:
+                if n not in order:
+                    order[n] = order[node] - 0.5
+            _read_new_value(graph, node, base, new_base, order)
         graph.erase_node(node)
     graph.eliminate_dead_code()
     gm.recompile()
     return gm
 
 
-def _comes_after(a, b) -> bool:
-    node = b.next
-    while node.op != "root":
-        if node is a:
-            return True
-        node = node.next
-    return False
+def _copy(value: torch.Tensor, src: torch.Tensor, non_blocking: bool = False) -> torch.Tensor:
+    """value.copy_(src)'s new value, written with ops autograd differentiates (aten.copy has no
+    derivative)."""
+    return src.to(dtype=value.dtype, device=value.device).expand(value.shape)
+
+
+_NO_COPY = {torch.ops.aten.copy.default: _copy}
+
+
+def _write_through_views(gm: GraphModule, node: Node, base: Node, views: list[Node], fake_mode) -> Node:
+    """Insert torch.func.functionalize's trace of `views[-1](...(base)).op_(...)`: the ops that
+    compute the base's new value (the op's out-of-place form, then a scatter back through each
+    view). Returns the node of that value."""
+    operands: list[Node] = []
+    for n in [*views, node]:
+        map_arg((n.args[1:], n.kwargs), lambda a: operands.append(a) if a not in operands else None)
+
+    def write(value, *values):
+        env = dict(zip(operands, values))
+        view = value
+        for n in views:
+            view = n.target(view, *map_arg(n.args[1:], env.__getitem__), **map_arg(n.kwargs, env.__getitem__))
+        node.target(view, *map_arg(node.args[1:], env.__getitem__), **map_arg(node.kwargs, env.__getitem__))
+        return value
+
+    try:
+        with fake_mode:
+            sub = make_fx(torch.func.functionalize(write, remove="mutations"), decomposition_table=_NO_COPY)(
+                base.meta["val"], *(n.meta["val"] for n in operands)
+            )
+    except Exception as e:
+        raise NotCovered(f"{where(node)}: fxclip could not write this in-place op out of place: {describe(e)}") from e
+    # functionalize copies the new value back into the mutated input; the graph reads it instead
+    for n in list(sub.graph.nodes):
+        if n.target is torch.ops.aten.copy_.default and n.args[0].op == "placeholder":
+            sub.graph.erase_node(n)
+    sub.graph.eliminate_dead_code()
+    env = dict(zip((n for n in sub.graph.nodes if n.op == "placeholder"), [base, *operands]))
+    for n in sub.graph.nodes:
+        if n.op == "output":
+            return env[n.args[0]]
+        if n.op != "placeholder":
+            env[n] = gm.graph.node_copy(n, env.__getitem__)
+            env[n].meta.update({k: node.meta[k] for k in SOURCE_META if k in node.meta})
+    raise AssertionError("a traced graph ends in an output node")
+
+
+def _read_new_value(graph, node: Node, base: Node, new_base: Node, order: dict) -> None:
+    """Every reader after `node` of `base`, of a view of it, or of `node`'s own result (the
+    mutated view) reads the same view of `new_base` instead."""
+    replayed = {base: new_base}
+
+    def replay(alias: Node) -> Node:
+        if alias not in replayed:
+            parent = replay(alias.args[0])
+            replayed[alias] = graph.call_function(alias.target, (parent, *alias.args[1:]), alias.kwargs)
+            replayed[alias].meta = dict(alias.meta)
+            order[replayed[alias]] = order[node] - 0.5
+        return replayed[alias]
+
+    # views made after `node` read `base` or one of these, so re-pointing those covers them
+    aliases = [n for n in graph.nodes if order[n] < order[node] and (n is base or (_is_view(n) and _view_chain(n)[0] is base))]
+    for alias in aliases:
+        for user in list(alias.users):
+            if user is not node and order[user] > order[node]:
+                user.replace_input_with(alias, replay(alias))
+    for user in list(node.users):
+        user.replace_input_with(node, replay(node.args[0]))
