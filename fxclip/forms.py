@@ -42,6 +42,11 @@ def _accumulate(x: torch.Tensor) -> torch.Tensor:
     return x.to(accumulation_dtype(x.dtype))
 
 
+def _squares(x: torch.Tensor) -> torch.Tensor:
+    """|x|² elementwise; a complex entry's is the sum of its real and imaginary parts' squares."""
+    return torch.view_as_real(x).pow(2).sum(-1) if x.is_complex() else x.pow(2)
+
+
 class Dense:
     """A dense factor: values [B, G, T, k]. `Dense.deferred(shape, compute)` makes one whose
     values are computed on first use: a factor that the chosen strategy may never need (a conv's
@@ -370,14 +375,14 @@ def one_hot_rows_norm_sq(form: LinearForm) -> torch.Tensor:
     slot_of_ordered = starts.long().cumsum(-1) - 1  # the rank of each position's index among the distinct ones
     slot = slot_of_ordered.scatter(-1, order, slot_of_ordered)  # back to the positions' order
     sums = torch.zeros_like(rows).scatter_add(2, slot.unsqueeze(-1).expand_as(rows), rows)
-    return sums.pow(2).sum((1, 2, 3))
+    return _squares(sums).sum((1, 2, 3))
 
 
 def materialized_norm_sq(grads: torch.Tensor) -> torch.Tensor:
     """Σ over all but the batch dim of the squares of per-example gradients [B, ...] ([B] for a
     0-dim parameter)."""
     grads = _accumulate(grads)
-    return grads.pow(2).reshape(grads.shape[0], -1).sum(1)
+    return _squares(grads).reshape(grads.shape[0], -1).sum(1)
 
 
 def linear_forms_norm_sq(forms: Sequence[LinearForm], strategy: str) -> torch.Tensor:

@@ -243,6 +243,31 @@ class WritesThroughViews(nn.Module):
         return pairs.sum(-1) * out[:, 1:4]
 
 
+class SpectralFilter(nn.Module):
+    """A complex filter on a signal's spectrum (FNO-style), multiplied and divided."""
+
+    def __init__(self):
+        super().__init__()
+        self.w = nn.Parameter(torch.randn(5, dtype=torch.complex128))
+        self.v = nn.Parameter(torch.randn(5, dtype=torch.complex128))
+
+    def forward(self, x):
+        return torch.fft.irfft(torch.fft.rfft(x) * self.w / (self.v + 3), n=x.shape[-1])
+
+
+class ComplexFromRealPair(nn.Module):
+    """A complex weight made of two real parameters, and a real scale of a complex activation."""
+
+    def __init__(self):
+        super().__init__()
+        self.re, self.im, self.scale = P(4), P(4), P(4)
+
+    def forward(self, x):
+        z = torch.complex(x[:, :4], x[:, 4:])
+        w = torch.complex(self.re, self.im)
+        return torch.cat([(z * w).real, (z / (w + 2)).imag, (z * self.scale).abs()], -1)
+
+
 def conv(dim, **kw):
     cls = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}[dim]
     return lambda: nn.Sequential(cls(**kw), nn.Flatten(), nn.Tanh())
@@ -327,10 +352,14 @@ CASES = [
     Case("filled_buffer", FilledBuffer, randn(3, 3)),
     Case("writes_through_views", WritesThroughViews, randn(4)),
     Case("adaptive_log_softmax", lambda: Lambda(lambda s, x: s.asm.log_prob(x), asm=nn.AdaptiveLogSoftmaxWithLoss(6, 10, cutoffs=[3, 6], div_value=2.0)), randn(6)),
+    # complex values (gradients are g ⊙ conj(∂z/∂·))
+    Case("complex_spectral_filter", SpectralFilter, randn(8)),
+    Case("complex_from_real_pair", ComplexFromRealPair, randn(8)),
     # the fallback (ops no rule covers)
     Case("fallback_prelu", lambda: nn.Sequential(nn.Linear(4, 5), nn.PReLU(5)), randn(4)),
     Case("fallback_bilinear_seq_first", lambda: Lambda(lambda s, x: s.bil(x, x.flip(-1)).mean(0), bil=nn.Bilinear(4, 4, 3)),
          lambda b, g: (torch.randn(3, b, 4, generator=g, dtype=torch.float64),), (1,)),
+    Case("fallback_complex_linear", lambda: Lambda(lambda s, x: s.lin(torch.complex(x[:, :4], x[:, 4:])).abs(), lin=nn.Linear(4, 3, dtype=torch.complex128)), randn(8)),
     Case("fallback_bilinear", lambda: Lambda(lambda s, x: s.bil(x, x.flip(-1)), bil=nn.Bilinear(4, 4, 3)), randn(4)),
 ]
 

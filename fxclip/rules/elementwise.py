@@ -17,6 +17,8 @@ aten = torch.ops.aten
 
 
 def _reduce(call: OpCall, name: str, h: torch.Tensor) -> PerExampleGrad:
+    # a real parameter that meets a complex operand gets the real part (autograd's convention)
+    h = h.real if h.is_complex() and not call[name].is_complex() else h
     return PerExampleGrad(per_example_sum_to(h, call.output_axis, call.batch_size, call[name].shape))
 
 
@@ -40,15 +42,15 @@ def sub(call: OpCall):
 
 @register_rule(aten.mul.Tensor, params=("self", "other"))
 def mul(call: OpCall):
-    """z = x ⊙ y: ∂z/∂x = y."""
-    return {n: _reduce(call, n, call.grad * call[_other(n)]) for n in call.param_names}
+    """z = x ⊙ y: ∂z/∂x = y (the gradient is g ⊙ conj(y), which is g ⊙ y for real y)."""
+    return {n: _reduce(call, n, call.grad * call[_other(n)].conj()) for n in call.param_names}
 
 
 @register_rule(aten.div.Tensor, params=("self", "other"))
 def div(call: OpCall):
-    """z = x / y: ∂z/∂x = 1/y, ∂z/∂y = -z/y."""
+    """z = x / y: ∂z/∂x = 1/y, ∂z/∂y = -z/y (the gradient is g ⊙ conj(∂z/∂·))."""
     deriv = {"self": lambda: 1 / call["other"], "other": lambda: -call.output / call["other"]}
-    return {n: _reduce(call, n, call.grad * deriv[n]()) for n in call.param_names}
+    return {n: _reduce(call, n, call.grad * deriv[n]().conj()) for n in call.param_names}
 
 
 @register_rule(aten.expand.default, params=("self",))
