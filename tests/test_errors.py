@@ -86,6 +86,40 @@ def test_softmax_over_batch_is_refused():
         t.step(torch.randn(5, 4), torch.randn(5, 3))
 
 
+class MovesAlongTheBatch(nn.Module):
+    def __init__(self, move):
+        super().__init__()
+        self.lin, self.move = nn.Linear(4, 3), move
+
+    def forward(self, x):
+        return self.lin(x + self.move(x))
+
+
+@pytest.mark.parametrize(
+    "move",
+    [lambda x: torch.roll(x, 1, 0), lambda x: torch.roll(x, 2), lambda x: torch.flip(x, [0])],
+    ids=["roll", "roll_flattened", "flip"],
+)
+def test_ops_moving_entries_along_the_batch_are_refused(move):
+    model = MovesAlongTheBatch(move)
+    before = snapshot(model)
+    t = fxclip.transform(model, ce, max_grad_norm=1.0)
+    with pytest.raises(fxclip.ExampleMixingError, match="aten.(roll|flip).*holds the batch"):
+        t.step(torch.randn(5, 4), torch.randint(0, 3, (5,)))
+    assert_unchanged(model, before)
+
+
+def test_mixing_on_the_whole_model_fallback_is_refused():
+    """torch.export cannot capture a concatenation of shifted slices with a symbolic batch; the
+    whole-model fallback runs examples alone, so it compares their losses with the batch's."""
+    model = MovesAlongTheBatch(lambda x: torch.cat([x[1:], x[:1]]))
+    before = snapshot(model)
+    t = fxclip.transform(model, ce, max_grad_norm=1.0)
+    with pytest.warns(fxclip.FallbackWarning), pytest.raises(fxclip.ExampleMixingError, match="not its loss alone"):
+        t.step(torch.randn(5, 4), torch.randint(0, 3, (5,)))
+    assert_unchanged(model, before)
+
+
 def test_target_batch_size_mismatch():
     model = model_with_grads()
     before = snapshot(model)

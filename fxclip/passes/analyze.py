@@ -157,10 +157,14 @@ def _check_mixing(node: Node, in_axis) -> None:
         reduced = list(range(ndim - len(args["normalized_shape"]), ndim))
     elif target in (aten.group_norm.default, aten.instance_norm.default):
         reduced = list(range(1, ndim))
+    elif target in (aten.flip.default, aten.roll.default):
+        # entries move along these dims (a roll without dims moves them through the flattened tensor)
+        reduced = [d % ndim for d in args["dims"]] or list(range(ndim))
     if in_axis.dim in reduced:
         raise ExampleMixingError(
-            f"{where(node)} normalizes or accumulates along dim {in_axis.dim}, which holds the batch: "
-            "examples mix. Check batch_dims, or apply the op along another dim."
+            f"{where(node)} works along dim {in_axis.dim}, which holds the batch (it normalizes, "
+            "accumulates or moves entries along it): examples mix. Check batch_dims, or apply the op "
+            "along another dim."
         )
 
 
