@@ -117,14 +117,18 @@ class Lerp(torch.nn.Module):
 
 
 def _lerp_steps(**options):
+    return _steps(Lerp, LOSS, lambda size: ((torch.randn(size, 4),), torch.randint(0, 4, (size,))), **options)
+
+
+def _steps(make_model, loss_fn, make_batch, **options):
+    """(the transform, [(step result, gradients)] for batch sizes 6 and 9), seeded."""
     torch.manual_seed(0)
-    model = Lerp()
-    t = fxclip.transform(model, LOSS, 1.0, **options)
+    model = make_model()
+    t = fxclip.transform(model, loss_fn, 1.0, **options)
     results = []
     for size in (6, 9):
         model.zero_grad(set_to_none=True)
-        x, y = torch.randn(size, 4), torch.randint(0, 4, (size,))
-        results.append((t.step(x, y), [p.grad.clone() for p in model.parameters()]))
+        results.append((t.step(*make_batch(size)), [p.grad.clone() for p in model.parameters()]))
     return t, results
 
 
@@ -155,6 +159,26 @@ def test_a_trace_that_fails_with_a_symbolic_batch_falls_back_to_buckets(monkeypa
         t, got = _lerp_steps(compile=True)
     _assert_same_steps(got, want)
     assert t._compiled[t._last_key].batch_mode == "buckets"
+
+
+class Triplet(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.encode = torch.nn.Sequential(torch.nn.Linear(4, 6), torch.nn.Tanh(), torch.nn.Linear(6, 3))
+
+    def forward(self, anchor, positive, negative):
+        return self.encode(anchor), self.encode(positive), self.encode(negative)
+
+
+@pytest.mark.compile
+def test_a_step_without_targets_compiles_once():
+    """targets=None (a triplet loss) is a constant of the traced step, not a batched input."""
+    loss_fn = lambda out, _: torch.nn.functional.triplet_margin_loss(*out, margin=2.0, reduction="none")
+    batch = lambda size: (tuple(torch.randn(size, 4) for _ in range(3)), None)
+    _, want = _steps(Triplet, loss_fn, batch)
+    t, got = _steps(Triplet, loss_fn, batch, compile=True)
+    _assert_same_steps(got, want)
+    assert t._compiled[t._last_key].compiles == 1
 
 
 def test_a_step_that_cannot_be_compiled_runs_eagerly(monkeypatch):

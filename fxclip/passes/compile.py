@@ -136,7 +136,7 @@ class CompiledStep:
         self.options = {**INDUCTOR_OPTIONS, **(options or {})}
         self.compiles = 0
         user = [j for j, k in enumerate(kinds) if k == "input"]
-        self._user_batch_dims = dict(zip(user, _user_dims(flat_args, user, batch_dims)))
+        self._user_batch_dims = _user_dims(flat_args, user, batch_dims)
         # An eager call fixes what the program caches on its first call (footprints, plan) and
         # the order of the gradients it returns.
         _, _, _, grads = program(list(flat_args), self.max_grad_norm, strategy)
@@ -267,13 +267,11 @@ def _signature(args: Sequence) -> tuple:
     return tuple((a.dtype, a.device, a.dim(), a.requires_grad) if isinstance(a, torch.Tensor) else a for a in args)
 
 
-def _user_dims(flat_args, user: list[int], batch_dims: Sequence[int]) -> list[int]:
-    """Batch dim of each user leaf: inputs along `batch_dims`, then targets along dim 0."""
+def _user_dims(flat_args, user: list[int], batch_dims: Sequence[int]) -> dict[int, int]:
+    """{graph input: batch dim} of each user tensor: inputs along `batch_dims`, then targets along
+    dim 0. A leaf that is not a tensor (targets=None) is a constant of the traced graph."""
     dims = list(batch_dims) + [0] * (len(user) - len(batch_dims))
-    for j, d in zip(user, dims):
-        if not isinstance(flat_args[j], torch.Tensor):
-            raise FxclipError(f"compile=True needs tensor inputs and targets; graph input {j} is {type(flat_args[j]).__name__}")
-    return dims
+    return {j: d for j, d in zip(user, dims) if isinstance(flat_args[j], torch.Tensor)}
 
 
 def _device(flat_args) -> torch.device:
