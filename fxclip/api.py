@@ -176,10 +176,11 @@ class PrivateStep:
     # ---- internals --------------------------------------------------------------------------
 
     def _batch_dims(self, inputs) -> tuple[int, ...]:
+        """batch_dims for these inputs, negative dims counted from the end of each input."""
         dims = self.batch_dims or (0,) * len(inputs)
         if len(dims) != len(inputs):
             raise FxclipError(f"batch_dims has {len(dims)} entries but the model gets {len(inputs)} inputs")
-        return dims
+        return tuple(d + x.dim() if d < 0 and isinstance(x, torch.Tensor) else d for x, d in zip(inputs, dims))
 
     def _check_inputs(self, inputs, targets) -> int:
         dims = self._batch_dims(inputs)
@@ -187,8 +188,9 @@ class PrivateStep:
         for i, (x, d) in enumerate(zip(inputs, dims)):
             if not isinstance(x, torch.Tensor):
                 raise FxclipError(f"input {i} is a {type(x).__name__}; step() takes tensors")
-            if x.dim() <= d:
-                raise FxclipError(f"input {i} has shape {tuple(x.shape)}, which has no dim {d} for the batch")
+            if not 0 <= d < x.dim():
+                given = (self.batch_dims or dims)[i]
+                raise FxclipError(f"input {i} has shape {tuple(x.shape)}, which has no dim {given} for the batch")
             sizes.append(x.shape[d])
         for t in pytree.tree_leaves(targets):
             if isinstance(t, torch.Tensor):

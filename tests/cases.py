@@ -347,6 +347,8 @@ CASES = [
     Case("seq_first_positional_table", lambda: Lambda(lambda s, x: torch.tanh(x * s.scale + s.pos).transpose(0, 1), pos=P(5, 1, 3), scale=P(3)),
          lambda b, g: (torch.randn(5, b, 3, generator=g, dtype=torch.float64),), (1,)),
     Case("frames_folded_into_conv_batch", Frames, randn(3, 2, 4, 4)),
+    Case("batch_dim_negative", lambda: Lambda(lambda s, x: torch.tanh(s.w @ x).T, w=P(3, 4)),
+         lambda b, g: (torch.randn(4, b, generator=g, dtype=torch.float64),), (-1,)),
     Case("seq_first_embedding", SeqFirstEmbedding, lambda b, g: (torch.randint(0, 9, (6, b), generator=g),), (1,)),
     # in-place writes into tensors the forward made (functionalize)
     Case("filled_buffer", FilledBuffer, randn(3, 3)),
