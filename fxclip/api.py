@@ -78,12 +78,7 @@ class PrivateStep:
         self, model, loss_fn, max_grad_norm, batch_dims, strategy, verify, memory_budget, compile=False,
         max_physical_batch_size=None,
     ):
-        try:
-            bound = float(max_grad_norm)
-        except (TypeError, ValueError):
-            bound = math.nan
-        if isinstance(max_grad_norm, bool) or not math.isfinite(bound) or bound <= 0:
-            raise FxclipError(f"max_grad_norm must be a positive finite number, got {max_grad_norm!r}")
+        self.max_grad_norm = max_grad_norm
         if strategy not in STRATEGIES:
             raise FxclipError(f"strategy must be one of {STRATEGIES}, got {strategy!r}")
         if not isinstance(compile, bool) and compile not in BATCH_MODES:
@@ -95,7 +90,6 @@ class PrivateStep:
         reject_batchnorm_in_training(model)
         self.model = model
         self.loss_fn = loss_fn
-        self.max_grad_norm = bound
         self.batch_dims = None if batch_dims is None else tuple(batch_dims)
         self.strategy = strategy
         self.verify = verify
@@ -110,6 +104,21 @@ class PrivateStep:
         self._last_key: tuple | None = None
 
     # ---- public -----------------------------------------------------------------------------
+
+    @property
+    def max_grad_norm(self) -> float:
+        """The clipping bound C; may be changed between steps (a schedule), also when compiled."""
+        return self._max_grad_norm
+
+    @max_grad_norm.setter
+    def max_grad_norm(self, value) -> None:
+        try:
+            bound = float(value)
+        except (TypeError, ValueError):
+            bound = math.nan
+        if isinstance(value, bool) or not math.isfinite(bound) or bound <= 0:
+            raise FxclipError(f"max_grad_norm must be a positive finite number, got {value!r}")
+        self._max_grad_norm = bound
 
     def step(self, inputs, targets) -> StepResult:
         inputs = tuple(inputs) if isinstance(inputs, (tuple, list)) else (inputs,)
@@ -252,7 +261,7 @@ class PrivateStep:
         try:
             if self.compile:
                 try:
-                    return self._compiled_step(ctx, program, flat_args)(flat_args)
+                    return self._compiled_step(ctx, program, flat_args)(flat_args, self.max_grad_norm)
                 except CompileFailed as e:  # the same step, eagerly: slower, same results
                     warnings.warn(f"{e}; the step runs eagerly instead (compile=False)", stacklevel=3)
                     self.compile = False

@@ -120,11 +120,11 @@ def _lerp_steps(**options):
     return _steps(Lerp, LOSS, lambda size: ((torch.randn(size, 4),), torch.randint(0, 4, (size,))), **options)
 
 
-def _steps(make_model, loss_fn, make_batch, **options):
+def _steps(make_model, loss_fn, make_batch, max_grad_norm=1.0, **options):
     """(the transform, [(step result, gradients)] for batch sizes 6 and 9), seeded."""
     torch.manual_seed(0)
     model = make_model()
-    t = fxclip.transform(model, loss_fn, 1.0, **options)
+    t = fxclip.transform(model, loss_fn, max_grad_norm, **options)
     results = []
     for size in (6, 9):
         model.zero_grad(set_to_none=True)
@@ -159,6 +159,24 @@ def test_a_trace_that_fails_with_a_symbolic_batch_falls_back_to_buckets(monkeypa
         t, got = _lerp_steps(compile=True)
     _assert_same_steps(got, want)
     assert t._compiled[t._last_key].batch_mode == "buckets"
+
+
+@pytest.mark.compile
+def test_a_new_clip_bound_applies_to_the_next_compiled_step():
+    """A schedule of C: the compiled step's per-example bounds follow t.max_grad_norm."""
+    _, want = _steps(Lerp, LOSS, lambda size: ((torch.randn(size, 4),), torch.randint(0, 4, (size,))), max_grad_norm=0.05)
+    torch.manual_seed(0)
+    model = Lerp()
+    t = fxclip.transform(model, LOSS, 1.0, compile=True)
+    got = []
+    for size in (6, 9):
+        batch = (torch.randn(size, 4),), torch.randint(0, 4, (size,))
+        t.step(*batch)  # compiles at C = 1 (the first time)
+        t.max_grad_norm = 0.05
+        model.zero_grad(set_to_none=True)
+        got.append((t.step(*batch), [p.grad.clone() for p in model.parameters()]))
+    _assert_same_steps(got, want)
+    assert all(r.clip_factors.max() < 1 for r, _ in got)
 
 
 class Triplet(torch.nn.Module):

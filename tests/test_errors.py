@@ -36,6 +36,10 @@ def model_with_grads():
 def test_bad_clip_bound(bound):
     with pytest.raises(fxclip.FxclipError, match="max_grad_norm must be a positive finite"):
         fxclip.transform(model_with_grads(), ce, max_grad_norm=bound)
+    t = fxclip.transform(model_with_grads(), ce, max_grad_norm=1.0)
+    with pytest.raises(fxclip.FxclipError, match="max_grad_norm must be a positive finite"):
+        t.max_grad_norm = bound
+    assert t.max_grad_norm == 1.0
 
 
 def test_unknown_strategy():

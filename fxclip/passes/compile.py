@@ -109,7 +109,8 @@ def bucket_size(batch: int) -> int:
 class CompiledStep:
     """The private step of `program` as one compiled graph.
 
-    `__call__(flat_args)` returns what `program(flat_args, max_grad_norm, strategy)` returns —
+    `__call__(flat_args, max_grad_norm=None)` returns what `program(flat_args, max_grad_norm,
+    strategy)` returns (C from the constructor unless given) —
     (losses, norms, clip factors, {parameter: clipped gradient sum}) — to float32 tolerance.
     `flat_args` are laid out as the program's graph inputs; `kinds[j]` is "input" for the user's
     inputs and targets (batch along `batch_dims`, targets along dim 0). `compiles` counts
@@ -143,7 +144,7 @@ class CompiledStep:
         self.param_keys = list(grads)
         self._graphs: dict[int | None, GraphModule] = {}
         self._compiled: dict[tuple, Callable] = {}  # by (bucket or None, input signature)
-        self._bounds_made: dict[tuple, torch.Tensor] = {}  # by (that key, batch size)
+        self._bounds_made: dict[tuple, torch.Tensor] = {}  # by (that key, batch size), for C
 
     # ---- public -----------------------------------------------------------------------------
 
@@ -155,11 +156,14 @@ class CompiledStep:
             raise FxclipError("the step graph is traced on the first compiled step; run step() first")
         return self._graphs[None]
 
-    def __call__(self, flat_args: Sequence):
+    def __call__(self, flat_args: Sequence, max_grad_norm: float | None = None):
         batch = self._batch_size(flat_args)
         padded = bucket_size(batch) if self.batch_mode == "buckets" else max(batch, 2)
         args = self._padded(list(flat_args), batch, padded)
         key = (None if self.batch_mode == "dynamic" else padded, _signature(args))
+        if max_grad_norm is not None and float(max_grad_norm) != self.max_grad_norm:
+            self.max_grad_norm = float(max_grad_norm)
+            self._bounds_made.clear()
         bounds = self._bounds(key, batch, padded, args)
         fn = self._compiled.get(key)
         if fn is None:
@@ -168,7 +172,7 @@ class CompiledStep:
             except BatchSpecializedError as e:
                 warnings.warn(f"{e}; compiling per bucket of batch sizes instead (batch_mode='buckets')")
                 self.batch_mode = "buckets"
-                return self(flat_args)
+                return self(flat_args, max_grad_norm)
             except FxclipError:
                 raise
             except Exception as e:  # inductor and make_fx raise many types
@@ -180,8 +184,8 @@ class CompiledStep:
 
     def _bounds(self, key: tuple, batch: int, padded: int, args: list) -> torch.Tensor:
         """The per-example clipping bounds: C for the batch's rows, 0 for padding rows (clip
-        factor 0, so they add nothing). Made once per compiled graph and batch size (the compiled
-        code only reads it): a small step's time is mostly such per-call overhead."""
+        factor 0, so they add nothing). Made once per compiled graph and batch size while C stays
+        (the compiled code only reads it): a small step's time is mostly such per-call overhead."""
         bounds = self._bounds_made.get((key, batch))
         if bounds is None:
             bounds = torch.full((padded,), self.max_grad_norm, dtype=_norm_dtype(args), device=_device(args))
