@@ -9,7 +9,6 @@ from torch.fx import Node
 from ..errors import NotCovered
 from ..forms import Dense, LinearForm, OneHot
 from ..passes.analyze import where
-from ._util import positions
 from .registry import OpCall, argument_nodes, register_rule
 
 aten = torch.ops.aten
@@ -23,12 +22,13 @@ def _not_padding(index: torch.Tensor, padding_idx: int | None, dtype: torch.dtyp
 
 
 def _row_gather_form(call: OpCall, index_name: str, weight_name: str, padding_idx: int = -1) -> LinearForm:
-    """Rows of W gathered by index: G_i = Σ_t e_{x_it} g_itᵀ, LinearForm(L = one-hot(x), R = g).
-    Ghost compares tokens ([x_it = x_is], T²) and costs T²·d for g; materialize scatters T·d
-    into a [V, d] gradient per example. Positions holding `padding_idx` contribute nothing."""
+    """Rows of W [V, ...] gathered by index: G_i = Σ_t e_{x_it} g_itᵀ, LinearForm(L = one-hot(x),
+    R = g), a row being d = W[0].numel() entries (1 for a vector W). Ghost compares tokens
+    ([x_it = x_is], T²) and costs T²·d for g; materialize scatters T·d into a [V, d] gradient
+    per example. Positions holding `padding_idx` contribute nothing."""
     weight = call[weight_name]
     index = call.examples(index_name).flatten(1).unsqueeze(1)  # [B, 1, T]
-    g = positions(call.grad_examples())
+    g = call.grad_examples().reshape(index.shape[0], 1, index.shape[-1], -1)  # [B, 1, T, d]
     return LinearForm(OneHot(index, weight.shape[0], _not_padding(index, padding_idx, g.dtype)), Dense(g), weight.shape)
 
 
@@ -49,12 +49,13 @@ def _single_row_index(node) -> bool:
     if len(indices) != 1 or indices[0] is None:
         return False
     integer = not indices[0].meta["val"].dtype.is_floating_point and indices[0].meta["val"].dtype != torch.bool
-    return integer and node.args[0].meta["val"].dim() == 2
+    return integer and node.args[0].meta["val"].dim() >= 1
 
 
 @register_rule(aten.index.Tensor, params=("self",), extra_check=_single_row_index)
 def index_rows(call: OpCall):
-    """W[x], W 2-D, with one integer index tensor: the embedding identity without padding."""
+    """W[x] with one integer index tensor (a per-user bias b[user], a table of rows or of
+    matrices): the embedding identity without padding."""
     return {"self": _row_gather_form(call, "indices.0", "self")}
 
 
