@@ -39,7 +39,7 @@ class WholeModelStep:
         def per_example_loss(output, targets):
             loss = loss_fn(output, targets)
             if not isinstance(loss, torch.Tensor) or loss.dim() != 1:
-                raise loss_shape_error(tuple(loss.shape) if isinstance(loss, torch.Tensor) else type(loss).__name__)
+                raise loss_shape_error(loss)
             return loss
 
         self.loss_fn = per_example_loss

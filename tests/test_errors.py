@@ -67,11 +67,16 @@ def test_batchnorm_switched_to_training_after_transform():
         t.step(torch.randn(3, 4), torch.randn(3, 4))
 
 
-def test_scalar_loss_is_refused():
+@pytest.mark.parametrize(
+    "loss_fn, returned",
+    [(lambda o, y: F.cross_entropy(o, y), r"shape \[\]"), (lambda o, y: F.cross_entropy(o, y, reduction="none")[:, None], r"shape \[B, 1\]")],
+    ids=["scalar", "column"],
+)
+def test_loss_that_is_not_one_per_example_is_refused(loss_fn, returned):
     model = model_with_grads()
     before = snapshot(model)
-    t = fxclip.transform(model, lambda o, y: F.cross_entropy(o, y), max_grad_norm=1.0)
-    with pytest.raises(fxclip.FxclipError, match="one loss per example.*reduction='none'"):
+    t = fxclip.transform(model, loss_fn, max_grad_norm=1.0)
+    with pytest.raises(fxclip.FxclipError, match=f"one loss per example.*returned {returned}.*reduction='none'"):
         t.step(torch.randn(5, 4), torch.randint(0, 3, (5,)))
     assert_unchanged(model, before)
 
@@ -79,7 +84,7 @@ def test_scalar_loss_is_refused():
 def test_batch_reduction_inside_model_is_refused():
     model = nn.Sequential(nn.Linear(4, 4))
     t = fxclip.transform(model, lambda o, y: (o - o.mean(0) - y).pow(2).sum(1), max_grad_norm=1.0)
-    with pytest.raises(fxclip.ExampleMixingError, match="reduces over the batch"):
+    with pytest.raises(fxclip.ExampleMixingError, match="drops the batch axis"):
         t.step(torch.randn(5, 4), torch.randn(5, 4))
 
 

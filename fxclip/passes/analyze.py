@@ -94,8 +94,9 @@ class _BatchLocator:
         if not dims:
             if in_axes:
                 raise ExampleMixingError(
-                    f"{where(node)} reduces over the batch (its output has no batch axis), so "
-                    "examples mix. Reduce over the other dims only; loss_fn must return one loss per example."
+                    f"{where(node)} drops the batch axis (its output has none: a reduction, slice or "
+                    "index along the batch), so examples mix. Keep each op within an example; loss_fn "
+                    "must return one loss per example."
                 )
             return None
         if len(dims) > 1:

@@ -137,13 +137,17 @@ def _check_loss_shape(gm: GraphModule) -> None:
     out = next(n for n in gm.graph.nodes if n.op == "output").args[0]
     val = out[0].meta.get("val") if isinstance(out, (tuple, list)) and len(out) == 1 else None
     if not isinstance(val, torch.Tensor) or val.dim() != 1 or not isinstance(val.shape[0], torch.SymInt):
-        raise loss_shape_error(tuple(val.shape) if isinstance(val, torch.Tensor) else type(val).__name__)
+        raise loss_shape_error(val)
 
 
-def loss_shape_error(shape) -> CaptureError:
-    """The error for a loss_fn whose result is not one loss per example (it returned `shape`)."""
+def loss_shape_error(loss) -> CaptureError:
+    """The error for a loss_fn whose result `loss` is not one loss per example."""
+    if isinstance(loss, torch.Tensor):  # B for the symbolic batch of a captured graph
+        what = "shape [" + ", ".join("B" if isinstance(s, torch.SymInt) else str(s) for s in loss.shape) + "]"
+    else:
+        what = "None" if loss is None else f"a {type(loss).__name__}"
     return CaptureError(
-        f"loss_fn must return one loss per example, a tensor of shape [batch]; it returned {shape}. "
+        f"loss_fn must return one loss per example, a tensor of shape [B]; it returned {what}. "
         "Use reduction='none' (e.g. F.cross_entropy(out, y, reduction='none')) and, for sequence "
         "or pixel losses, sum or average over every dim but the batch."
     )
