@@ -228,7 +228,8 @@ class FilledBuffer(nn.Module):
 
 class WritesThroughViews(nn.Module):
     """Writes into slices of an uninitialized buffer (nn.AdaptiveLogSoftmaxWithLoss.log_prob does
-    this), an in-place add through a select, and a view made before the writes read after them."""
+    this), an in-place add through a select, a view made before the writes read after them, and a
+    copy_ into a whole tensor."""
 
     def __init__(self):
         super().__init__()
@@ -240,7 +241,8 @@ class WritesThroughViews(nn.Module):
         out[:, :3] = self.a(x).log_softmax(1)
         out[:, 3:] = torch.tanh(self.b(x))
         out[:, 0].add_(self.b(x)[:, 1])
-        return pairs.sum(-1) * out[:, 1:4]
+        result = torch.empty_like(out[:, 1:4])
+        return result.copy_(pairs.sum(-1) * out[:, 1:4])
 
 
 class SpectralFilter(nn.Module):

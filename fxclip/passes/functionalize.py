@@ -76,7 +76,7 @@ def functionalize(gm: GraphModule, ctx) -> GraphModule:
                 + _MUTATION_HINTS.get(node.target, "use the out-of-place op")
             )
         with graph.inserting_before(node):
-            if views or variant is None:
+            if views or variant is None or variant in _NO_COPY:
                 new_base = _write_through_views(gm, node, base, views, fake_mode)
             else:
                 new_base = graph.call_function(variant, node.args, node.kwargs)
