@@ -270,6 +270,20 @@ class ComplexFromRealPair(nn.Module):
         return torch.cat([(z * w).real, (z / (w + 2)).imag, (z * self.scale).abs()], -1)
 
 
+class WritesIntoPieces(nn.Module):
+    """A mask built by writing into pieces of unbind and chunk (views that come in several)."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(6, 6)
+
+    def forward(self, x):
+        mask = torch.ones_like(x)
+        mask.unbind(1)[2].zero_()
+        mask.chunk(2, 1)[1].mul_(x[:, 3:] > 0)
+        return self.lin(x) * mask
+
+
 def conv(dim, **kw):
     cls = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}[dim]
     return lambda: nn.Sequential(cls(**kw), nn.Flatten(), nn.Tanh())
@@ -358,6 +372,7 @@ CASES = [
     # in-place writes into tensors the forward made (functionalize)
     Case("filled_buffer", FilledBuffer, randn(3, 3)),
     Case("writes_through_views", WritesThroughViews, randn(4)),
+    Case("writes_into_pieces", WritesIntoPieces, randn(6)),
     Case("adaptive_log_softmax", lambda: Lambda(lambda s, x: s.asm.log_prob(x), asm=nn.AdaptiveLogSoftmaxWithLoss(6, 10, cutoffs=[3, 6], div_value=2.0)), randn(6)),
     # complex values (gradients are g ⊙ conj(∂z/∂·))
     Case("complex_spectral_filter", SpectralFilter, randn(8)),

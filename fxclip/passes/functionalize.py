@@ -5,6 +5,8 @@ a scatter into a new value of that tensor, which every later reader reads."""
 
 from __future__ import annotations
 
+import operator
+
 import torch
 from torch._guards import detect_fake_mode
 from torch.fx import GraphModule, Node
@@ -27,7 +29,10 @@ def _functional_variant(target):
 
 
 def _is_view(node: Node) -> bool:
-    """An op whose output aliases its first operand (detach, view, slice, transpose ...)."""
+    """An op whose output aliases its first operand (detach, view, slice, transpose ...), or one
+    piece of an op that returns several views (split, chunk, unbind)."""
+    if node.op == "call_function" and node.target is operator.getitem:
+        return _is_view(node.args[0])
     if node.op != "call_function" or not isinstance(node.target, torch._ops.OpOverload):
         return False
     returns = node.target._schema.returns
@@ -100,6 +105,22 @@ def _copy(value: torch.Tensor, src: torch.Tensor, non_blocking: bool = False) ->
 _NO_COPY = {torch.ops.aten.copy.default: _copy}
 
 
+# a piece of a multi-output view as one view (functionalizing a write into an unbind's piece
+# fixes the batch size in torch 2.13)
+_PIECES = {
+    torch.ops.aten.unbind.int: lambda x, i, dim=0: x.select(dim, i),
+    torch.ops.aten.split.Tensor: lambda x, i, size, dim=0: x.narrow(dim, i * size, min(size, x.shape[dim] - i * size)),
+    torch.ops.aten.split_with_sizes.default: lambda x, i, sizes, dim=0: x.narrow(dim, sum(sizes[:i]), sizes[i]),
+}
+
+
+def _piece(target, x: torch.Tensor, i: int, args, kwargs) -> torch.Tensor:
+    """Piece i of the multi-output view target(x, *args, **kwargs)."""
+    if target in _PIECES:
+        return _PIECES[target](x, i, *args, **kwargs)
+    return target(x, *args, **kwargs)[i]
+
+
 def _write_through_views(gm: GraphModule, node: Node, base: Node, views: list[Node], fake_mode) -> Node:
     """Insert torch.func.functionalize's trace of `views[-1](...(base)).op_(...)`: the ops that
     compute the base's new value (the op's out-of-place form, then a scatter back through each
@@ -111,11 +132,18 @@ def _write_through_views(gm: GraphModule, node: Node, base: Node, views: list[No
     def write(value, *values):
         env = dict(zip(operands, values))
         view = value
-        for n in views:
-            view = n.target(view, *map_arg(n.args[1:], env.__getitem__), **map_arg(n.kwargs, env.__getitem__))
+        arguments = lambda n: (map_arg(n.args[1:], env.__getitem__), map_arg(n.kwargs, env.__getitem__))
+        for k, n in enumerate(views):
+            if n.target is operator.getitem:
+                view = _piece(n.args[0].target, view, n.args[1], *arguments(n.args[0]))
+            elif k + 1 < len(views) and views[k + 1].target is operator.getitem:
+                continue  # a multi-output view: applied with its getitem, next
+            else:
+                view = n.target(view, *arguments(n)[0], **arguments(n)[1])
         node.target(view, *map_arg(node.args[1:], env.__getitem__), **map_arg(node.kwargs, env.__getitem__))
         return value
 
+    replacements = dict(fake_mode.shape_env.replacements)
     try:
         with fake_mode:
             sub = make_fx(torch.func.functionalize(write, remove="mutations"), decomposition_table=_NO_COPY)(
@@ -123,6 +151,8 @@ def _write_through_views(gm: GraphModule, node: Node, base: Node, views: list[No
             )
     except Exception as e:
         raise NotCovered(f"{where(node)}: fxclip could not write this in-place op out of place: {describe(e)}") from e
+    if fake_mode.shape_env.replacements != replacements:
+        raise NotCovered(f"{where(node)}: writing this in-place op out of place fixed the batch size")
     # functionalize copies the new value back into the mutated input; the graph reads it instead
     for n in list(sub.graph.nodes):
         if n.target is torch.ops.aten.copy_.default and n.args[0].op == "placeholder":
