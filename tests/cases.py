@@ -284,6 +284,27 @@ class WritesIntoPieces(nn.Module):
         return self.lin(x) * mask
 
 
+class WritesIntoCopies(nn.Module):
+    """Writes into the results of contiguous() and reshape() of a transposed tensor, which are
+    copies (the tensor they were made from keeps its values), and of a true view."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(6, 6)
+
+    def forward(self, x):
+        h = self.lin(x)
+        swapped = h.view(-1, 2, 3).transpose(1, 2)
+        copied = swapped.contiguous()
+        copied[:, 0] = 0.0
+        reshaped = swapped.reshape(-1, 6)
+        reshaped.mul_(2.0)
+        scaled = h * 1.5
+        aliased = scaled.reshape(-1, 6)
+        aliased.add_(x)
+        return copied.flatten(1) + reshaped + h + scaled
+
+
 def conv(dim, **kw):
     cls = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}[dim]
     return lambda: nn.Sequential(cls(**kw), nn.Flatten(), nn.Tanh())
@@ -373,6 +394,7 @@ CASES = [
     Case("filled_buffer", FilledBuffer, randn(3, 3)),
     Case("writes_through_views", WritesThroughViews, randn(4)),
     Case("writes_into_pieces", WritesIntoPieces, randn(6)),
+    Case("writes_into_copies", WritesIntoCopies, randn(6)),
     Case("adaptive_log_softmax", lambda: Lambda(lambda s, x: s.asm.log_prob(x), asm=nn.AdaptiveLogSoftmaxWithLoss(6, 10, cutoffs=[3, 6], div_value=2.0)), randn(6)),
     # complex values (gradients are g ⊙ conj(∂z/∂·))
     Case("complex_spectral_filter", SpectralFilter, randn(8)),

@@ -37,7 +37,38 @@ def _is_view(node: Node) -> bool:
         return False
     returns = node.target._schema.returns
     alias = returns[0].alias_info if len(returns) == 1 else None
-    return alias is not None and not alias.is_write and bool(node.args) and isinstance(node.args[0], Node)
+    if alias is None or alias.is_write or not node.args or not isinstance(node.args[0], Node):
+        return False
+    return node.target not in _MAYBE_VIEWS or _aliases(node)
+
+
+# ops that return a view of their input when they can and a copy otherwise
+_MAYBE_VIEWS = {
+    torch.ops.aten.reshape.default, torch.ops.aten.reshape_as.default, torch.ops.aten.contiguous.default,
+    torch.ops.aten.flatten.using_ints, torch.ops.aten.to.dtype, torch.ops.aten.to.dtype_layout,
+    torch.ops.aten.to.device, torch.ops.aten.to.other,
+}
+
+
+def _aliases(node: Node) -> bool:
+    """Whether this call of a `_MAYBE_VIEWS` op returned a view: the op run on meta tensors with
+    the example batch's sizes and strides (a reshape of a transposed tensor copies)."""
+
+    def concrete(v):
+        if isinstance(v, torch.SymInt):
+            return v.node.hint
+        if isinstance(v, torch.Tensor):
+            return torch.empty_strided(concrete(tuple(v.shape)), concrete(v.stride()), dtype=v.dtype, device="meta")
+        if isinstance(v, (tuple, list)):
+            return type(v)(concrete(e) for e in v)
+        return v
+
+    try:
+        args, kwargs = map_arg((node.args, node.kwargs), lambda n: concrete(n.meta.get("val")))
+        out = node.target(*args, **kwargs)
+    except Exception:  # the schema says it may alias: assume it does
+        return True
+    return out is args[0] or out._is_view()
 
 
 def _view_chain(node: Node) -> tuple[Node, list[Node]]:
