@@ -32,16 +32,33 @@ def per_example_grads(
     # the loss runs inside the functional call too: a loss_fn that reads one of the model's
     # parameters (a learned temperature) then sees the value being differentiated
     with_loss = ModelWithLoss(model, loss_fn)
+    slots = _slots(model)
 
     def loss_of_one(params, xs, y):
         xs = tuple(x.unsqueeze(d) for x, d in zip(xs, batch_dims))
-        state = {f"model.{k}": v for k, v in {**params, **frozen, **buffers}.items()}
-        return functional_call(with_loss, state, (xs, pytree.tree_map(lambda t: t.unsqueeze(0) if isinstance(t, torch.Tensor) else t, y))).sum()
+        values = {**params, **frozen, **buffers}
+        state = {f"model.{slot}": values[name] for slot, name in slots.items()}
+        y = pytree.tree_map(lambda t: t.unsqueeze(0) if isinstance(t, torch.Tensor) else t, y)
+        return functional_call(with_loss, state, (xs, y), tie_weights=False).sum()
 
     transform = grad_and_value if with_losses else grad
     target_dims = None if targets is None else 0  # targets: a tensor, a pytree of them, or None
     per_example = vmap(transform(loss_of_one), in_dims=(None, batch_dims, target_dims), chunk_size=chunk_size)
     return per_example(trainable, inputs, targets)
+
+
+def _slots(model: torch.nn.Module) -> dict[str, str]:
+    """{each place a tensor is registered (module path.attribute): its name in named_parameters
+    or named_buffers}. A parameter shared by two modules has two places, both set in the
+    functional call; a module registered under two names has one (functional_call's own tying
+    sets it twice and leaves a plain tensor in it when it puts the originals back)."""
+    name_of = {id(v): k for k, v in [*model.named_parameters(), *model.named_buffers()]}
+    return {
+        f"{path}.{attr}" if path else attr: name_of[id(v)]
+        for path, module in model.named_modules()
+        for attr, v in [*module._parameters.items(), *module._buffers.items()]
+        if v is not None
+    }
 
 
 def any_per_example_grads(model, loss_fn, inputs, targets, batch_dims=None, with_losses=False):

@@ -305,6 +305,20 @@ class WritesIntoCopies(nn.Module):
         return copied.flatten(1) + reshaped + h + scaled
 
 
+class RegisteredTwice(nn.Module):
+    """A module under two attributes (self.b = self.a) and a parameter under two names (the
+    model's own attribute and its layer's weight): named_parameters lists each once."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.head = nn.Linear(4, 4), nn.Linear(4, 2)
+        self.b = self.a
+        self.mix = self.head.weight
+
+    def forward(self, x):
+        return self.head(torch.tanh(self.b(torch.tanh(self.a(x))))) @ self.mix
+
+
 def conv(dim, **kw):
     cls = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}[dim]
     return lambda: nn.Sequential(cls(**kw), nn.Flatten(), nn.Tanh())
@@ -375,6 +389,7 @@ CASES = [
     # shared, sliced and computed parameters
     Case("module_twice", TwiceApplied, randn(6)),
     Case("tied_embedding_output", TiedLM, tokens(11, 7)),
+    Case("registered_twice", RegisteredTwice, randn(4)),
     Case("disjoint_slices", Slices, randn(5)),
     Case("overlapping_slices", OverlappingSlices, randn(5)),
     Case("transposed_use", TransposedUse, randn(3, 5)),

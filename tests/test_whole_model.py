@@ -77,6 +77,35 @@ def test_op_no_rule_covers_takes_the_fallback(options):
     assert t.fallbacks[0].startswith("the whole model (")
 
 
+class SharedLayerBranch(nn.Module):
+    """One layer under two attributes, and Python control flow on a value: the fallback's
+    torch.func call must leave both registered as the optimizer's parameters."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.head = nn.Linear(4, 4), nn.Linear(4, 3)
+        self.b = self.a
+
+    def forward(self, x):
+        h = torch.tanh(self.b(torch.tanh(self.a(x))))
+        return self.head(h if float(x.sum()) > -1e9 else -h)
+
+
+def test_fallback_keeps_a_layer_registered_twice_a_parameter():
+    torch.manual_seed(0)
+    model = SharedLayerBranch().double()
+    registered = list(model.parameters())
+    x, y = torch.randn(5, 4, dtype=torch.float64), torch.randint(0, 3, (5,))
+    t = fxclip.transform(model, ce, max_grad_norm=0.5)
+    with pytest.warns(fxclip.FallbackWarning):
+        result = t.step(x, y)
+    assert list(model.parameters()) == registered and all(isinstance(p, nn.Parameter) for p in registered)
+    ref_norms, ref_sum = clipped_sum(naive_per_example_grads(model, ce, (x,), y), 0.5)
+    torch.testing.assert_close(result.norms, ref_norms)
+    for name, p in model.named_parameters():
+        torch.testing.assert_close(p.grad, ref_sum[name])
+
+
 def test_packed_sequences_with_physical_batches():
     torch.manual_seed(0)
     model = PackedLSTM().double()

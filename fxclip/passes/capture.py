@@ -89,13 +89,21 @@ def capture(gm: GraphModule | None, ctx: Context) -> GraphModule:
         ) from e
     ctx.exported = ep
     sig = ep.graph_signature
+    # export names a tensor registered twice (a module under two attributes) by either path;
+    # fxclip by its name in named_parameters / named_buffers
+    model = ctx.model
+    name_of = {id(v): k for k, v in [*model.named_parameters(), *model.named_buffers()]}
+    canonical = {
+        k: name_of[id(v)]
+        for k, v in [*model.named_parameters(remove_duplicate=False), *model.named_buffers(remove_duplicate=False)]
+    }
     kinds = {}
     for spec in sig.input_specs:
         name = spec.arg.name
         if spec.kind.name == "PARAMETER":
-            kinds[name] = ("param", spec.target.removeprefix("model."))
+            kinds[name] = ("param", canonical[spec.target.removeprefix("model.")])
         elif spec.kind.name == "BUFFER":
-            kinds[name] = ("buffer", spec.target.removeprefix("model."))
+            kinds[name] = ("buffer", canonical[spec.target.removeprefix("model.")])
         elif spec.kind.name in ("CONSTANT_TENSOR", "CUSTOM_OBJ"):
             kinds[name] = ("constant", spec.target)
         else:
