@@ -319,6 +319,22 @@ class RegisteredTwice(nn.Module):
         return self.head(torch.tanh(self.b(torch.tanh(self.a(x))))) @ self.mix
 
 
+class WritesWithOut(nn.Module):
+    """out= writes: a mask into a slice of a buffer (under no_grad), a tanh into a new tensor."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(6, 6)
+
+    def forward(self, x):
+        mask = torch.zeros(x.shape[0], 8, dtype=x.dtype)
+        with torch.no_grad():
+            torch.gt(x, 0.2, out=mask[:, 1:7])
+        squashed = torch.empty_like(x)
+        torch.tanh(x, out=squashed)
+        return self.lin(x) * mask[:, :6] * squashed
+
+
 def conv(dim, **kw):
     cls = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}[dim]
     return lambda: nn.Sequential(cls(**kw), nn.Flatten(), nn.Tanh())

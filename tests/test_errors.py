@@ -229,3 +229,34 @@ def test_embedding_max_norm_is_refused_and_writes_nothing():
     with pytest.raises(fxclip.FxclipError, match="max_norm"):
         t.step(torch.randint(0, 10, (5, 3)), torch.randint(0, 3, (5,)))
     assert_unchanged(model, before)
+
+
+class CountsCalls(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(4, 3)
+        self.register_buffer("calls", torch.zeros((), dtype=torch.long))
+
+    def forward(self, x):
+        self.calls += 1
+        return self.lin(x)
+
+
+@pytest.mark.parametrize(
+    "make_model",
+    [CountsCalls, lambda: nn.Sequential(nn.utils.parametrizations.spectral_norm(nn.Linear(4, 6)), nn.Tanh(), nn.Linear(6, 3))],
+    ids=["counter", "spectral_norm_training"],
+)
+def test_buffer_updated_in_the_forward_is_refused_and_writes_nothing(make_model):
+    """spectral_norm's power iteration writes its buffers with F.normalize(..., out=u) under
+    no_grad; that write was dropped, so the step used other weights than the forward (loss
+    error up to 0.95)."""
+    model = make_model()
+    for p in model.parameters():
+        p.grad = torch.randn_like(p)
+    before, buffers = snapshot(model), {k: b.clone() for k, b in model.named_buffers()}
+    t = fxclip.transform(model, ce, max_grad_norm=1.0)
+    with pytest.raises(fxclip.FxclipError, match="mutates a buffer in place.*eval"):
+        t.step(torch.randn(5, 4), torch.randint(0, 3, (5,)))
+    assert_unchanged(model, before)
+    assert all(torch.equal(b, buffers[k]) for k, b in model.named_buffers())

@@ -4,8 +4,9 @@ import pytest
 import torch
 
 import fxclip
-from cases import CASES, FALLBACK_CASES
-from helpers import check_against_reference, mean_loss, sum_loss, targets_for
+from fxclip.reference import clipped_sum, naive_per_example_grads
+from cases import CASES, FALLBACK_CASES, WritesWithOut
+from helpers import check_against_reference, mean_loss, relative_error, sum_loss, targets_for
 
 
 @pytest.mark.parametrize("case", CASES, ids=lambda c: c.name)
@@ -49,3 +50,16 @@ def test_conv_per_example_kernel_matches_reference(case, chunk_elements, monkeyp
     t = fxclip.transform(model, sum_loss, max_grad_norm=0.7, strategy="materialize", batch_dims=case.batch_dims)
     inputs = case.inputs(5, g)
     check_against_reference(t, inputs, targets_for(model, inputs, case.batch_dims, g), case.batch_dims)
+
+
+def test_out_writes_match_the_per_example_loop():
+    """torch.func cannot vmap out= ops, so this case's reference is one backward per example."""
+    g = torch.Generator().manual_seed(4)
+    model = WritesWithOut().double()
+    x = torch.randn(5, 6, generator=g, dtype=torch.float64)
+    y = targets_for(model, (x,), (0,), g)
+    result = fxclip.transform(model, sum_loss, max_grad_norm=0.7).step(x, y)
+    norms, sums = clipped_sum(naive_per_example_grads(model, sum_loss, (x,), y), 0.7)
+    assert relative_error(result.norms, norms) <= 1e-8
+    for name, p in model.named_parameters():
+        assert relative_error(p.grad, sums[name]) <= 1e-8, name

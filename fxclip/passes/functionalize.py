@@ -14,6 +14,7 @@ from torch.fx.experimental.proxy_tensor import make_fx
 from torch.fx.node import map_arg
 
 from ..errors import FxclipError, NotCovered, describe
+from ..rules.registry import argument_nodes
 from .analyze import where
 from .inline import SOURCE_META
 
@@ -80,6 +81,23 @@ def _view_chain(node: Node) -> tuple[Node, list[Node]]:
     return node, views[::-1]
 
 
+def _written_operand(node: Node) -> Node:
+    """The operand an in-place or out= op writes (its schema marks it `(a!)`)."""
+    written = [
+        value for arg in node.target._schema.arguments if arg.alias_info is not None and arg.alias_info.is_write
+        for value in [argument_nodes(node).get(arg.name)] if isinstance(value, Node)
+    ]
+    if len(written) != 1:
+        raise NotCovered(f"{where(node)}: fxclip handles ops that write one tensor; this one writes {len(written)}")
+    return written[0]
+
+
+_BUFFER_HINT = (
+    "a module that updates a buffer in its forward (spectral_norm's power iteration and running "
+    "statistics do, in training mode) needs .eval() on that module; update the buffer outside "
+    "the private step"
+)
+
 # what the ops that mutate a model's state in its forward come from, and what to do instead
 _MUTATION_HINTS = {
     torch.ops.aten.embedding_renorm_.default: "nn.Embedding(max_norm=...) renormalizes rows of its "
@@ -97,30 +115,32 @@ def functionalize(gm: GraphModule, ctx) -> GraphModule:
     graph = gm.graph
     fake_mode = detect_fake_mode([n.meta.get("val") for n in graph.nodes if n.op == "placeholder"])
     order = {n: float(i) for i, n in enumerate(graph.nodes)}
+    placeholders = [n for n in graph.nodes if n.op == "placeholder"]
     for node in list(graph.nodes):
         if node.op != "call_function" or not isinstance(node.target, torch._ops.OpOverload):
             continue
         if not node.target._schema.is_mutable:
             continue
-        base, views = _view_chain(node.args[0])
-        variant = _functional_variant(node.target)
+        mutated = _written_operand(node)
+        base, views = _view_chain(mutated)
+        variant = _functional_variant(node.target) if mutated is node.args[0] else None
         if base.op == "placeholder":
+            kind = ctx.placeholders[placeholders.index(base)][0] if ctx is not None else "input"
             raise FxclipError(
-                "the model mutates its input or state "
-                f"in place with {node.target} ({node.meta.get('stack_trace', '').strip().splitlines()[-1:]}); "
-                "fxclip needs a functional forward: "
-                + _MUTATION_HINTS.get(node.target, "use the out-of-place op")
+                f"{where(node)}: the model mutates {'a buffer' if kind == 'buffer' else 'its input or a parameter'} "
+                "in place; fxclip needs a functional forward: "
+                + _MUTATION_HINTS.get(node.target, _BUFFER_HINT if kind == "buffer" else "use the out-of-place op")
             )
         with graph.inserting_before(node):
             if views or variant is None or variant in _NO_COPY:
-                new_base = _write_through_views(gm, node, base, views, fake_mode)
+                new_base = _write_through_views(gm, node, mutated, base, views, fake_mode)
             else:
                 new_base = graph.call_function(variant, node.args, node.kwargs)
                 new_base.meta = dict(node.meta)
             for n in graph.nodes:
                 if n not in order:
                     order[n] = order[node] - 0.5
-            _read_new_value(graph, node, base, new_base, order)
+            _read_new_value(graph, node, mutated, base, new_base, order)
         graph.erase_node(node)
     graph.eliminate_dead_code()
     gm.recompile()
@@ -152,13 +172,15 @@ def _piece(target, x: torch.Tensor, i: int, args, kwargs) -> torch.Tensor:
     return target(x, *args, **kwargs)[i]
 
 
-def _write_through_views(gm: GraphModule, node: Node, base: Node, views: list[Node], fake_mode) -> Node:
-    """Insert torch.func.functionalize's trace of `views[-1](...(base)).op_(...)`: the ops that
-    compute the base's new value (the op's out-of-place form, then a scatter back through each
-    view). Returns the node of that value."""
+def _write_through_views(gm: GraphModule, node: Node, mutated: Node, base: Node, views: list[Node], fake_mode) -> Node:
+    """Insert torch.func.functionalize's trace of `node` writing `mutated` = views[-1](...(base)):
+    the ops that compute the base's new value (the op's out-of-place form, then a scatter back
+    through each view). Returns the node of that value."""
     operands: list[Node] = []
-    for n in [*views, node]:
-        map_arg((n.args[1:], n.kwargs), lambda a: operands.append(a) if a not in operands else None)
+    add = lambda a: operands.append(a) if a not in operands and a is not mutated else None
+    for n in views:
+        map_arg((n.args[1:], n.kwargs), add)
+    map_arg((node.args, node.kwargs), add)
 
     def write(value, *values):
         env = dict(zip(operands, values))
@@ -171,7 +193,8 @@ def _write_through_views(gm: GraphModule, node: Node, base: Node, views: list[No
                 continue  # a multi-output view: applied with its getitem, next
             else:
                 view = n.target(view, *arguments(n)[0], **arguments(n)[1])
-        node.target(view, *map_arg(node.args[1:], env.__getitem__), **map_arg(node.kwargs, env.__getitem__))
+        env[mutated] = view
+        node.target(*map_arg(node.args, env.__getitem__), **map_arg(node.kwargs, env.__getitem__))
         return value
 
     replacements = dict(fake_mode.shape_env.replacements)
@@ -199,9 +222,9 @@ def _write_through_views(gm: GraphModule, node: Node, base: Node, views: list[No
     raise AssertionError("a traced graph ends in an output node")
 
 
-def _read_new_value(graph, node: Node, base: Node, new_base: Node, order: dict) -> None:
+def _read_new_value(graph, node: Node, mutated: Node, base: Node, new_base: Node, order: dict) -> None:
     """Every reader after `node` of `base`, of a view of it, or of `node`'s own result (the
-    mutated view) reads the same view of `new_base` instead."""
+    `mutated` view) reads the same view of `new_base` instead."""
     replayed = {base: new_base}
 
     def replay(alias: Node) -> Node:
@@ -219,4 +242,4 @@ def _read_new_value(graph, node: Node, base: Node, new_base: Node, order: dict) 
             if user is not node and order[user] > order[node]:
                 user.replace_input_with(alias, replay(alias))
     for user in list(node.users):
-        user.replace_input_with(node, replay(node.args[0]))
+        user.replace_input_with(node, replay(mutated))
