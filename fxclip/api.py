@@ -10,11 +10,12 @@ from typing import Callable, Sequence
 import torch
 import torch.utils._pytree as pytree
 
-from .errors import FxclipError, NotCovered, VerificationError
+from .errors import ExampleMixingError, FxclipError, NotCovered, VerificationError
 from .passes import Context, StepProgram, run_passes
 from .passes.capture import reject_batchnorm_in_training
 from .passes.compile import BATCH_MODES, CompiledStep, CompileFailed
 from .passes.emit import EPS
+from .reference import mixing_found
 from .whole_model import FallbackWarning, WholeModelStep
 
 STRATEGIES = ("auto", "ghost", "materialize")
@@ -225,9 +226,18 @@ class PrivateStep:
                 memory_budget=self.memory_budget,
             )
             try:
-                self._programs[key] = (ctx, run_passes(ctx))
+                program = run_passes(ctx)
             except NotCovered as e:
                 self._fall_back(e, ctx.batch_dims)
+                return self._programs[key]
+            found = mixing_found(self.model, self.loss_fn, inputs, targets, ctx.batch_dims)
+            if found:  # the graph holds no op known to mix examples, yet the losses say they mix
+                raise ExampleMixingError(
+                    f"{found}, though no op in the graph is known to mix examples: an index, gather "
+                    "or scatter along the batch dim does (x[torch.randperm(B)], index_add over the "
+                    "batch). Keep every op within an example; check batch_dims."
+                )
+            self._programs[key] = (ctx, program)
         return self._programs[key]
 
     def _fall_back(self, reason: NotCovered, batch_dims) -> None:

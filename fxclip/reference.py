@@ -13,6 +13,77 @@ from torch.func import functional_call, grad, grad_and_value, vmap
 from .passes.capture import ModelWithLoss
 
 
+def _loss_of_one(model: torch.nn.Module, loss_fn: Callable, batch_dims: tuple, fixed: dict) -> Callable:
+    """(trainable values, one example's inputs, its targets) -> its loss, the model run by
+    functional_call on that example alone (as a batch of one), `fixed` holding the other values."""
+    # the loss runs inside the functional call too: a loss_fn that reads one of the model's
+    # parameters (a learned temperature) then sees the value being differentiated
+    with_loss = ModelWithLoss(model, loss_fn)
+    slots = _slots(model)
+
+    def loss_of_one(params, xs, y):
+        xs = tuple(x.unsqueeze(d) for x, d in zip(xs, batch_dims))
+        values = {**params, **fixed}
+        state = {f"model.{slot}": values[name] for slot, name in slots.items()}
+        y = pytree.tree_map(lambda t: t.unsqueeze(0) if isinstance(t, torch.Tensor) else t, y)
+        return functional_call(with_loss, state, (xs, y), tie_weights=False).sum()
+
+    return loss_of_one
+
+
+def per_example_losses(model, loss_fn, inputs, targets, batch_dims=None) -> torch.Tensor:
+    """Each example's loss with the example run alone [B] (vmap; no gradients)."""
+    inputs = tuple(inputs)
+    batch_dims = tuple(batch_dims or (0,) * len(inputs))
+    values = {k: p.detach() for k, p in [*model.named_parameters(), *model.named_buffers()]}
+    target_dims = None if targets is None else 0
+    with torch.no_grad():
+        return vmap(_loss_of_one(model, loss_fn, batch_dims, values), in_dims=(None, batch_dims, target_dims))({}, inputs, targets)
+
+
+def mixing_found(model, loss_fn, inputs, targets, batch_dims=None) -> str | None:
+    """Which example's loss in the batch is not its loss alone, else None: evidence that the
+    model mixes examples where no op is known to (an index, gather or scatter along the batch
+    dim; Python code the graph never saw). Run in eval mode without gradients, the RNG forked,
+    so dropout draws nothing; a model that draws random numbers anyway (a VAE's sample) is not
+    checked, nor one that fails to run here (the step says what fails)."""
+    inputs = tuple(inputs)
+    batch_dims = tuple(batch_dims or (0,) * len(inputs))
+    if inputs[0].shape[batch_dims[0]] < 2:
+        return None
+    modes = [(m, m.training) for m in model.modules()]
+    model.eval()
+    cuda = [x.device for x in inputs if isinstance(x, torch.Tensor) and x.is_cuda]
+    try:
+        with torch.no_grad(), torch.random.fork_rng(devices=cuda):
+            together = loss_fn(model(*inputs), targets)
+            if not torch.equal(together, loss_fn(model(*inputs), targets)):
+                return None
+            try:
+                alone = per_example_losses(model, loss_fn, inputs, targets, batch_dims)
+            except Exception:  # torch.func cannot run the model: the first few examples, one by one
+                alone = torch.stack([
+                    loss_fn(
+                        model(*(x.narrow(d, i, 1) for x, d in zip(inputs, batch_dims))),
+                        pytree.tree_map(lambda t: t[i : i + 1] if isinstance(t, torch.Tensor) else t, targets),
+                    ).sum()
+                    for i in range(min(8, together.shape[0]))
+                ])
+    except Exception:
+        return None
+    finally:
+        for m, training in modes:
+            m.train(training)
+    together = together[: alone.shape[0]]
+    # bf16/fp16 products round differently in a batch of one than in the full batch
+    low_precision = torch.is_autocast_enabled(together.device.type) or together.dtype in (torch.float16, torch.bfloat16)
+    tol = 5e-2 if low_precision else {torch.float64: 1e-7, torch.float32: 1e-3}.get(together.dtype, 5e-2)
+    if torch.allclose(together, alone.to(together.dtype), rtol=tol, atol=tol * float(alone.abs().max())):
+        return None
+    worst = int((together - alone).abs().argmax())
+    return f"example {worst}'s loss in the batch ({float(together[worst]):.6g}) is not its loss alone ({float(alone[worst]):.6g})"
+
+
 def per_example_grads(
     model: torch.nn.Module,
     loss_fn: Callable,
@@ -27,20 +98,8 @@ def per_example_grads(
     inputs = tuple(inputs)
     batch_dims = tuple(batch_dims or (0,) * len(inputs))
     trainable = {k: p.detach() for k, p in model.named_parameters() if p.requires_grad}
-    frozen = {k: p.detach() for k, p in model.named_parameters() if not p.requires_grad}
-    buffers = dict(model.named_buffers())
-    # the loss runs inside the functional call too: a loss_fn that reads one of the model's
-    # parameters (a learned temperature) then sees the value being differentiated
-    with_loss = ModelWithLoss(model, loss_fn)
-    slots = _slots(model)
-
-    def loss_of_one(params, xs, y):
-        xs = tuple(x.unsqueeze(d) for x, d in zip(xs, batch_dims))
-        values = {**params, **frozen, **buffers}
-        state = {f"model.{slot}": values[name] for slot, name in slots.items()}
-        y = pytree.tree_map(lambda t: t.unsqueeze(0) if isinstance(t, torch.Tensor) else t, y)
-        return functional_call(with_loss, state, (xs, y), tie_weights=False).sum()
-
+    fixed = {k: p.detach() for k, p in model.named_parameters() if not p.requires_grad}
+    loss_of_one = _loss_of_one(model, loss_fn, batch_dims, {**fixed, **dict(model.named_buffers())})
     transform = grad_and_value if with_losses else grad
     target_dims = None if targets is None else 0  # targets: a tensor, a pytree of them, or None
     per_example = vmap(transform(loss_of_one), in_dims=(None, batch_dims, target_dims), chunk_size=chunk_size)

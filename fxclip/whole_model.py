@@ -14,12 +14,11 @@ available. `PrivateStep` warns with `FallbackWarning` when it takes this path.
 from __future__ import annotations
 
 import torch
-import torch.utils._pytree as pytree
 
 from .errors import ExampleMixingError, FxclipError, describe
 from .passes.capture import loss_shape_error
 from .passes.emit import EPS
-from .reference import any_per_example_grads, clip_and_sum, naive_per_example_grads
+from .reference import any_per_example_grads, clip_and_sum, mixing_found, naive_per_example_grads
 
 
 class FallbackWarning(UserWarning):
@@ -76,42 +75,14 @@ class WholeModelStep:
         return losses, norms, clip, clipped
 
     def _check_examples_independent(self, inputs: tuple, targets) -> None:
-        """Each example's loss in the batch must be its loss alone. This path runs examples one at
-        a time, so a model that mixes them (a roll or a mean over the batch, a concatenation of
-        shifted slices) would be clipped and summed as some other model, silently; the graph path
-        finds mixing ops in the graph, this one compares. In eval mode, so dropout draws nothing;
-        a model that draws random numbers anyway (a VAE's sample) is not checked."""
-        batch = inputs[0].shape[self.batch_dims[0]]
-        if batch < 2:
-            return
-        modes = [(m, m.training) for m in self.model.modules()]
-        self.model.eval()
-        cuda = [x.device for x in inputs if isinstance(x, torch.Tensor) and x.is_cuda]
-        try:
-            with torch.no_grad(), torch.random.fork_rng(devices=cuda):
-                together = self.loss_fn(self.model(*inputs), targets)
-                if not torch.equal(together, self.loss_fn(self.model(*inputs), targets)):
-                    return
-                alone = torch.cat([
-                    self.loss_fn(
-                        self.model(*(x.narrow(d, i, 1) for x, d in zip(inputs, self.batch_dims))),
-                        pytree.tree_map(lambda t: t[i : i + 1] if isinstance(t, torch.Tensor) else t, targets),
-                    )
-                    for i in range(batch)
-                ])
-        except Exception:
-            return  # the step itself runs the model and says what fails
-        finally:
-            for m, training in modes:
-                m.train(training)
-        tol = {torch.float64: 1e-7, torch.float32: 1e-3}.get(together.dtype, 3e-2)
-        if together.shape != alone.shape or not torch.allclose(together, alone, rtol=tol, atol=tol * float(alone.abs().max())):
-            worst = int((together - alone).abs().argmax()) if together.shape == alone.shape else 0
+        """This path runs examples one at a time, so a model that mixes them (a roll or a mean
+        over the batch, a concatenation of shifted slices) would be clipped and summed as some
+        other model, silently: compare each example's loss in the batch with its loss alone."""
+        found = mixing_found(self.model, self.loss_fn, inputs, targets, self.batch_dims)
+        if found:
             raise ExampleMixingError(
-                f"example {worst}'s loss in the batch ({float(together.flatten()[worst]):.6g}) is not its loss alone "
-                f"({float(alone[worst]):.6g}): the model mixes examples (an op along the batch dim such as "
-                "a roll, a flip, a mean, or a concatenation of shifted slices), so per-example gradients "
-                "are undefined. Keep every op within an example; check batch_dims. (fxclip runs this model "
-                f"one example at a time because: {self.reason})"
+                f"{found}: the model mixes examples (an op along the batch dim such as a roll, a "
+                "flip, a mean, or a concatenation of shifted slices), so per-example gradients are "
+                "undefined. Keep every op within an example; check batch_dims. (fxclip runs this "
+                f"model one example at a time because: {self.reason})"
             )
-

@@ -406,6 +406,7 @@ CASES = [
     Case("module_twice", TwiceApplied, randn(6)),
     Case("tied_embedding_output", TiedLM, tokens(11, 7)),
     Case("registered_twice", RegisteredTwice, randn(4)),
+    Case("index_within_examples", lambda: Lambda(lambda s, x: s.lin(x)[torch.arange(x.shape[0])[:, None], torch.tensor([[0, 2]])], lin=nn.Linear(4, 3)), randn(4)),
     Case("disjoint_slices", Slices, randn(5)),
     Case("overlapping_slices", OverlappingSlices, randn(5)),
     Case("transposed_use", TransposedUse, randn(3, 5)),

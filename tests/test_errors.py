@@ -118,6 +118,27 @@ def test_ops_moving_entries_along_the_batch_are_refused(move):
     assert_unchanged(model, before)
 
 
+@pytest.mark.parametrize(
+    "move",
+    [
+        lambda x: x.index_select(0, torch.arange(x.shape[0]) // 2),
+        lambda x: torch.gather(x, 0, (torch.arange(x.shape[0]) // 2)[:, None].expand(-1, 4)),
+        lambda x: torch.zeros_like(x).index_add(0, torch.arange(x.shape[0]) // 2, x),
+        lambda x: x[torch.randperm(x.shape[0])],
+    ],
+    ids=["index_select", "gather", "index_add", "randperm"],
+)
+def test_indexing_along_the_batch_that_mixes_is_refused(move):
+    """No op of these graphs is known to mix: the first step compares each example's loss in
+    the batch with its loss alone (a random permutation is refused from the graph)."""
+    model = MovesAlongTheBatch(move)
+    before = snapshot(model)
+    t = fxclip.transform(model, ce, max_grad_norm=1.0)
+    with pytest.raises(fxclip.ExampleMixingError, match="not its loss alone|holds the batch"):
+        t.step(torch.randn(5, 4), torch.randint(0, 3, (5,)))
+    assert_unchanged(model, before)
+
+
 def test_mixing_on_the_whole_model_fallback_is_refused():
     """torch.export cannot capture a concatenation of shifted slices with a symbolic batch; the
     whole-model fallback runs examples alone, so it compares their losses with the batch's."""

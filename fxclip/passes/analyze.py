@@ -161,12 +161,34 @@ def _check_mixing(node: Node, in_axis) -> None:
     elif target in (aten.flip.default, aten.roll.default):
         # entries move along these dims (a roll without dims moves them through the flattened tensor)
         reduced = [d % ndim for d in args["dims"]] or list(range(ndim))
+    elif _shuffles(args.get("index")) or any(_shuffles(i) for i in args.get("indices") or ()):
+        # a random permutation indexing along the batch mixes; other indexing along the batch
+        # (x[arange(B), y] picks within each example) is left to the step's first-batch check
+        indexed = [args["dim"] % ndim] if "dim" in args else [k for k, i in enumerate(args["indices"]) if _shuffles(i)]
+        reduced = indexed
     if in_axis.dim in reduced:
         raise ExampleMixingError(
             f"{where(node)} works along dim {in_axis.dim}, which holds the batch (it normalizes, "
             "accumulates or moves entries along it): examples mix. Check batch_dims, or apply the op "
             "along another dim."
         )
+
+
+def _shuffles(index) -> bool:
+    """Whether an index operand is computed from torch.randperm (a shuffle of the batch)."""
+    if not isinstance(index, Node):
+        return False
+    return any(n.target is aten.randperm.default for n in [index, *_ancestors(index)])
+
+
+def _ancestors(node: Node) -> set[Node]:
+    seen, todo = set(), list(node.all_input_nodes)
+    while todo:
+        n = todo.pop()
+        if n not in seen:
+            seen.add(n)
+            todo.extend(n.all_input_nodes)
+    return seen
 
 
 def _chain_kind(chain: list[Node], params: tuple) -> str:
