@@ -51,7 +51,8 @@ class WholeModelStep:
         )
 
     def __call__(self, inputs: tuple, targets, max_grad_norm: float):
-        if self.method is None:
+        first = self.method is None
+        if first:
             self._check_examples_independent(inputs, targets)
         args = (self.model, self.loss_fn, inputs, targets, self.batch_dims)
         try:
@@ -71,6 +72,8 @@ class WholeModelStep:
         if not grads:  # nothing trainable: every norm is 0, as on the fast path
             zeros = torch.zeros_like(losses)
             return losses, zeros, torch.ones_like(zeros), {}
+        if first:
+            self._check_gradients_add_up(inputs, targets, grads)
         norms, clip, clipped = clip_and_sum(grads, max_grad_norm, EPS)
         return losses, norms, clip, clipped
 
@@ -86,3 +89,35 @@ class WholeModelStep:
                 "undefined. Keep every op within an example; check batch_dims. (fxclip runs this "
                 f"model one example at a time because: {self.reason})"
             )
+
+    def _check_gradients_add_up(self, inputs: tuple, targets, grads: dict) -> None:
+        """The batch's gradient of its summed loss must be the sum of the examples' gradients:
+        a model that mixes examples only in training mode (a hand-written batch norm) or only in
+        its backward (h + h.mean(0) - h.mean(0).detach()) has the same losses alone and together.
+        Skipped for a model whose gradient changes from one run to the next (dropout)."""
+        params = {k: p for k, p in self.model.named_parameters() if k in grads}
+        cuda = [x.device for x in inputs if isinstance(x, torch.Tensor) and x.is_cuda]
+        try:
+            with torch.random.fork_rng(devices=cuda):
+                runs = [
+                    torch.autograd.grad(self.loss_fn(self.model(*inputs), targets).sum(), list(params.values()), allow_unused=True)
+                    for _ in range(2)
+                ]
+        except Exception:
+            return
+        together = [torch.zeros_like(p) if g is None else g for p, g in zip(params.values(), runs[0])]
+        if any(g is not None and not torch.equal(g, h) for g, h in zip(runs[0], runs[1])):
+            return
+        tol = {torch.float64: 1e-7, torch.float32: 1e-3}.get(together[0].dtype, 5e-2)
+        scale = max(float(g.abs().max()) for g in together) or 1.0
+        for (name, p), g in zip(params.items(), together):
+            summed = grads[name].sum(0)
+            if float((summed - g).abs().max()) > tol * scale:
+                raise ExampleMixingError(
+                    f"the gradient of the batch's summed loss for {name} is not the sum of the examples' "
+                    "gradients: the model mixes examples in training mode or in its backward (a "
+                    "hand-written batch norm, a mean over the batch), so per-example gradients are "
+                    "undefined. Keep every op within an example. (fxclip runs this model one example "
+                    f"at a time because: {self.reason})"
+                )
+

@@ -150,6 +150,34 @@ def test_mixing_on_the_whole_model_fallback_is_refused():
     assert_unchanged(model, before)
 
 
+class MixesWhereValuesDoNotShow(nn.Module):
+    """A Python branch on a value (so the whole-model fallback runs it), then examples mixed only
+    in training mode (a hand-written batch norm) or only in the backward (adds exactly 0)."""
+
+    def __init__(self, mix):
+        super().__init__()
+        self.lin, self.head, self.mix = nn.Linear(4, 4), nn.Linear(4, 3), mix
+
+    def forward(self, x):
+        h = self.lin(x)
+        h = h * 1.0 if float(x.abs().sum()) > 0 else h
+        return self.head(self.mix(self, h))
+
+
+@pytest.mark.parametrize(
+    "mix",
+    [lambda s, h: h - (h.mean(0) if s.training else 0.0), lambda s, h: h + (h.mean(0) - h.mean(0).detach())],
+    ids=["batch_statistics_in_training", "backward_only"],
+)
+def test_mixing_the_fallback_cannot_see_in_losses_is_refused(mix):
+    model = MixesWhereValuesDoNotShow(mix)
+    before = snapshot(model)
+    t = fxclip.transform(model, ce, max_grad_norm=1.0)
+    with pytest.warns(fxclip.FallbackWarning), pytest.raises(fxclip.ExampleMixingError, match="not the sum of the examples' gradients"):
+        t.step(torch.randn(5, 4), torch.randint(0, 3, (5,)))
+    assert_unchanged(model, before)
+
+
 def test_target_batch_size_mismatch():
     model = model_with_grads()
     before = snapshot(model)
