@@ -16,6 +16,7 @@ from torch.fx.node import map_arg
 from ..errors import FxclipError, NotCovered, describe
 from ..rules.registry import argument_nodes
 from .analyze import where
+from .context import Context
 from .inline import SOURCE_META
 
 
@@ -106,12 +107,12 @@ _MUTATION_HINTS = {
 }
 
 
-def functionalize(gm: GraphModule, ctx) -> GraphModule:
-    """Guarantees: no call_function node mutates its input; every reader that comes after an
-    in-place op, of the mutated tensor or of any view of the same base, reads the new value. A
-    write through views becomes torch's functional form of it (slice_scatter, select_scatter ...).
-    Mutating a model input, parameter or buffer (or a view of one, such as its detach()) is
-    refused."""
+def functionalize(gm: GraphModule, ctx: Context) -> GraphModule:
+    """Guarantees: no call_function node mutates a tensor; every reader that comes after an
+    in-place or out= op, of the written tensor or of any view of the same base, reads the new
+    value. A write through views becomes torch's functional form of it (slice_scatter,
+    select_scatter ...). Writing a model input, parameter or buffer (or a view of one, such as
+    its detach()) is refused, a buffer with the fix (.eval() on its module)."""
     graph = gm.graph
     fake_mode = detect_fake_mode([n.meta.get("val") for n in graph.nodes if n.op == "placeholder"])
     order = {n: float(i) for i, n in enumerate(graph.nodes)}
@@ -125,7 +126,7 @@ def functionalize(gm: GraphModule, ctx) -> GraphModule:
         base, views = _view_chain(mutated)
         variant = _functional_variant(node.target) if mutated is node.args[0] else None
         if base.op == "placeholder":
-            kind = ctx.placeholders[placeholders.index(base)][0] if ctx is not None else "input"
+            kind = ctx.placeholders[placeholders.index(base)][0]
             raise FxclipError(
                 f"{where(node)}: the model mutates {'a buffer' if kind == 'buffer' else 'its input or a parameter'} "
                 "in place; fxclip needs a functional forward: "
