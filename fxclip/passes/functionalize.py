@@ -41,7 +41,11 @@ def _is_view(node: Node) -> bool:
     alias = returns[0].alias_info if len(returns) == 1 else None
     if alias is None or alias.is_write or not node.args or not isinstance(node.args[0], Node):
         return False
-    return node.target not in _MAYBE_VIEWS or _aliases(node)
+    if node.target not in _MAYBE_VIEWS:
+        return True
+    if "fxclip_aliases" not in node.meta:  # asked once per in-place op: decide once
+        node.meta["fxclip_aliases"] = _aliases(node)
+    return node.meta["fxclip_aliases"]
 
 
 # ops that return a view of their input when they can and a copy otherwise
