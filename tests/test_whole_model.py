@@ -39,6 +39,14 @@ class PackedLSTM(nn.Module):
         return self.head(self.lstm(packed)[1][0][-1])
 
 
+def assert_matches_the_loop(model, result, x, y, max_grad_norm):
+    """The step's norms and clipped sums (in p.grad) are the per-example loop's."""
+    ref_norms, ref_sum = clipped_sum(naive_per_example_grads(model, ce, (x,), y), max_grad_norm)
+    torch.testing.assert_close(result.norms, ref_norms)
+    for name, p in model.named_parameters():
+        torch.testing.assert_close(p.grad, ref_sum[name])
+
+
 def test_uncapturable_model_gets_exact_clipped_gradients_and_a_warning():
     torch.manual_seed(0)
     model = BranchPerExample().double()
@@ -46,10 +54,7 @@ def test_uncapturable_model_gets_exact_clipped_gradients_and_a_warning():
     t = fxclip.transform(model, ce, max_grad_norm=0.5)
     with pytest.warns(fxclip.FallbackWarning, match="(?s)torch.export could not capture.*whole-model fallback"):
         result = t.step(x, y)
-    ref_norms, ref_sum = clipped_sum(naive_per_example_grads(model, ce, (x,), y), 0.5)
-    torch.testing.assert_close(result.norms, ref_norms)
-    for name, p in model.named_parameters():
-        torch.testing.assert_close(p.grad, ref_sum[name])
+    assert_matches_the_loop(model, result, x, y, 0.5)
     torch.testing.assert_close(result.losses, ce(model(x), y).detach())
     assert (result.norms * result.clip_factors <= 0.5 + 1e-9).all()  # the privacy bound
     assert t.fallbacks and t.fallbacks[0].startswith("the whole model (torch.export could not capture")
@@ -70,10 +75,7 @@ def test_op_no_rule_covers_takes_the_fallback(options):
     t = fxclip.transform(model, ce, max_grad_norm=0.3, **options)
     with pytest.warns(fxclip.FallbackWarning, match="(?s)mode='max'.*whole-model fallback"):
         result = t.step(x, y)
-    ref_norms, ref_sum = clipped_sum(naive_per_example_grads(model, ce, (x,), y), 0.3)
-    torch.testing.assert_close(result.norms, ref_norms)
-    for name, p in model.named_parameters():
-        torch.testing.assert_close(p.grad, ref_sum[name])
+    assert_matches_the_loop(model, result, x, y, 0.3)
     assert t.fallbacks[0].startswith("the whole model (")
 
 
@@ -100,10 +102,7 @@ def test_fallback_keeps_a_layer_registered_twice_a_parameter():
     with pytest.warns(fxclip.FallbackWarning):
         result = t.step(x, y)
     assert list(model.parameters()) == registered and all(isinstance(p, nn.Parameter) for p in registered)
-    ref_norms, ref_sum = clipped_sum(naive_per_example_grads(model, ce, (x,), y), 0.5)
-    torch.testing.assert_close(result.norms, ref_norms)
-    for name, p in model.named_parameters():
-        torch.testing.assert_close(p.grad, ref_sum[name])
+    assert_matches_the_loop(model, result, x, y, 0.5)
 
 
 def test_packed_sequences_with_physical_batches():
