@@ -15,7 +15,7 @@ from .passes import Context, StepProgram, run_passes
 from .passes.capture import reject_batchnorm_in_training
 from .passes.compile import BATCH_MODES, CompiledStep, CompileFailed
 from .passes.emit import EPS
-from .reference import mixing_found
+from .reference import mixing_found, select_examples
 from .whole_model import FallbackWarning, WholeModelStep
 
 STRATEGIES = ("auto", "ghost", "materialize")
@@ -289,7 +289,7 @@ class PrivateStep:
             return
         dims = self._batch_dims(inputs)
         for start in range(0, batch, size):
-            yield _examples(inputs, targets, dims, start, min(size, batch - start))
+            yield select_examples(inputs, targets, dims, start, min(size, batch - start))
 
     def _flat_args(self, ctx: Context, inputs, targets, params: dict | None = None) -> list:
         params = dict(self.model.named_parameters()) if params is None else params
@@ -333,7 +333,7 @@ class PrivateStep:
             )
         dims = self._batch_dims(inputs)
         k = min(examples, pytree.tree_leaves(targets)[0].shape[0])
-        sub_inputs, sub_targets = _examples(inputs, targets, dims, 0, k)
+        sub_inputs, sub_targets = select_examples(inputs, targets, dims, 0, k)
         _, norms, _, grads = program(self._flat_args(ctx, sub_inputs, sub_targets), self.max_grad_norm, self.strategy)
         ref, _ = any_per_example_grads(self.model, self.loss_fn, sub_inputs, sub_targets, dims)
         ref_norms, ref_clipped = clipped_sum(ref, self.max_grad_norm, EPS)
@@ -361,12 +361,6 @@ def _raise_if_not_finite(inputs: tuple, losses: torch.Tensor, norms: torch.Tenso
         bad = (~torch.isfinite(values)).nonzero().flatten().tolist()
         if bad:
             raise FxclipError(f"{name} is NaN or infinite for examples {bad[:10]}; no gradients were written")
-
-
-def _examples(inputs: tuple, targets, dims, start: int, n: int) -> tuple:
-    """Examples start..start+n-1: each input narrowed along its batch dim, the targets along dim 0."""
-    sub_targets = pytree.tree_map(lambda t: t.narrow(0, start, n) if isinstance(t, torch.Tensor) else t, targets)
-    return tuple(x.narrow(d, start, n) for x, d in zip(inputs, dims)), sub_targets
 
 
 def _combine(runs: list) -> tuple:

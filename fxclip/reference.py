@@ -13,6 +13,13 @@ from torch.func import functional_call, grad, grad_and_value, vmap
 from .passes.capture import ModelWithLoss
 
 
+def select_examples(inputs: tuple, targets, dims, start: int, n: int) -> tuple:
+    """(inputs, targets) of examples start..start+n-1: each input narrowed along its batch dim,
+    the targets along dim 0."""
+    sub_targets = pytree.tree_map(lambda t: t.narrow(0, start, n) if isinstance(t, torch.Tensor) else t, targets)
+    return tuple(x.narrow(d, start, n) for x, d in zip(inputs, dims)), sub_targets
+
+
 def _loss_of_one(model: torch.nn.Module, loss_fn: Callable, batch_dims: tuple, fixed: dict) -> Callable:
     """(trainable values, one example's inputs, its targets) -> its loss, the model run by
     functional_call on that example alone (as a batch of one), `fixed` holding the other values."""
@@ -53,9 +60,8 @@ def mixing_found(model, loss_fn, inputs, targets, batch_dims=None) -> str | None
         return None
     modes = [(m, m.training) for m in model.modules()]
     model.eval()
-    cuda = [x.device for x in inputs if isinstance(x, torch.Tensor) and x.is_cuda]
     try:
-        with torch.no_grad(), torch.random.fork_rng(devices=cuda):
+        with torch.no_grad(), _rng_forked(inputs):
             together = loss_fn(model(*inputs), targets)
             if not torch.equal(together, loss_fn(model(*inputs), targets)):
                 return None
@@ -63,11 +69,8 @@ def mixing_found(model, loss_fn, inputs, targets, batch_dims=None) -> str | None
                 alone = per_example_losses(model, loss_fn, inputs, targets, batch_dims)
             except Exception:  # torch.func cannot run the model: the first few examples, one by one
                 alone = torch.stack([
-                    loss_fn(
-                        model(*(x.narrow(d, i, 1) for x, d in zip(inputs, batch_dims))),
-                        pytree.tree_map(lambda t: t[i : i + 1] if isinstance(t, torch.Tensor) else t, targets),
-                    ).sum()
-                    for i in range(min(8, together.shape[0]))
+                    loss_fn(model(*xs), ys).sum()
+                    for xs, ys in (select_examples(inputs, targets, batch_dims, i, 1) for i in range(min(8, together.shape[0])))
                 ])
     except Exception:
         return None
@@ -75,13 +78,45 @@ def mixing_found(model, loss_fn, inputs, targets, batch_dims=None) -> str | None
         for m, training in modes:
             m.train(training)
     together = together[: alone.shape[0]]
-    # bf16/fp16 products round differently in a batch of one than in the full batch
-    low_precision = torch.is_autocast_enabled(together.device.type) or together.dtype in (torch.float16, torch.bfloat16)
-    tol = 5e-2 if low_precision else {torch.float64: 1e-7, torch.float32: 1e-3}.get(together.dtype, 5e-2)
+    # under autocast the losses are float32 but come from bf16/fp16 products
+    tol = 5e-2 if torch.is_autocast_enabled(together.device.type) else _tolerance(together.dtype)
     if torch.allclose(together, alone.to(together.dtype), rtol=tol, atol=tol * float(alone.abs().max())):
         return None
     worst = int((together - alone).abs().argmax())
     return f"example {worst}'s loss in the batch ({float(together[worst]):.6g}) is not its loss alone ({float(alone[worst]):.6g})"
+
+
+def gradient_mixing_found(model, loss_fn, inputs, targets, grads: dict) -> str | None:
+    """The parameter whose batch gradient of the summed loss is not the sum of the examples'
+    gradients `grads` ({name: [B, ...]}), else None: a model that mixes examples only in training
+    mode (a hand-written batch norm) or only in its backward (h + h.mean(0) - h.mean(0).detach())
+    has the same losses alone and together. Not checked for a model whose gradient changes from
+    one run to the next (dropout), nor one that fails to run here."""
+    params = {k: p for k, p in model.named_parameters() if k in grads}
+    try:
+        with _rng_forked(inputs):
+            runs = [
+                torch.autograd.grad(loss_fn(model(*inputs), targets).sum(), list(params.values()), allow_unused=True)
+                for _ in range(2)
+            ]
+    except Exception:
+        return None
+    if any(g is not None and not torch.equal(g, h) for g, h in zip(*runs)):
+        return None
+    together = [torch.zeros_like(p) if g is None else g for p, g in zip(params.values(), runs[0])]
+    bound = _tolerance(together[0].dtype) * (max(float(g.abs().max()) for g in together) or 1.0)
+    return next((name for name, g in zip(params, together) if float((grads[name].sum(0) - g).abs().max()) > bound), None)
+
+
+def _rng_forked(inputs):
+    """A scope whose random draws leave the CPU RNG, and the inputs' GPUs', as they were."""
+    return torch.random.fork_rng(devices=[x.device for x in inputs if isinstance(x, torch.Tensor) and x.is_cuda])
+
+
+def _tolerance(dtype: torch.dtype) -> float:
+    """Relative difference allowed between a batch's result and its examples' results alone
+    (bf16/fp16 round differently in a batch of one than in the full batch)."""
+    return {torch.float64: 1e-7, torch.float32: 1e-3}.get(dtype, 5e-2)
 
 
 def per_example_grads(
@@ -153,8 +188,8 @@ def naive_per_example_grads(model, loss_fn, inputs, targets, batch_dims=None, wi
     params = {k: p for k, p in model.named_parameters() if p.requires_grad}
     out, losses = {k: [] for k in params}, []
     for i in range(inputs[0].shape[batch_dims[0]]):
-        xs = tuple(x.narrow(d, i, 1) for x, d in zip(inputs, batch_dims))
-        loss = loss_fn(model(*xs), pytree.tree_map(lambda t: t[i : i + 1] if isinstance(t, torch.Tensor) else t, targets)).sum()
+        xs, ys = select_examples(inputs, targets, batch_dims, i, 1)
+        loss = loss_fn(model(*xs), ys).sum()
         gs = torch.autograd.grad(loss, list(params.values()), allow_unused=True)
         for (k, p), g in zip(params.items(), gs):
             out[k].append(torch.zeros_like(p) if g is None else g)

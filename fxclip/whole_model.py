@@ -18,7 +18,7 @@ import torch
 from .errors import ExampleMixingError, FxclipError, describe
 from .passes.capture import loss_shape_error
 from .passes.emit import EPS
-from .reference import any_per_example_grads, clip_and_sum, mixing_found, naive_per_example_grads
+from .reference import any_per_example_grads, clip_and_sum, gradient_mixing_found, mixing_found, naive_per_example_grads
 
 
 class FallbackWarning(UserWarning):
@@ -91,33 +91,13 @@ class WholeModelStep:
             )
 
     def _check_gradients_add_up(self, inputs: tuple, targets, grads: dict) -> None:
-        """The batch's gradient of its summed loss must be the sum of the examples' gradients:
-        a model that mixes examples only in training mode (a hand-written batch norm) or only in
-        its backward (h + h.mean(0) - h.mean(0).detach()) has the same losses alone and together.
-        Skipped for a model whose gradient changes from one run to the next (dropout)."""
-        params = {k: p for k, p in self.model.named_parameters() if k in grads}
-        cuda = [x.device for x in inputs if isinstance(x, torch.Tensor) and x.is_cuda]
-        try:
-            with torch.random.fork_rng(devices=cuda):
-                runs = [
-                    torch.autograd.grad(self.loss_fn(self.model(*inputs), targets).sum(), list(params.values()), allow_unused=True)
-                    for _ in range(2)
-                ]
-        except Exception:
-            return
-        together = [torch.zeros_like(p) if g is None else g for p, g in zip(params.values(), runs[0])]
-        if any(g is not None and not torch.equal(g, h) for g, h in zip(runs[0], runs[1])):
-            return
-        tol = {torch.float64: 1e-7, torch.float32: 1e-3}.get(together[0].dtype, 5e-2)
-        scale = max(float(g.abs().max()) for g in together) or 1.0
-        for (name, p), g in zip(params.items(), together):
-            summed = grads[name].sum(0)
-            if float((summed - g).abs().max()) > tol * scale:
-                raise ExampleMixingError(
-                    f"the gradient of the batch's summed loss for {name} is not the sum of the examples' "
-                    "gradients: the model mixes examples in training mode or in its backward (a "
-                    "hand-written batch norm, a mean over the batch), so per-example gradients are "
-                    "undefined. Keep every op within an example. (fxclip runs this model one example "
-                    f"at a time because: {self.reason})"
-                )
-
+        """Mixing that the losses do not show: in training mode only, or in the backward only."""
+        name = gradient_mixing_found(self.model, self.loss_fn, inputs, targets, grads)
+        if name:
+            raise ExampleMixingError(
+                f"the gradient of the batch's summed loss for {name} is not the sum of the examples' "
+                "gradients: the model mixes examples in training mode or in its backward (a "
+                "hand-written batch norm, a mean over the batch), so per-example gradients are "
+                "undefined. Keep every op within an example. (fxclip runs this model one example "
+                f"at a time because: {self.reason})"
+            )
