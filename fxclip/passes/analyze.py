@@ -134,8 +134,9 @@ def _tensor_inputs(node: Node) -> list[Node]:
     return [n for n in node.all_input_nodes if isinstance(n.meta.get("val"), torch.Tensor)]
 
 
-def _check_mixing(node: Node, in_axis) -> None:
-    """Ops whose output keeps its batch axis but still mixes examples."""
+def _check_mixing(node: Node, in_axis, shuffles: set[Node]) -> None:
+    """Ops whose output keeps its batch axis but still mixes examples (`shuffles`: values
+    computed from torch.randperm)."""
     target = node.target
     args = argument_nodes(node) if isinstance(target, torch._ops.OpOverload) else {}
     if target is aten.batch_norm.default and args.get("training"):
@@ -161,34 +162,16 @@ def _check_mixing(node: Node, in_axis) -> None:
     elif target in (aten.flip.default, aten.roll.default):
         # entries move along these dims (a roll without dims moves them through the flattened tensor)
         reduced = [d % ndim for d in args["dims"]] or list(range(ndim))
-    elif _shuffles(args.get("index")) or any(_shuffles(i) for i in args.get("indices") or ()):
+    elif args.get("index") in shuffles or any(i in shuffles for i in args.get("indices") or ()):
         # a random permutation indexing along the batch mixes; other indexing along the batch
         # (x[arange(B), y] picks within each example) is left to the step's first-batch check
-        indexed = [args["dim"] % ndim] if "dim" in args else [k for k, i in enumerate(args["indices"]) if _shuffles(i)]
-        reduced = indexed
+        reduced = [args["dim"] % ndim] if "dim" in args else [k for k, i in enumerate(args["indices"]) if i in shuffles]
     if in_axis.dim in reduced:
         raise ExampleMixingError(
             f"{where(node)} works along dim {in_axis.dim}, which holds the batch (it normalizes, "
             "accumulates or moves entries along it): examples mix. Check batch_dims, or apply the op "
             "along another dim."
         )
-
-
-def _shuffles(index) -> bool:
-    """Whether an index operand is computed from torch.randperm (a shuffle of the batch)."""
-    if not isinstance(index, Node):
-        return False
-    return any(n.target is aten.randperm.default for n in [index, *_ancestors(index)])
-
-
-def _ancestors(node: Node) -> set[Node]:
-    seen, todo = set(), list(node.all_input_nodes)
-    while todo:
-        n = todo.pop()
-        if n not in seen:
-            seen.add(n)
-            todo.extend(n.all_input_nodes)
-    return seen
 
 
 def _chain_kind(chain: list[Node], params: tuple) -> str:
@@ -226,6 +209,7 @@ def analyze(gm: GraphModule, ctx: Context) -> GraphModule:
     ctx.trainable = trainable
 
     derived: set[Node] = set(trainable.values())  # values computed from parameters only
+    shuffles: set[Node] = set()  # values computed from torch.randperm
     for node in graph.nodes:
         if node.op == "placeholder":
             node.meta["fxclip_batch_axis"] = locator.locate(node, node.meta.get("val"), []) if node in inputs else None
@@ -247,8 +231,10 @@ def analyze(gm: GraphModule, ctx: Context) -> GraphModule:
                 axis = None  # a multi-output op on batch-free values (a split of a parameter)
             first = node.args[0] if node.args and isinstance(node.args[0], Node) else None
             first_axis = first.meta.get("fxclip_batch_axis") if first is not None else None
-            _check_mixing(node, first_axis if isinstance(first_axis, BatchAxis) else None)
+            _check_mixing(node, first_axis if isinstance(first_axis, BatchAxis) else None, shuffles)
         node.meta["fxclip_batch_axis"] = axis
+        if node.target is aten.randperm.default or any(n in shuffles for n in node.all_input_nodes):
+            shuffles.add(node)
         if axis is None and node.target is not aten.detach.default and any(n in derived for n in node.all_input_nodes):
             derived.add(node)
 
