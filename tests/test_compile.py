@@ -51,6 +51,21 @@ def test_compiled_step_matches_eager_and_compiles_once_for_all_batch_sizes():
 
 
 @pytest.mark.compile
+def test_a_batch_in_another_layout_is_made_dense_not_refused():
+    # the compiled code asserts the strides it was traced with; same sizes, other strides
+    eager_model, eager, compiled_model, compiled = _pair("mlp")
+    gen = torch.Generator().manual_seed(1)
+    layouts = [lambda x: x, lambda x: x.transpose(0, -1).contiguous().transpose(0, -1), lambda x: torch.stack([x, x], -1)[..., 0]]
+    for layout in layouts:
+        inputs, targets = ZOO["mlp"].make_batch(9, gen)
+        want, got = eager.step(inputs, targets), compiled.step([layout(x) for x in inputs], targets)
+        torch.testing.assert_close(got.norms, want.norms, rtol=1e-4, atol=1e-5)
+    for p, q in zip(eager_model.parameters(), compiled_model.parameters()):
+        torch.testing.assert_close(q.grad, p.grad, rtol=1e-4, atol=1e-5)
+    assert compiled._compiled[compiled._last_key].compiles == 1
+
+
+@pytest.mark.compile
 @pytest.mark.slow
 @pytest.mark.parametrize("name", [n for n in ZOO if n != "mlp"])
 def test_compiled_step_matches_eager_on_zoo(name):

@@ -9,7 +9,8 @@ their factor concatenations and Gram products are the same ops). That graph goes
 (`compile_fx`, torch.compile's backend, called directly: the graph is already aten ops, so Dynamo
 would only add guard checks to every call), which fuses the forward, backward, norm terms and
 contractions (C++ on a CPU, Triton on a GPU). Each compiled graph is kept under its
-inputs' dtypes, devices and ranks; the generated code asserts their sizes and strides.
+inputs' dtypes, devices, ranks and memory formats; the generated code asserts their sizes and
+strides, so a tensor in no dense format (a transposed or sliced view) is made contiguous first.
 
 Not in `PASSES`: it needs real parameters and a batch, and runs on the first compiled step.
 
@@ -159,7 +160,7 @@ class CompiledStep:
     def __call__(self, flat_args: Sequence, max_grad_norm: float | None = None):
         batch = self._batch_size(flat_args)
         padded = bucket_size(batch) if self.batch_mode == "buckets" else max(batch, 2)
-        args = self._padded(list(flat_args), batch, padded)
+        args = [_dense(a) for a in self._padded(list(flat_args), batch, padded)]
         key = (None if self.batch_mode == "dynamic" else padded, _signature(args))
         if max_grad_norm is not None and float(max_grad_norm) != self.max_grad_norm:
             self.max_grad_norm = float(max_grad_norm)
@@ -236,7 +237,7 @@ class CompiledStep:
     def _compile(self, key, bounds: torch.Tensor, args: list) -> Callable:
         """Inductor on the traced step graph directly (no Dynamo: the graph is already aten ops,
         and Dynamo's guards cost a few hundred microseconds per call). What Dynamo's guards would
-        check is in `key` (dtypes, devices, ranks, requires_grad); sizes and strides are asserted
+        check is in `key` (dtypes, devices, ranks, requires_grad, memory formats); sizes and strides are asserted
         by the generated code itself."""
         from torch._inductor.compile_fx import compile_fx
 
@@ -267,8 +268,29 @@ class CompiledStep:
 
 
 def _signature(args: Sequence) -> tuple:
-    """What a compiled step graph assumes of its inputs besides their sizes and strides."""
-    return tuple((a.dtype, a.device, a.dim(), a.requires_grad) if isinstance(a, torch.Tensor) else a for a in args)
+    """What a compiled step graph assumes of its inputs besides their sizes (and of their strides,
+    the memory format `_dense` left them in)."""
+    return tuple(
+        (a.dtype, a.device, a.dim(), a.requires_grad, _memory_format(a)) if isinstance(a, torch.Tensor) else a
+        for a in args
+    )
+
+
+# the dense layouts a tensor may keep into a compiled step, by rank (the first that fits is its)
+_FORMATS = {4: (torch.contiguous_format, torch.channels_last), 5: (torch.contiguous_format, torch.channels_last_3d)}
+
+
+def _memory_format(t: torch.Tensor) -> torch.memory_format | None:
+    return next((f for f in _FORMATS.get(t.dim(), (torch.contiguous_format,)) if t.is_contiguous(memory_format=f)), None)
+
+
+def _dense(a):
+    """`a` in a dense layout: the generated code asserts the strides it was traced with, so a
+    transposed, sliced or expanded tensor (same sizes, other strides) is copied into a contiguous
+    one; a contiguous or channels-last tensor stays as it is (its format is in `_signature`)."""
+    if isinstance(a, torch.Tensor) and _memory_format(a) is None:
+        return a.contiguous()
+    return a
 
 
 def _user_dims(flat_args, user: list[int], batch_dims: Sequence[int]) -> dict[int, int]:
