@@ -15,6 +15,8 @@ import os
 import numpy as np
 import torch
 
+from fxclip.checks import check_number
+
 
 def secure_standard_normal(shape: torch.Size | tuple, dtype: torch.dtype, device: torch.device | str) -> torch.Tensor:
     """Standard normal samples from the operating system's CSPRNG (os.urandom), by Box-Muller.
@@ -68,12 +70,15 @@ class PrivateOptimizer:
         secure_noise: bool = False,
         generator: torch.Generator | None = None,
     ):
-        if noise_multiplier < 0:
-            raise ValueError(f"noise_multiplier must be >= 0, got {noise_multiplier}.")
-        if not max_grad_norm > 0:
-            raise ValueError(f"max_grad_norm (clip bound C) must be > 0, got {max_grad_norm}.")
-        if not expected_batch_size > 0:
-            raise ValueError(f"expected_batch_size must be > 0, got {expected_batch_size}.")
+        noise_multiplier = check_number(
+            "noise_multiplier", noise_multiplier, at_least=0,
+            hint="It is sigma, the noise std in units of the clip bound (0: no noise, no privacy).",
+        )
+        max_grad_norm = check_number("max_grad_norm", max_grad_norm, above=0, hint="Pass the transform's clip bound C.")
+        expected_batch_size = check_number(
+            "expected_batch_size", expected_batch_size, above=0,
+            hint="It is q*N, the sampling rate times the number of training examples.",
+        )
         if secure_noise and generator is not None:
             raise ValueError("secure noise cannot be seeded: pass generator=None with secure_noise=True.")
         self.optimizer = optimizer

@@ -80,12 +80,21 @@ def test_wraps_any_torch_optimizer(optimizer):
 @pytest.mark.parametrize(
     "kwargs,message",
     [
-        (dict(noise_multiplier=-1.0), "noise_multiplier"),
-        (dict(max_grad_norm=0.0), "max_grad_norm"),
-        (dict(expected_batch_size=0), "expected_batch_size"),
+        (dict(noise_multiplier=-1.0), "noise_multiplier must be a finite number >= 0"),
+        (dict(noise_multiplier=math.nan), "noise_multiplier must be a finite number >= 0"),  # nan > 0 is False: no noise
+        (dict(noise_multiplier=math.inf), "noise_multiplier must be a finite number >= 0"),
+        (dict(noise_multiplier=True), "noise_multiplier must be a finite number >= 0"),
+        (dict(noise_multiplier="1.0"), "noise_multiplier must be a finite number >= 0"),
+        (dict(max_grad_norm=0.0), "max_grad_norm must be a finite number > 0"),
+        (dict(max_grad_norm=math.inf), "max_grad_norm must be a finite number > 0"),
+        (dict(max_grad_norm=math.nan), "max_grad_norm must be a finite number > 0"),
+        (dict(expected_batch_size=0), "expected_batch_size must be a finite number > 0"),
+        (dict(expected_batch_size=math.inf), "expected_batch_size must be a finite number > 0"),
+        (dict(expected_batch_size=True), "expected_batch_size must be a finite number > 0"),
     ],
 )
 def test_bad_arguments(kwargs, message):
     args = dict(noise_multiplier=1.0, max_grad_norm=1.0, expected_batch_size=8) | kwargs
     with pytest.raises(ValueError, match=message):
         PrivateOptimizer(torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.1), **args)
+
