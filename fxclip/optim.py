@@ -58,6 +58,12 @@ class PrivateOptimizer:
             so that the divisor reveals nothing about the batch).
         secure_noise: draw noise from the OS's cryptographically secure source.
         generator: torch.Generator for reproducible (non-secure) noise.
+
+    Which parameters a step trains is read at that step, so freezing or unfreezing parameters
+    between steps (gradual unfreezing) is safe: every parameter of the wrapped optimizer that
+    requires grad gets noise and the division by q*N (a missing .grad counts as a zero sum, so the
+    step does not reveal which parameters a batch touched), and every frozen one has its .grad
+    cleared, so the wrapped optimizer leaves it alone. No parameter is ever stepped without noise.
     """
 
     def __init__(
@@ -87,7 +93,11 @@ class PrivateOptimizer:
         self.expected_batch_size = expected_batch_size
         self.secure_noise = secure_noise
         self.generator = generator
-        self.params = [p for g in optimizer.param_groups for p in g["params"] if p.requires_grad]
+
+    @property
+    def params(self) -> list[torch.Tensor]:
+        """The parameters a step trains: those of the wrapped optimizer that require grad now."""
+        return [p for group in self.optimizer.param_groups for p in group["params"] if p.requires_grad]
 
     @property
     def noise_std(self) -> float:
@@ -106,7 +116,16 @@ class PrivateOptimizer:
                 grad = grad + gaussian_noise(grad, self.noise_std, secure=self.secure_noise, generator=self.generator)
             p.grad = grad / self.expected_batch_size
 
+    def _drop_frozen_grads(self) -> None:
+        """Clear the .grad of every frozen parameter of the wrapped optimizer, which would otherwise
+        step it (torch optimizers step each parameter that has a .grad) without noise."""
+        for group in self.optimizer.param_groups:
+            for p in group["params"]:
+                if not p.requires_grad:
+                    p.grad = None
+
     def step(self) -> None:
         """Noise and average the accumulated clipped sums, then take the wrapped optimizer's step."""
+        self._drop_frozen_grads()
         self.add_noise_and_average()
         self.optimizer.step()

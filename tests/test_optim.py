@@ -98,3 +98,27 @@ def test_bad_arguments(kwargs, message):
     with pytest.raises(ValueError, match=message):
         PrivateOptimizer(torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.1), **args)
 
+
+def _sgd_step_with_changed_freezing(freeze_later, unfreeze_later):
+    """One noisy SGD step (lr 1, sigma 1, C 1, qN 2) whose parameters were (un)frozen after the
+    optimizer was built, each with a clipped sum of ones; returns the step each parameter took."""
+    params = {name: torch.nn.Parameter(torch.zeros(2000)) for name in ("trained", "frozen_later", "unfrozen_later")}
+    params["unfrozen_later"].requires_grad_(False)
+    opt = PrivateOptimizer(
+        torch.optim.SGD(params.values(), lr=1.0), noise_multiplier=1.0, max_grad_norm=1.0, expected_batch_size=2.0,
+        generator=torch.Generator().manual_seed(0),
+    )
+    params["frozen_later"].requires_grad_(not freeze_later)
+    params["unfrozen_later"].requires_grad_(unfreeze_later)
+    for p in params.values():
+        p.grad = torch.ones(2000)  # a stale sum on a frozen parameter must not be stepped either
+    opt.step()
+    return {name: -p.detach() for name, p in params.items()}
+
+
+def test_noise_and_averaging_follow_requires_grad_at_step_time():
+    steps = _sgd_step_with_changed_freezing(freeze_later=True, unfreeze_later=True)
+    for name in ("trained", "unfrozen_later"):  # (1 + N(0, 1)) / 2: noised and averaged
+        assert steps[name].mean().item() == pytest.approx(0.5, abs=0.05), name
+        assert steps[name].std().item() == pytest.approx(0.5, rel=0.1), name
+    assert torch.equal(steps["frozen_later"], torch.zeros(2000))
