@@ -20,6 +20,12 @@ def select_examples(inputs: tuple, targets, dims, start: int, n: int) -> tuple:
     return tuple(x.narrow(d, start, n) for x, d in zip(inputs, dims)), sub_targets
 
 
+def _target_dims(targets):
+    """vmap's in_dims for the targets (a tensor, a pytree of them and Python values, or None):
+    dim 0 of each tensor, nothing of anything else."""
+    return pytree.tree_map(lambda t: 0 if isinstance(t, torch.Tensor) else None, targets)
+
+
 def _loss_of_one(model: torch.nn.Module, loss_fn: Callable, batch_dims: tuple, fixed: dict) -> Callable:
     """(trainable values, one example's inputs, its targets) -> its loss, the model run by
     functional_call on that example alone (as a batch of one), `fixed` holding the other values."""
@@ -43,9 +49,8 @@ def per_example_losses(model, loss_fn, inputs, targets, batch_dims=None) -> torc
     inputs = tuple(inputs)
     batch_dims = tuple(batch_dims or (0,) * len(inputs))
     values = {k: p.detach() for k, p in [*model.named_parameters(), *model.named_buffers()]}
-    target_dims = None if targets is None else 0
     with torch.no_grad():
-        return vmap(_loss_of_one(model, loss_fn, batch_dims, values), in_dims=(None, batch_dims, target_dims))({}, inputs, targets)
+        return vmap(_loss_of_one(model, loss_fn, batch_dims, values), in_dims=(None, batch_dims, _target_dims(targets)))({}, inputs, targets)
 
 
 def mixing_found(model, loss_fn, inputs, targets, batch_dims=None) -> str | None:
@@ -61,7 +66,7 @@ def mixing_found(model, loss_fn, inputs, targets, batch_dims=None) -> str | None
     modes = [(m, m.training) for m in model.modules()]
     model.eval()
     try:
-        with torch.no_grad(), _rng_forked(inputs):
+        with torch.no_grad(), rng_forked(inputs):
             together = loss_fn(model(*inputs), targets)
             if not torch.equal(together, loss_fn(model(*inputs), targets)):
                 return None
@@ -94,7 +99,7 @@ def gradient_mixing_found(model, loss_fn, inputs, targets, grads: dict) -> str |
     one run to the next (dropout), nor one that fails to run here."""
     params = {k: p for k, p in model.named_parameters() if k in grads}
     try:
-        with _rng_forked(inputs):
+        with rng_forked(inputs):
             runs = [
                 torch.autograd.grad(loss_fn(model(*inputs), targets).sum(), list(params.values()), allow_unused=True)
                 for _ in range(2)
@@ -108,7 +113,7 @@ def gradient_mixing_found(model, loss_fn, inputs, targets, grads: dict) -> str |
     return next((name for name, g in zip(params, together) if float((grads[name].sum(0) - g).abs().max()) > bound), None)
 
 
-def _rng_forked(inputs):
+def rng_forked(inputs):
     """A scope whose random draws leave the CPU RNG, and the inputs' GPUs', as they were."""
     return torch.random.fork_rng(devices=[x.device for x in inputs if isinstance(x, torch.Tensor) and x.is_cuda])
 
@@ -136,8 +141,7 @@ def per_example_grads(
     fixed = {k: p.detach() for k, p in model.named_parameters() if not p.requires_grad}
     loss_of_one = _loss_of_one(model, loss_fn, batch_dims, {**fixed, **dict(model.named_buffers())})
     transform = grad_and_value if with_losses else grad
-    target_dims = None if targets is None else 0  # targets: a tensor, a pytree of them, or None
-    per_example = vmap(transform(loss_of_one), in_dims=(None, batch_dims, target_dims), chunk_size=chunk_size)
+    per_example = vmap(transform(loss_of_one), in_dims=(None, batch_dims, _target_dims(targets)), chunk_size=chunk_size)
     return per_example(trainable, inputs, targets)
 
 
