@@ -10,12 +10,13 @@ from typing import Callable, Sequence
 import torch
 import torch.utils._pytree as pytree
 
-from .errors import ExampleMixingError, FxclipError, NotCovered, VerificationError
+from .capture_key import capture_key, key_change
+from .errors import ExampleMixingError, FxclipError, NotCovered, VerificationError, describe
 from .passes import Context, StepProgram, run_passes
-from .passes.capture import reject_batchnorm_in_training
+from .passes.capture import ExportFailed, reject_batchnorm_in_training
 from .passes.compile import BATCH_MODES, CompiledStep, CompileFailed
 from .passes.emit import EPS
-from .reference import mixing_found, select_examples
+from .reference import mixing_found, rng_forked, select_examples
 from .whole_model import FallbackWarning, WholeModelStep
 
 STRATEGIES = ("auto", "ghost", "materialize")
@@ -71,6 +72,10 @@ def transform(
     )
 
 
+# captures of one model after which each new one warns (a model whose Python state changes every step)
+RECAPTURE_WARNING = 8
+
+
 class PrivateStep:
     """`step(inputs, targets)` accumulates Σ_i clip_i ∇θ L_i into each trainable `p.grad` (as
     `loss.backward()` accumulates), and returns the per-example losses and norms."""
@@ -98,11 +103,11 @@ class PrivateStep:
         self.compile = compile
         self.max_physical_batch_size = max_physical_batch_size
         self._compiled: dict[tuple, CompiledStep] = {}  # by the same key as _programs
-        # by (model.training, autocast state): a graph captured under autocast asserts the dtypes
-        # autocast gives its values, so each autocast setting gets its own capture; a model export
-        # cannot capture gets (None, WholeModelStep)
+        # by capture_key (what a capture fixes: sizes but the batch, module state, autocast ...);
+        # a model export cannot capture gets (None, WholeModelStep)
         self._programs: dict[tuple, tuple[Context | None, StepProgram | WholeModelStep]] = {}
         self._last_key: tuple | None = None
+        self._stepped: set[tuple] = set()  # keys whose program completed a step
 
     # ---- public -----------------------------------------------------------------------------
 
@@ -131,12 +136,19 @@ class PrivateStep:
             self._accumulate(trainable, {})
             return StepResult(empty, empty, empty)
         self._program(inputs, targets)
-        runs = [self._run(chunk, params) for chunk in self._chunks(inputs, targets, batch)]
-        losses, norms, clip, grads = runs[0] if len(runs) == 1 else _combine(runs)
-        # A sum is finite iff its terms are (or it overflowed: the exact check sorts that out);
-        # two reductions instead of elementwise checks, which cost more than a small step's math.
-        if not math.isfinite(float(losses.sum()) + float(norms.sum())):
-            _raise_if_not_finite(inputs, losses, norms)
+        try:
+            runs = [self._run(chunk, params) for chunk in self._chunks(inputs, targets, batch)]
+            losses, norms, clip, grads = runs[0] if len(runs) == 1 else _combine(runs)
+            # A sum is finite iff its terms are (or it overflowed: the exact check sorts that out);
+            # two reductions instead of elementwise checks, which cost more than a small step's math.
+            if not math.isfinite(float(losses.sum()) + float(norms.sum())):
+                _raise_if_not_finite(inputs, losses, norms)
+        except BaseException:
+            if self._last_key not in self._stepped:  # a capture that never completed a step is not kept
+                self._programs.pop(self._last_key, None)
+                self._compiled.pop(self._last_key, None)
+            raise
+        self._stepped.add(self._last_key)
         ctx, program = self._programs[self._last_key]
         if self.verify and ctx is not None:  # the whole-model fallback is the reference's own method
             self._verify(ctx, program, inputs, targets)
@@ -176,7 +188,7 @@ class PrivateStep:
     @property
     def program(self) -> StepProgram:
         """The step program of the most recent capture (its plan says what the last step did)."""
-        if self._last_key is None:
+        if self._last_key not in self._programs:
             raise FxclipError("no step has run yet: call step(inputs, targets) first")
         ctx, program = self._programs[self._last_key]
         if ctx is None:
@@ -213,7 +225,15 @@ class PrivateStep:
         return sizes[0]
 
     def _program(self, inputs, targets):
-        key = (self.model.training, _autocast_state(inputs))
+        key = capture_key(self.model, self.loss_fn, inputs, targets, self._batch_dims(inputs))
+        if key not in self._programs and len(self._programs) >= RECAPTURE_WARNING:
+            warnings.warn(
+                f"fxclip captured this model {len(self._programs)} times: {key_change(self._last_key, key)}. "
+                "Each change of what a capture fixes (sizes other than the batch, module attributes, "
+                "trainable parameters: fxclip.capture_key) captures again, which takes seconds; keep "
+                "them fixed between steps (pad sequences to a few lengths).",
+                stacklevel=3,
+            )
         self._last_key = key
         if key not in self._programs:
             ctx = Context(
@@ -228,6 +248,8 @@ class PrivateStep:
             try:
                 program = run_passes(ctx)
             except NotCovered as e:
+                if isinstance(e, ExportFailed):
+                    _raise_if_the_batch_fails(self.model, self.loss_fn, inputs, targets)
                 self._fall_back(e, ctx.batch_dims)
                 return self._programs[key]
             found = mixing_found(self.model, self.loss_fn, inputs, targets, ctx.batch_dims)
@@ -350,6 +372,19 @@ class PrivateStep:
             raise VerificationError(f"clipped gradients differ from the reference for parameters {bad}")
 
 
+def _raise_if_the_batch_fails(model, loss_fn, inputs: tuple, targets) -> None:
+    """An export failure may be the batch's fault (a wrong feature size, an extra input): the model
+    run as plain PyTorch on it fails too, and that error is the one to report, not a fallback."""
+    try:
+        with torch.no_grad(), rng_forked(inputs):
+            loss_fn(model(*inputs), targets)
+    except Exception as e:
+        raise FxclipError(
+            f"the model and loss_fn fail on this batch run as plain PyTorch ({describe(e)}); check the "
+            "inputs, targets and batch_dims"
+        ) from e
+
+
 def _raise_if_not_finite(inputs: tuple, losses: torch.Tensor, norms: torch.Tensor) -> None:
     """The error for a step whose losses or norms are not all finite, naming the cause: a NaN or
     infinity in an input (checked only here, so a step with finite results pays nothing for it),
@@ -372,9 +407,3 @@ def _combine(runs: list) -> tuple:
         for key, g in run[3].items():
             grads[key] = grads[key] + g if key in grads else g
     return losses, norms, clip, grads
-
-
-def _autocast_state(inputs) -> tuple:
-    """(device type, dtype) of each autocast region enabled for the inputs' devices, or ()."""
-    devices = sorted({x.device.type for x in inputs if isinstance(x, torch.Tensor)} | {"cpu"})
-    return tuple((d, torch.get_autocast_dtype(d)) for d in devices if torch.is_autocast_enabled(d))

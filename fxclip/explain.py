@@ -139,7 +139,7 @@ def explain(step, inputs=None, targets=None) -> Explanation:
         losses, *_ = program(args, step.max_grad_norm, step.strategy)
         batch = losses.shape[0]
     else:
-        if step._last_key is None:
+        if step._last_key not in step._programs:
             raise FxclipError(
                 "explain() has no plan yet: run t.step(inputs, targets) first, or pass a batch, "
                 "t.explain(inputs, targets), to plan it without writing gradients"
