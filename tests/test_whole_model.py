@@ -171,3 +171,62 @@ def test_model_that_runs_only_on_full_batches_gets_both_reasons_and_writes_nothi
     with pytest.warns(fxclip.FallbackWarning), pytest.raises(fxclip.FxclipError, match="(?s)one example at a time.*took the fallback because"):
         t.step(torch.randn(3, 4), torch.tensor([0, 1, 2]))
     assert all(p.grad is None for p in model.parameters())
+
+
+class ReverseGradient(torch.autograd.Function):
+    """Identity forward, negated backward: the gradient is not the derivative of the forward."""
+
+    @staticmethod
+    def forward(x):
+        return x.clone()
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        pass
+
+    @staticmethod
+    def backward(ctx, grad):
+        return -grad
+
+
+class CustomBackward(nn.Module):
+    def __init__(self, how: str):
+        super().__init__()
+        self.how, self.a, self.b = how, nn.Linear(4, 3), nn.Linear(3, 3)
+        if how == "module hook":
+            self.b.register_full_backward_hook(lambda module, grad_in, grad_out: (3.0 * grad_in[0],))
+
+    def forward(self, x):
+        h = torch.tanh(self.a(x))
+        if self.how == "tensor hook" and h.requires_grad:
+            h.register_hook(lambda grad: 3.0 * grad)
+        if self.how == "autograd.Function":
+            h = ReverseGradient.apply(h)
+        return self.b(h)
+
+
+@pytest.mark.parametrize(
+    "how, reason",
+    [("tensor hook", "Tensor.register_hook"), ("module hook", "backward hook"), ("autograd.Function", "ReverseGradient")],
+)
+def test_a_backward_the_forward_does_not_show_takes_the_fallback(how, reason):
+    # export records the forward only: the graph path would differentiate it and skip the hook
+    torch.manual_seed(0)
+    model = CustomBackward(how).double()
+    x, y = torch.randn(6, 4, dtype=torch.float64), torch.randint(0, 3, (6,))
+    with pytest.warns(fxclip.FallbackWarning, match=reason):
+        result = fxclip.transform(model, ce, max_grad_norm=0.5).step(x, y)
+    assert_matches_the_loop(model, result, x, y, 0.5)
+
+
+def test_a_reentrant_checkpoint_is_refused_with_the_fix():
+    class Checkpointed(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Linear(4, 3), nn.Linear(3, 3)
+
+        def forward(self, x):
+            return torch.utils.checkpoint.checkpoint(self.b, torch.tanh(self.a(x)), use_reentrant=True)
+
+    with pytest.raises(fxclip.CaptureError, match="use_reentrant=False"):
+        fxclip.transform(Checkpointed(), ce, max_grad_norm=1.0).step(torch.randn(3, 4), torch.tensor([0, 1, 2]))

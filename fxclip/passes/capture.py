@@ -2,16 +2,21 @@
 
 from __future__ import annotations
 
+import logging
 import warnings
+from contextlib import contextmanager
 from functools import partial
 
 import torch
 import torch.utils._pytree as pytree
 from torch._guards import detect_fake_mode
+from torch.autograd.function import BackwardCFunction
 from torch.export import Dim
-from torch.fx import GraphModule
+from torch.fx import GraphModule, Node
+from torch.nn.modules import module as _module_globals
+from torch.overrides import TorchFunctionMode
 
-from ..errors import CaptureError, ExampleMixingError, NotCovered, describe
+from ..errors import CaptureError, ExampleMixingError, FxclipError, NotCovered, describe
 from .analyze import where
 from .context import Context
 from .inline import inline_trace
@@ -47,6 +52,74 @@ def reject_batchnorm_in_training(model: torch.nn.Module) -> None:
             )
 
 
+def _reject_backward_hooks(model: torch.nn.Module) -> None:
+    """Backward hooks change gradients in ways a graph of the forward cannot show."""
+    for name, module in model.named_modules():
+        if module._backward_hooks or module._backward_pre_hooks:
+            raise NotCovered(
+                f"module '{name or '<root>'}' ({type(module).__name__}) has a backward hook, which may "
+                "change its gradients; fxclip's graph differentiates the forward and would skip it"
+            )
+    if _module_globals._global_backward_hooks or _module_globals._global_backward_pre_hooks:
+        raise NotCovered("a global module backward hook is registered; fxclip's graph would skip it")
+
+
+class _CustomBackwards(TorchFunctionMode):
+    """Watches the capture for what torch.export drops: a tensor hook (Tensor.register_hook) and
+    a custom torch.autograd.Function, whose forward export records without its backward. `found`
+    is the error to raise: NotCovered (the whole-model fallback runs them as written), or for a
+    reentrant checkpoint, whose backward cannot run under torch.autograd.grad, a CaptureError."""
+
+    def __init__(self):
+        super().__init__()
+        self.found: FxclipError | None = None
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if self.found is None:
+            if func is torch.Tensor.register_hook:
+                self.found = NotCovered(
+                    "the model registers a tensor hook (Tensor.register_hook) in its forward, which may "
+                    "change gradients; fxclip's graph differentiates the forward and would skip it"
+                )
+            else:
+                self.found = next(filter(None, map(_custom_function_error, pytree.tree_leaves((args, kwargs)))), None)
+        return func(*args, **kwargs)
+
+
+def _custom_function_error(value) -> FxclipError | None:
+    node = value.grad_fn if isinstance(value, torch.Tensor) else None
+    # a torch.library.custom_op's autograd is such a Function too, but export keeps the op whole
+    if not isinstance(node, BackwardCFunction) or node._forward_cls.__module__ == "torch._library.autograd":
+        return None
+    function = type(node).__name__.removesuffix("Backward")
+    if function == "CheckpointFunction":
+        return CaptureError(
+            "torch.utils.checkpoint with use_reentrant=True runs its backward by hand, which fxclip "
+            "cannot take apart; pass use_reentrant=False (the same memory saving)"
+        )
+    return NotCovered(
+        f"the model calls a custom torch.autograd.Function ({function}), whose backward fxclip's graph "
+        "would replace by the derivative of its forward. For speed, make it a torch.library.custom_op "
+        "with a rule (fxclip.register_rule)"
+    )
+
+
+@contextmanager
+def _quiet(logger: logging.Logger):
+    """`logger` silenced: fake tensors log a traceback for an op that fails while export runs,
+    an error that capture reports itself."""
+    level = logger.level
+    logger.setLevel(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
+_FAKE_TENSOR_LOG = logging.getLogger("torch._subclasses.fake_tensor")
+
+
 def _tree_batch_dims(value, dim: int, batch: Dim):
     """dynamic_shapes entry marking `dim` of every tensor in `value` (a tensor, or tuples, lists
     and dicts of them) as the batch."""
@@ -71,10 +144,12 @@ def capture(gm: GraphModule | None, ctx: Context) -> GraphModule:
         tuple(_tree_batch_dims(x, d, batch) for x, d in zip(inputs, ctx.batch_dims)),
         _tree_batch_dims(targets, 0, batch),
     )
+    _reject_backward_hooks(ctx.model)
+    custom_backward = _CustomBackwards()
     try:
         # opt_einsum picks a contraction order from the operands' sizes, which would fix the batch
         # size; without it an einsum of three or more operands contracts left to right
-        with warnings.catch_warnings(), torch.backends.opt_einsum.flags(enabled=False):
+        with warnings.catch_warnings(), torch.backends.opt_einsum.flags(enabled=False), _quiet(_FAKE_TENSOR_LOG), custom_backward:
             # nn.RNN modules re-read their weights into `_flat_weights` on every call; harmless here
             warnings.filterwarnings("ignore", message=r".*_flat_weights.*were assigned during export")
             ep = torch.export.export(
@@ -87,6 +162,8 @@ def capture(gm: GraphModule | None, ctx: Context) -> GraphModule:
             "values, a batch size written into the model's code (use x.shape[0]), or batch_dims that "
             "do not match the inputs."
         ) from e
+    if custom_backward.found:
+        raise custom_backward.found
     ctx.exported = ep
     sig = ep.graph_signature
     # export names a tensor registered twice (a module under two attributes) by either path;
@@ -143,7 +220,8 @@ def _inline_regions(gm: GraphModule) -> None:
 
 def _check_loss_shape(gm: GraphModule) -> None:
     out = next(n for n in gm.graph.nodes if n.op == "output").args[0]
-    val = out[0].meta.get("val") if isinstance(out, (tuple, list)) and len(out) == 1 else None
+    result = out[0] if len(out) == 1 else tuple(out)
+    val = result.meta.get("val") if isinstance(result, Node) else result
     if not isinstance(val, torch.Tensor) or val.dim() != 1 or not isinstance(val.shape[0], torch.SymInt):
         raise loss_shape_error(val)
 
@@ -152,6 +230,8 @@ def loss_shape_error(loss) -> CaptureError:
     """The error for a loss_fn whose result `loss` is not one loss per example."""
     if isinstance(loss, torch.Tensor):  # B for the symbolic batch of a captured graph
         what = "shape [" + ", ".join("B" if isinstance(s, torch.SymInt) else str(s) for s in loss.shape) + "]"
+    elif isinstance(loss, tuple):
+        what = f"a tuple of {len(loss)} values (return the loss alone; keep other outputs out of loss_fn)"
     else:
         what = "None" if loss is None else f"a {type(loss).__name__}"
     return CaptureError(
