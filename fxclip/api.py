@@ -11,9 +11,10 @@ import torch
 import torch.utils._pytree as pytree
 
 from .capture_key import capture_key, key_change
+from .checks import check_number
 from .errors import ExampleMixingError, FxclipError, NotCovered, VerificationError, describe
 from .passes import Context, StepProgram, run_passes
-from .passes.capture import ExportFailed, reject_batchnorm_in_training
+from .passes.capture import ExportFailed, reject_batch_statistics
 from .passes.compile import BATCH_MODES, CompiledStep, CompileFailed
 from .passes.emit import EPS
 from .reference import mixing_found, rng_forked, select_examples
@@ -93,7 +94,18 @@ class PrivateStep:
             isinstance(max_physical_batch_size, bool) or not isinstance(max_physical_batch_size, int) or max_physical_batch_size < 1
         ):
             raise FxclipError(f"max_physical_batch_size must be a positive int or None, got {max_physical_batch_size!r}")
-        reject_batchnorm_in_training(model)
+        if not isinstance(model, torch.nn.Module):
+            raise FxclipError(f"model must be a torch.nn.Module, got a {type(model).__name__}; wrap a function in an nn.Module")
+        if batch_dims is not None and (
+            isinstance(batch_dims, int) or not all(isinstance(d, int) and not isinstance(d, bool) for d in batch_dims)
+        ):
+            raise FxclipError(f"batch_dims must be a sequence of ints, one per model input (e.g. (1,)), got {batch_dims!r}")
+        if memory_budget is not None:
+            try:
+                memory_budget = check_number("memory_budget", memory_budget, above=0, hint="It counts elements per example.")
+            except ValueError as e:
+                raise FxclipError(str(e)) from None
+        reject_batch_statistics(model)
         self.model = model
         self.loss_fn = loss_fn
         self.batch_dims = None if batch_dims is None else tuple(batch_dims)
@@ -131,6 +143,8 @@ class PrivateStep:
         batch = self._check_inputs(inputs, targets)
         params = dict(self.model.named_parameters())
         trainable = {k: p for k, p in params.items() if p.requires_grad}
+        if not trainable:
+            raise FxclipError("the model has no trainable parameter (requires_grad=True): there is nothing to clip or train")
         if batch == 0:
             empty = torch.zeros(0)
             self._accumulate(trainable, {})
@@ -199,7 +213,7 @@ class PrivateStep:
 
     def _batch_dims(self, inputs) -> tuple[int, ...]:
         """batch_dims for these inputs, negative dims counted from the end of each input."""
-        dims = self.batch_dims or (0,) * len(inputs)
+        dims = (0,) * len(inputs) if self.batch_dims is None else self.batch_dims
         if len(dims) != len(inputs):
             raise FxclipError(f"batch_dims has {len(dims)} entries but the model gets {len(inputs)} inputs")
         return tuple(d + x.dim() if d < 0 and isinstance(x, torch.Tensor) else d for x, d in zip(inputs, dims))

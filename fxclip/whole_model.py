@@ -69,9 +69,6 @@ class WholeModelStep:
                 f"because: {self.reason}"
             ) from e
         losses = losses.detach()
-        if not grads:  # nothing trainable: every norm is 0, as on the fast path
-            zeros = torch.zeros_like(losses)
-            return losses, zeros, torch.ones_like(zeros), {}
         if first:
             self._check_gradients_add_up(inputs, targets, grads)
         norms, clip, clipped = clip_and_sum(grads, max_grad_norm, EPS)

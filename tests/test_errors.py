@@ -42,6 +42,37 @@ def test_bad_clip_bound(bound):
     assert t.max_grad_norm == 1.0
 
 
+@pytest.mark.parametrize(
+    "model, options, message",
+    [
+        (ce, {}, "model must be a torch.nn.Module, got a function"),
+        (None, {"batch_dims": 0}, r"batch_dims must be a sequence of ints.*got 0"),
+        (None, {"batch_dims": (0.0,)}, r"batch_dims must be a sequence of ints"),
+        (None, {"memory_budget": "auto"}, r"memory_budget must be a finite number > 0, got 'auto'"),
+        (None, {"memory_budget": -5}, r"memory_budget must be a finite number > 0"),
+    ],
+    ids=["function_as_model", "int_batch_dims", "float_batch_dim", "memory_budget_string", "memory_budget_negative"],
+)
+def test_bad_transform_arguments_are_named(model, options, message):
+    with pytest.raises(fxclip.FxclipError, match=message):
+        fxclip.transform(model or model_with_grads(), ce, max_grad_norm=1.0, **options)
+
+
+@pytest.mark.parametrize("batch_dims, inputs", [((), 1), ((0, 0), 1)], ids=["empty", "one_too_many"])
+def test_batch_dims_must_have_one_entry_per_input(batch_dims, inputs):
+    t = fxclip.transform(model_with_grads(), ce, max_grad_norm=1.0, batch_dims=batch_dims)
+    with pytest.raises(fxclip.FxclipError, match=f"batch_dims has {len(batch_dims)} entries but the model gets 1 input"):
+        t.step(torch.randn(3, 4), torch.tensor([0, 1, 2]))
+
+
+def test_a_model_with_nothing_trainable_is_refused():
+    model = model_with_grads().requires_grad_(False)
+    before = snapshot(model)
+    with pytest.raises(fxclip.FxclipError, match="no trainable parameter"):
+        fxclip.transform(model, ce, max_grad_norm=1.0).step(torch.randn(3, 4), torch.tensor([0, 1, 2]))
+    assert_unchanged(model, before)
+
+
 def test_unknown_strategy():
     with pytest.raises(fxclip.FxclipError, match="strategy must be one of"):
         fxclip.transform(model_with_grads(), ce, max_grad_norm=1.0, strategy="fast")
@@ -57,6 +88,20 @@ def test_batchnorm_in_training_mode_names_the_module():
     model[1].eval()
     fxclip.transform(model, ce, max_grad_norm=1.0).step(torch.randn(3, 1, 6, 6), torch.tensor([0, 1, 2]))
     assert all(torch.equal(a, b) for a, b in zip(buffers, model.buffers()))
+
+
+@pytest.mark.parametrize(
+    "norm, message",
+    [
+        (nn.BatchNorm1d(4, track_running_stats=False).eval(), "track_running_stats=False.*even in eval mode"),
+        (nn.InstanceNorm1d(4, track_running_stats=True), "running statistics from the batch.*without noise"),
+    ],
+    ids=["batchnorm_without_running_stats", "instancenorm_updating_running_stats"],
+)
+def test_norms_that_use_or_store_batch_statistics_are_refused(norm, message):
+    model = nn.Sequential(nn.Conv1d(2, 4, 3), norm, nn.Flatten(), nn.Linear(16, 3))
+    with pytest.raises(fxclip.ExampleMixingError, match=message):
+        fxclip.transform(model, ce, max_grad_norm=1.0).step(torch.randn(3, 2, 6), torch.tensor([0, 1, 2]))
 
 
 def test_batchnorm_switched_to_training_after_transform():

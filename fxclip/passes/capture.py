@@ -40,15 +40,30 @@ class ModelWithLoss(torch.nn.Module):
         return self.loss_fn(self.model(*inputs), targets)
 
 
-def reject_batchnorm_in_training(model: torch.nn.Module) -> None:
-    """BatchNorm in training mode normalizes with batch statistics: every example's output then
-    depends on every other example, and per-example gradients do not exist."""
+def reject_batch_statistics(model: torch.nn.Module) -> None:
+    """BatchNorm in training mode (or built without running statistics) normalizes with batch
+    statistics: every example's output then depends on every other example, and per-example
+    gradients do not exist. A norm that updates running statistics in the forward (InstanceNorm
+    with track_running_stats in training mode) would carry the batch's data into its buffers
+    without noise."""
     for name, module in model.named_modules():
+        which = f"module '{name or '<root>'}' ({type(module).__name__})"
         if isinstance(module, torch.nn.modules.batchnorm._BatchNorm) and module.training:
             raise ExampleMixingError(
-                f"module '{name or '<root>'}' ({type(module).__name__}) is in training mode: batch "
-                "statistics mix examples, so per-example gradients are undefined. Replace it with "
-                "nn.GroupNorm or nn.LayerNorm, or call .eval() on it to use its running statistics."
+                f"{which} is in training mode: batch statistics mix examples, so per-example gradients "
+                "are undefined. Replace it with nn.GroupNorm or nn.LayerNorm, or call .eval() on it to "
+                "use its running statistics."
+            )
+        if isinstance(module, torch.nn.modules.batchnorm._BatchNorm) and not module.track_running_stats:
+            raise ExampleMixingError(
+                f"{which} has track_running_stats=False, so it normalizes with batch statistics even "
+                "in eval mode: they mix examples. Replace it with nn.GroupNorm or nn.LayerNorm."
+            )
+        if isinstance(module, torch.nn.modules.instancenorm._InstanceNorm) and module.training and module.track_running_stats:
+            raise ExampleMixingError(
+                f"{which} updates its running statistics from the batch in training mode, which would "
+                "put the examples' data into its buffers without noise. Build it with "
+                "track_running_stats=False (the default) or call .eval() on it."
             )
 
 
@@ -136,7 +151,7 @@ def _at_least_two(value, dim: int):
 def capture(gm: GraphModule | None, ctx: Context) -> GraphModule:
     """Guarantees: the returned graph computes per-example losses [B] from (params, buffers,
     constants, inputs, targets) with B symbolic; `ctx.placeholders` names each graph input."""
-    reject_batchnorm_in_training(ctx.model)
+    reject_batch_statistics(ctx.model)
     batch = Dim("batch")
     inputs = tuple(_at_least_two(x, d) for x, d in zip(ctx.example_inputs, ctx.batch_dims))
     targets = _at_least_two(ctx.example_targets, 0)
