@@ -10,7 +10,7 @@ from typing import Iterator
 
 import torch
 
-from fxclip.accounting import check_privacy_params
+from fxclip.accounting import check_sampling_rate
 
 
 class PoissonBatchSampler:
@@ -31,7 +31,7 @@ class PoissonBatchSampler:
                 f"cannot sample batches from an empty data set (num_examples={num_examples}); "
                 "check that the training data was loaded."
             )
-        check_privacy_params(sampling_rate=sampling_rate)
+        sampling_rate = check_sampling_rate(sampling_rate)
         if steps < 0:
             raise ValueError(f"steps must be >= 0, got {steps}.")
         self.num_examples = num_examples

@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 
 import fxclip
 from fxclip import zoo
-from fxclip.accounting import ACCOUNTANTS, check_privacy_params, epsilon_spent, noise_multiplier_for_epsilon
+from fxclip.accounting import ACCOUNTANTS, check_delta, check_epsilon, epsilon_spent, noise_multiplier_for_epsilon
 from fxclip.data import BUILTIN_DATASETS, Dataset, load_dataset
 from fxclip.optim import PrivateOptimizer
 from fxclip.sampling import PoissonBatchSampler
@@ -93,7 +93,8 @@ class TrainConfig:
 
     def validate(self) -> None:
         """Raise ValueError, saying what to change, for any setting that cannot work."""
-        check_privacy_params(epsilon=self.epsilon, delta=self.delta)
+        check_epsilon(self.epsilon)
+        check_delta(self.delta)
         for name in ("epochs", "batch_size", "physical_batch_size"):
             if not (isinstance(getattr(self, name), int) and getattr(self, name) >= 1):
                 raise ValueError(f"{name} must be a positive integer, got {getattr(self, name)!r}.")
