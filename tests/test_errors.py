@@ -114,8 +114,13 @@ def test_batchnorm_switched_to_training_after_transform():
 
 @pytest.mark.parametrize(
     "loss_fn, returned",
-    [(lambda o, y: F.cross_entropy(o, y), r"shape \[\]"), (lambda o, y: F.cross_entropy(o, y, reduction="none")[:, None], r"shape \[B, 1\]")],
-    ids=["scalar", "column"],
+    [
+        (lambda o, y: F.cross_entropy(o, y), r"shape \[\]"),
+        (lambda o, y: F.cross_entropy(o, y, reduction="none")[:, None], r"shape \[B, 1\]"),
+        (lambda o, y: torch.cat([o, o], 0).sum(1), r"shape \[2\*B\]"),
+        (lambda o, y: (F.cross_entropy(o, y, reduction="none"), o), r"a tuple of 2 values"),
+    ],
+    ids=["scalar", "column", "flattened", "tuple"],
 )
 def test_loss_that_is_not_one_per_example_is_refused(loss_fn, returned):
     model = model_with_grads()

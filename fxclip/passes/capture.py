@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import re
 import warnings
 from contextlib import contextmanager
 from functools import partial
@@ -237,14 +238,20 @@ def _check_loss_shape(gm: GraphModule) -> None:
     out = next(n for n in gm.graph.nodes if n.op == "output").args[0]
     result = out[0] if len(out) == 1 else tuple(out)
     val = result.meta.get("val") if isinstance(result, Node) else result
-    if not isinstance(val, torch.Tensor) or val.dim() != 1 or not isinstance(val.shape[0], torch.SymInt):
+    # the batch size itself, not a multiple of it (per-token losses flattened to [B·T])
+    if not isinstance(val, torch.Tensor) or val.dim() != 1 or not _is_batch_size(val.shape[0]):
         raise loss_shape_error(val)
+
+
+def _is_batch_size(size) -> bool:
+    return isinstance(size, torch.SymInt) and size.node.expr.is_Symbol
 
 
 def loss_shape_error(loss) -> CaptureError:
     """The error for a loss_fn whose result `loss` is not one loss per example."""
     if isinstance(loss, torch.Tensor):  # B for the symbolic batch of a captured graph
-        what = "shape [" + ", ".join("B" if isinstance(s, torch.SymInt) else str(s) for s in loss.shape) + "]"
+        sizes = ("B" if _is_batch_size(s) else re.sub(r"\bs\d+\b", "B", str(s)) for s in loss.shape)
+        what = f"shape [{', '.join(sizes)}]"
     elif isinstance(loss, tuple):
         what = f"a tuple of {len(loss)} values (return the loss alone; keep other outputs out of loss_fn)"
     else:
