@@ -11,29 +11,29 @@ from typing import Iterator
 import torch
 
 from fxclip.accounting import check_sampling_rate
+from fxclip.checks import check_integer
 
 
 class PoissonBatchSampler:
     """Yields, for each of `steps` steps, the sorted indices of a Poisson-sampled batch.
 
     Args:
-        num_examples: N, the size of the data set sampled from (must be > 0).
+        num_examples: N, the size of the data set sampled from (an integer > 0).
         sampling_rate: q in (0, 1], the probability that any one example is in a batch.
-        steps: how many batches to draw.
+        steps: how many batches to draw (an integer >= 0).
         generator: torch.Generator for reproducible draws (None: the global generator).
     """
 
     def __init__(
         self, num_examples: int, sampling_rate: float, steps: int, generator: torch.Generator | None = None
     ):
-        if num_examples <= 0:
-            raise ValueError(
-                f"cannot sample batches from an empty data set (num_examples={num_examples}); "
-                "check that the training data was loaded."
-            )
+        num_examples = check_integer(
+            "num_examples", num_examples, at_least=1,
+            hint="It is N, the data set's size; batches cannot be sampled from an empty data set, so "
+            "check that the training data was loaded.",
+        )
         sampling_rate = check_sampling_rate(sampling_rate)
-        if steps < 0:
-            raise ValueError(f"steps must be >= 0, got {steps}.")
+        steps = check_integer("steps", steps, hint="It is how many batches to draw.")
         self.num_examples = num_examples
         self.sampling_rate = sampling_rate
         self.steps = steps

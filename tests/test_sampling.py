@@ -2,6 +2,7 @@
 
 import math
 
+import numpy as np
 import pytest
 import torch
 
@@ -58,10 +59,25 @@ def test_from_batch_size_uses_q_equal_batch_over_n():
 
 @pytest.mark.parametrize(
     "args,message",
-    [((0, 0.1, 5), "empty data set"), ((10, 0.0, 5), "sampling rate"), ((10, 1.01, 5), "sampling rate")],
+    [
+        ((0, 0.1, 5), "empty data set"),
+        ((10, 0.0, 5), "sampling rate"),
+        ((10, 1.01, 5), "sampling rate"),
+        ((10, 0.1, 2.5), "steps must be an integer >= 0"),
+        ((10, 0.1, 2.0), "steps must be an integer >= 0"),
+        ((10, 0.1, True), "steps must be an integer >= 0"),
+        ((10, 0.1, -1), "steps must be an integer >= 0"),
+        ((10.5, 0.1, 2), "num_examples must be an integer >= 1"),
+        ((True, 0.1, 2), "num_examples must be an integer >= 1"),
+    ],
 )
 def test_bad_sampler_arguments(args, message):
     with pytest.raises(ValueError, match=message):
         PoissonBatchSampler(*args)
     with pytest.raises(ValueError, match="batch size must be between 1"):
         PoissonBatchSampler.from_batch_size(10, 11, 5)
+
+
+def test_numpy_integer_arguments_are_accepted():
+    sampler = PoissonBatchSampler(np.int64(10), np.float32(0.5), np.int32(3))
+    assert len(sampler) == 3 and len(list(sampler)) == 3
