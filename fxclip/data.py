@@ -7,7 +7,9 @@
 
 from __future__ import annotations
 
+import pickle
 import random
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -121,22 +123,33 @@ def load_mnist1d(seed: int = 0) -> Dataset:
     return make_dataset("mnist1d", data["x"], data["y"], data["x_test"], data["y_test"], seed=seed)
 
 
+def _read_arrays(path: Path):
+    """What a .pt file holds (tensors and containers only), or an .npz file's arrays (no pickles)."""
+    if path.suffix == ".pt":
+        return torch.load(path, map_location="cpu", weights_only=True)
+    with np.load(path, allow_pickle=False) as npz:
+        return {key: npz[key] for key in npz.files}
+
+
 def load_tensor_file(path: str | Path, seed: int = 0) -> Dataset:
     """A user's data from a `.pt` (torch.save of a dict) or `.npz` file with keys x, y[, x_test, y_test]."""
     path = Path(path)
     if not path.is_file():
         raise ValueError(f"data file {str(path)!r} does not exist.")
-    if path.suffix == ".pt":
-        content = torch.load(path, map_location="cpu", weights_only=True)
-        if not isinstance(content, dict):
-            raise ValueError(
-                f"{path} holds a {type(content).__name__}; save a dict instead: torch.save({{'x': x, 'y': y}}, path)."
-            )
-    elif path.suffix == ".npz":
-        with np.load(path, allow_pickle=False) as npz:
-            content = {key: npz[key] for key in npz.files}
-    else:
+    if path.suffix not in (".pt", ".npz"):
         raise ValueError(f"data file {path} must end in .pt or .npz, got {path.suffix!r}.")
+    try:
+        content = _read_arrays(path)
+    except (pickle.UnpicklingError, EOFError, RuntimeError, ValueError, OSError, zipfile.BadZipFile) as err:
+        # Not torch's or NumPy's message: they advise loading with pickles allowed, which runs the file's code.
+        raise ValueError(
+            f"{path} could not be read as a data set ({type(err).__name__}); it must be a torch.save'd dict or a "
+            "NumPy .npz holding only tensors or arrays: 'x', 'y' and optionally 'x_test', 'y_test'."
+        ) from err
+    if not isinstance(content, dict):
+        raise ValueError(
+            f"{path} holds a {type(content).__name__}; save a dict instead: torch.save({{'x': x, 'y': y}}, path)."
+        )
     missing = {"x", "y"} - set(content)
     if missing:
         raise ValueError(f"{path} lacks {sorted(missing)}; it must hold arrays named 'x' and 'y' (found {sorted(content)}).")

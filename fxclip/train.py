@@ -13,6 +13,7 @@ import argparse
 import copy
 import json
 import math
+import os
 import statistics
 import time
 from dataclasses import asdict, dataclass, field
@@ -28,6 +29,7 @@ import fxclip
 from fxclip import zoo
 from fxclip.accounting import ACCOUNTANTS, check_delta, check_epsilon, epsilon_spent, noise_multiplier_for_epsilon
 from fxclip.data import BUILTIN_DATASETS, Dataset, load_dataset
+from fxclip.errors import describe
 from fxclip.optim import PrivateOptimizer
 from fxclip.sampling import PoissonBatchSampler
 
@@ -106,8 +108,13 @@ class TrainConfig:
             raise ValueError(f"unknown optimizer {self.optimizer!r}; choose one of {sorted(OPTIMIZERS)}.")
         if self.accountant not in ACCOUNTANTS:
             raise ValueError(f"unknown accountant {self.accountant!r}; choose one of {ACCOUNTANTS}.")
-        if torch.device(self.device).type == "cuda" and not torch.cuda.is_available():
-            raise ValueError(f"device {self.device!r} requested but CUDA is not available; use --device cpu.")
+        try:
+            torch.empty(0, device=self.device)
+        except (RuntimeError, AssertionError) as err:  # torch asserts when built without CUDA
+            raise ValueError(
+                f"device {self.device!r} is not usable here ({describe(err)}); use --device cpu, or cuda where "
+                "CUDA is available."
+            ) from err
 
     def make_optimizer(self, model: nn.Module) -> torch.optim.Optimizer:
         """The configured torch optimizer over the model's trainable parameters."""
@@ -402,17 +409,27 @@ def summary_lines(config: TrainConfig, data: Dataset, plan: PrivacyPlan, private
     ]
 
 
+def check_output_dir(out_dir: Path) -> None:
+    """Raise ValueError, before any training, if `out_dir` cannot be created or written to."""
+    existing = next(p for p in (out_dir, *out_dir.parents) if p.exists())
+    if not existing.is_dir():
+        raise ValueError(f"cannot write to {out_dir}: {existing} is a file, not a directory; choose another --out.")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ValueError(f"cannot write to {out_dir}: directory {existing} is not writable; choose another --out.")
+
+
 def run_training_job(config: TrainConfig, data_path: str | None = None, out: str | None = None,
                      progress: bool = True) -> dict:
     """The whole `fxclip train` job; returns the metrics written to <out>/metrics.json."""
     config.validate()
+    out_dir = Path(out or Path("runs") / datetime.now().strftime("%Y%m%d-%H%M%S"))
+    check_output_dir(out_dir)
     data = load_dataset(data_path or config.dataset, seed=config.seed)
     data = Dataset(data.name, *(t.to(config.device) for t in (data.x_train, data.y_train, data.x_test, data.y_test)),
                    data.num_classes)
     torch.manual_seed(config.seed)
     model = build_model(config.model, data).to(config.device)
     initial_state = copy.deepcopy(model.state_dict())
-    out_dir = Path(out or Path("runs") / datetime.now().strftime("%Y%m%d-%H%M%S"))
 
     private, plan = train_private(model, data, config, progress)
     baseline_model = build_model(config.model, data).to(config.device)

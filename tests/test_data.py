@@ -83,3 +83,26 @@ def test_bad_files_raise_clear_errors(tmp_path):
         load_dataset("cifar10")
     with pytest.raises(ValueError, match="test inputs have shape"):
         make_dataset("m", torch.zeros(4, 3), torch.zeros(4), torch.zeros(2, 5), torch.zeros(2))
+
+
+class NotAnArray:
+    pass
+
+
+UNREADABLE_FILES = {  # file name -> how to write it
+    "garbage.pt": lambda path: path.write_bytes(b"garbage"),
+    "empty.pt": lambda path: path.write_bytes(b""),
+    "object.pt": lambda path: torch.save({"x": NotAnArray(), "y": torch.zeros(3)}, path),
+    "truncated.pt": lambda path: path.write_bytes(b"PK\x03\x04" + bytes(40)),
+    "garbage.npz": lambda path: path.write_bytes(b"garbage"),
+    "empty.npz": lambda path: path.write_bytes(b""),
+    "object.npz": lambda path: np.savez(path, x=np.array([NotAnArray()], dtype=object), y=np.zeros(1)),
+}
+
+
+@pytest.mark.parametrize("name", UNREADABLE_FILES)
+def test_unreadable_files_raise_clear_errors(tmp_path, name):
+    UNREADABLE_FILES[name](tmp_path / name)
+    with pytest.raises(ValueError, match=f"{name} could not be read as a data set") as error:
+        load_tensor_file(tmp_path / name)
+    assert "weights_only" not in str(error.value) and "allow_pickle" not in str(error.value)

@@ -141,6 +141,25 @@ def test_cli_rejects_bad_input_before_training(tmp_path, capsys, flags, message)
     assert not out.exists()
 
 
+@pytest.mark.parametrize(
+    "flags,message",
+    [
+        (["--device", "tpu"], "device 'tpu' is not usable here"),
+        (["--data", "{tmp}/corrupt.pt"], "corrupt.pt could not be read as a data set"),
+        (["--out", "{tmp}/a_file"], "a_file is a file"),
+        (["--out", "{tmp}/a_file/run"], "a_file is a file"),
+    ],
+)
+def test_cli_rejects_unusable_device_data_or_output_before_training(tmp_path, capsys, flags, message):
+    (tmp_path / "corrupt.pt").write_bytes(b"garbage")
+    (tmp_path / "a_file").write_text("")
+    argv = ["train", "--no-progress", "--epochs", "1", "--out", str(tmp_path / "run")]
+    assert main(argv + [flag.format(tmp=tmp_path) for flag in flags]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("fxclip train: error: ") and message in err and "weights_only" not in err
+    assert not (tmp_path / "run").exists()
+
+
 def test_cli_rejects_empty_data_file(tmp_path, capsys):
     np.savez(tmp_path / "empty.npz", x=np.zeros((0, 4), np.float32), y=np.zeros(0, np.int64))
     assert main(["train", "--no-progress", "--data", str(tmp_path / "empty.npz"), "--out", str(tmp_path / "r")]) == 2
