@@ -44,21 +44,36 @@ def _as_tensor(value, what: str, source: str) -> torch.Tensor:
 
 
 def _checked_examples(x, y, source: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """x as float32 and y as int64, after checking they are a non-empty, matching set of examples."""
+    """x as float32 and y as int64, after checking they are a non-empty, matching set of examples
+    with finite, real features (bad values would only fail mid-training, after privacy was spent)."""
     x, y = _as_tensor(x, "x", source), _as_tensor(y, "y", source)
     if x.ndim == 0 or x.shape[0] == 0:
         raise ValueError(f"{source} is empty (x has no examples); private training needs at least one example.")
+    if x.ndim == 1:
+        raise ValueError(
+            f"{source}: x must have shape [N, features...], one row per example, got 1-D x of shape "
+            f"{tuple(x.shape)}; if each example is one number, reshape it to [N, 1]."
+        )
+    if x.is_complex():
+        raise ValueError(f"{source}: x is complex ({x.dtype}); pass real features, e.g. real and imaginary parts side by side.")
     if y.ndim != 1 or y.shape[0] != x.shape[0]:
         raise ValueError(
             f"{source}: y must be a 1-D tensor of class ids, one per example of x; "
             f"got x of shape {tuple(x.shape)} and y of shape {tuple(y.shape)}."
         )
-    if y.is_floating_point() and not torch.equal(y, y.round()):
+    if y.is_complex() or (y.is_floating_point() and not (torch.isfinite(y).all() and torch.equal(y, y.round()))):
         raise ValueError(f"{source}: y must hold integer class ids, got non-integer values.")
     y = y.long()
     if (y < 0).any():
         raise ValueError(f"{source}: class ids in y must be >= 0, found {int(y.min())}.")
-    return x.float(), y
+    x = x.float()
+    not_finite = int((~torch.isfinite(x)).sum())
+    if not_finite:
+        raise ValueError(
+            f"{source}: x has {not_finite} NaN or infinite value{'s' * (not_finite > 1)} (as float32); "
+            "remove or replace them before training."
+        )
+    return x, y
 
 
 def make_dataset(
@@ -73,8 +88,9 @@ def make_dataset(
 ) -> Dataset:
     """Check x and y and build a Dataset; without a test split, a random `test_fraction` is held out.
 
-    Raises ValueError naming the problem: an empty data set, x and y of different lengths,
-    labels that are not non-negative integers, test inputs shaped unlike train inputs.
+    Raises ValueError naming the problem: an empty data set, x and y of different lengths, 1-D,
+    complex or non-finite x, labels that are not non-negative integers, test inputs shaped unlike
+    train inputs.
     """
     x, y = _checked_examples(x, y, f"data set {name!r}")
     if (x_test is None) != (y_test is None):

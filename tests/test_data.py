@@ -63,6 +63,12 @@ def test_user_tensor_file_round_trips(tmp_path, suffix, with_test_split):
         (torch.zeros(4, 3), torch.zeros(5, dtype=torch.long), "one per example"),
         (torch.zeros(4, 3), torch.tensor([0.0, 1.5, 2.0, 1.0]), "integer class ids"),
         (torch.zeros(4, 3), torch.tensor([0, -1, 2, 1]), ">= 0"),
+        (torch.zeros(4, 3), torch.tensor([0.0, float("inf"), 2.0, 1.0]), "integer class ids"),
+        (torch.tensor([[0.0, float("nan")]] + [[0.0, 0.0]] * 3), torch.zeros(4), "x has 1 NaN or infinite value "),
+        (torch.full((4, 3), float("-inf")), torch.zeros(4), "x has 12 NaN or infinite values"),
+        (np.full((4, 3), 1e300), torch.zeros(4), "NaN or infinite"),  # too large for float32
+        (torch.zeros(4), torch.zeros(4), "x must have shape"),
+        (torch.zeros(4, 3, dtype=torch.complex64), torch.zeros(4), "x is complex"),
     ],
 )
 def test_bad_examples_raise_clear_errors(x, y, message):
@@ -71,6 +77,9 @@ def test_bad_examples_raise_clear_errors(x, y, message):
 
 
 def test_bad_files_raise_clear_errors(tmp_path):
+    np.savez(tmp_path / "nan.npz", x=np.array([[0.0], [np.nan]]), y=np.zeros(2))
+    with pytest.raises(ValueError, match="nan.npz.*NaN or infinite"):
+        load_tensor_file(tmp_path / "nan.npz")
     torch.save({"x": torch.zeros(3, 2)}, tmp_path / "no_y.pt")
     with pytest.raises(ValueError, match=r"lacks \['y'\]"):
         load_tensor_file(tmp_path / "no_y.pt")
