@@ -16,6 +16,7 @@ import math
 import os
 import statistics
 import time
+import warnings
 from dataclasses import asdict, dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -28,6 +29,7 @@ from tqdm.auto import tqdm
 import fxclip
 from fxclip import zoo
 from fxclip.accounting import ACCOUNTANTS, check_delta, check_epsilon, epsilon_spent, noise_multiplier_for_epsilon
+from fxclip.checks import check_integer, check_number
 from fxclip.data import BUILTIN_DATASETS, Dataset, load_dataset
 from fxclip.errors import describe
 from fxclip.optim import PrivateOptimizer
@@ -98,12 +100,10 @@ class TrainConfig:
         check_epsilon(self.epsilon)
         check_delta(self.delta)
         for name in ("epochs", "batch_size", "physical_batch_size"):
-            if not (isinstance(getattr(self, name), int) and getattr(self, name) >= 1):
-                raise ValueError(f"{name} must be a positive integer, got {getattr(self, name)!r}.")
-        if not self.max_grad_norm > 0:
-            raise ValueError(f"the clip bound (max_grad_norm) must be > 0, got {self.max_grad_norm}.")
-        if not self.lr > 0:
-            raise ValueError(f"the learning rate must be > 0, got {self.lr}.")
+            check_integer(name, getattr(self, name), at_least=1)
+        check_number("max_grad_norm", self.max_grad_norm, above=0, hint="It is the clip bound C (--clip).")
+        check_number("lr", self.lr, above=0, hint="It is the learning rate (--lr), e.g. 1e-2.")
+        check_number("momentum", self.momentum, at_least=0, hint="It is SGD's momentum (--momentum), e.g. 0.9.")
         if self.optimizer not in OPTIMIZERS:
             raise ValueError(f"unknown optimizer {self.optimizer!r}; choose one of {sorted(OPTIMIZERS)}.")
         if self.accountant not in ACCOUNTANTS:
@@ -148,6 +148,13 @@ class PrivacyPlan:
         q = config.batch_size / num_examples
         steps_per_epoch = max(1, round(num_examples / config.batch_size))
         steps = config.epochs * steps_per_epoch
+        if config.delta >= 1 / num_examples:
+            warnings.warn(
+                f"delta={config.delta:g} is not well below 1/N = {1 / num_examples:.3g} (N = {num_examples} training "
+                "examples): releasing one random example in full is already (0, 1/N)-DP, so this guarantee may mean "
+                "little; use a delta much smaller than 1/N.",
+                stacklevel=2,
+            )
         sigma = noise_multiplier_for_epsilon(config.epsilon, q, steps, config.delta, config.accountant)
         return cls(q, steps_per_epoch, steps, sigma, config.delta, config.accountant)
 

@@ -2,8 +2,10 @@
 
 import copy
 import json
+import math
 import subprocess
 import sys
+import warnings
 
 import numpy as np
 import pytest
@@ -92,6 +94,31 @@ def test_privacy_plan_uses_true_sampling_rate_and_steps(digits):
     assert plan.sampling_rate == pytest.approx(100 / len(digits.x_train))
     assert plan.steps == 3 * round(len(digits.x_train) / 100)
     assert 0.98 * 2.0 < plan.epsilon_after(plan.steps) <= 2.0
+
+
+@pytest.mark.parametrize(
+    "changes,message",
+    [
+        (dict(lr=math.inf), "lr must be a finite number > 0"),
+        (dict(lr=math.nan), "lr must be a finite number > 0"),
+        (dict(momentum=-1.0), "momentum must be a finite number >= 0"),
+        (dict(max_grad_norm="1.0"), "max_grad_norm must be a finite number > 0"),
+        (dict(epochs=True), "epochs must be an integer >= 1"),
+        (dict(batch_size=2.0), "batch_size must be an integer >= 1"),
+    ],
+)
+def test_bad_settings_raise_clear_errors(changes, message):
+    with pytest.raises(ValueError, match=message):
+        TrainConfig(**changes).validate()
+
+
+def test_delta_not_well_below_one_over_n_warns():
+    config = TrainConfig(epochs=1, batch_size=100, delta=1e-3)
+    with pytest.warns(UserWarning, match=r"delta=0.001 is not well below 1/N = 0.001 \(N = 1000"):
+        PrivacyPlan.for_target(config, 1000)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        PrivacyPlan.for_target(config, 999)  # delta < 1/N: no warning
 
 
 def test_private_run_reaches_target_epsilon_and_learns(digits):
