@@ -76,6 +76,11 @@ class PrivateOptimizer:
         secure_noise: bool = False,
         generator: torch.Generator | None = None,
     ):
+        if not isinstance(optimizer, torch.optim.Optimizer):
+            raise ValueError(
+                f"optimizer must be a torch.optim.Optimizer over the model's parameters, got {type(optimizer).__name__}; "
+                "e.g. PrivateOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), ...)."
+            )
         noise_multiplier = check_number(
             "noise_multiplier", noise_multiplier, at_least=0,
             hint="It is sigma, the noise std in units of the clip bound (0: no noise, no privacy).",

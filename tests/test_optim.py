@@ -99,6 +99,11 @@ def test_bad_arguments(kwargs, message):
         PrivateOptimizer(torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.1), **args)
 
 
+def test_optimizer_must_be_a_torch_optimizer():
+    with pytest.raises(ValueError, match="optimizer must be a torch.optim.Optimizer"):
+        PrivateOptimizer([torch.nn.Parameter(torch.zeros(1))], noise_multiplier=1.0, max_grad_norm=1.0, expected_batch_size=8)
+
+
 def _sgd_step_with_changed_freezing(freeze_later, unfreeze_later):
     """One noisy SGD step (lr 1, sigma 1, C 1, qN 2) whose parameters were (un)frozen after the
     optimizer was built, each with a clipped sum of ones; returns the step each parameter took."""
