@@ -218,3 +218,41 @@ def test_a_backward_the_forward_does_not_show_takes_the_fallback(how, reason):
         result = fxclip.transform(model, ce, max_grad_norm=0.5).step(x, y)
     assert_matches_the_loop(model, result, x, y, 0.5)
 
+
+
+class TwoViews(nn.Module):
+    """Both views of each example through one encoder as one batch of 2B, split back: no mixing,
+    but the graph's batch axes cannot follow a batch concatenated with itself."""
+
+    def __init__(self):
+        super().__init__()
+        self.enc, self.head = nn.Linear(4, 5), nn.Linear(10, 3)
+
+    def forward(self, x):
+        z = self.enc(torch.cat([x, x.flip(-1)]))
+        return self.head(torch.cat([z[: x.shape[0]], z[x.shape[0] :]], -1))
+
+
+class Prototypes(nn.Module):
+    """torch.cdist's size checks guard the batch to 2..25 in export."""
+
+    def __init__(self):
+        super().__init__()
+        self.enc, self.prototypes = nn.Linear(4, 5), nn.Parameter(torch.randn(3, 5))
+
+    def forward(self, x):
+        return -torch.cdist(self.enc(x), self.prototypes)
+
+
+@pytest.mark.parametrize(
+    "make, reason",
+    [(TwoViews, "cannot tell where the batch is"), (Prototypes, "satisfy the generated guard 2 <=")],
+    ids=["batch_concatenated_with_itself", "guard_named"],
+)
+def test_a_model_the_graph_path_cannot_follow_falls_back_saying_why(make, reason):
+    torch.manual_seed(0)
+    model = make().double()
+    x, y = torch.randn(6, 4, dtype=torch.float64), torch.randint(0, 3, (6,))
+    with pytest.warns(fxclip.FallbackWarning, match=reason):
+        result = fxclip.transform(model, ce, max_grad_norm=0.5).step(x, y)
+    assert_matches_the_loop(model, result, x, y, 0.5)

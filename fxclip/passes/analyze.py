@@ -124,9 +124,9 @@ class _BatchLocator:
         for x, ax in in_axes:
             if x.shape[ax.dim] == val.shape[d]:
                 return BatchAxis(d, ax.inner)
-        raise FxclipError(
-            f"cannot tell where the batch is in the output {tuple(val.shape)} of {where(node)}; "
-            "register a rule for this op or reshape so the batch stays a separate dim"
+        raise NotCovered(
+            f"cannot tell where the batch is in the output {tuple(val.shape)} of {where(node)} (the "
+            "batch concatenated with itself?); keep the batch a separate dim to stay on the graph path"
         )
 
 

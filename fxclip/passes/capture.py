@@ -68,6 +68,12 @@ def reject_batch_statistics(model: torch.nn.Module) -> None:
             )
 
 
+def _guard_detail(e: Exception) -> str:
+    """The line of a 'Constraints violated' export error that says which guard fixed the batch."""
+    detail = next((line.strip() for line in str(e).splitlines() if line.strip().startswith("- ")), "")
+    return f" ({detail[2:]})" if detail else ""
+
+
 def _reject_backward_hooks(model: torch.nn.Module) -> None:
     """Backward hooks change gradients in ways a graph of the forward cannot show."""
     for name, module in model.named_modules():
@@ -173,10 +179,11 @@ def capture(gm: GraphModule | None, ctx: Context) -> GraphModule:
             )
     except Exception as e:  # torch.export raises many types; say what failed and keep the cause
         raise ExportFailed(
-            f"torch.export could not capture the model with a symbolic batch size: {describe(e)}"
-            "\nCommon causes: Python control flow on tensor "
-            "values, a batch size written into the model's code (use x.shape[0]), or batch_dims that "
-            "do not match the inputs."
+            f"torch.export could not capture the model with a symbolic batch size: {describe(e)}{_guard_detail(e)}"
+            "\nCommon causes: Python control flow on tensor values (.item(), a mask check such as "
+            "nn.Transformer's causal-mask detection: pass is_causal/tgt_is_causal), a batch size "
+            "written into the model's code (use x.shape[0]) or fixed by an op's size checks "
+            "(torch.cdist), or batch_dims that do not match the inputs."
         ) from e
     if custom_backward.found:
         raise custom_backward.found
