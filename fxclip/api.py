@@ -239,7 +239,8 @@ class PrivateStep:
         return sizes[0]
 
     def _program(self, inputs, targets):
-        key = capture_key(self.model, self.loss_fn, inputs, targets, self._batch_dims(inputs))
+        dims = self._batch_dims(inputs)
+        key = capture_key(self.model, self.loss_fn, inputs, targets, dims)
         if key not in self._programs and len(self._programs) >= RECAPTURE_WARNING:
             warnings.warn(
                 f"fxclip captured this model {len(self._programs)} times: {key_change(self._last_key, key)}. "
@@ -255,7 +256,7 @@ class PrivateStep:
                 loss_fn=self.loss_fn,
                 example_inputs=inputs,
                 example_targets=targets,
-                batch_dims=self._batch_dims(inputs),
+                batch_dims=dims,
                 strategy=self.strategy,
                 memory_budget=self.memory_budget,
             )
