@@ -9,6 +9,7 @@ import torch.nn as nn
 
 import fxclip
 from fxclip.memory import peak_memory, step_memory
+from helpers import check_against_reference, sum_loss
 
 MiB = 2**20
 
@@ -148,3 +149,36 @@ def test_compiled_resnet_step_peak_within_target_of_non_private():
     private = _peak_bytes("resnet_gn", 64, "fxclip_compiled", cpu, None)
     assert floor and private, "the peak-memory subprocess failed"
     assert private <= 1.3 * floor, f"{private / MiB:.1f} MiB vs {floor / MiB:.1f} MiB non-private"
+
+
+class LayerNormTagger(nn.Module):
+    """Linear, layer norm, a learned per-channel scale, linear: over [B, T, 6] sequences."""
+
+    def __init__(self):
+        super().__init__()
+        self.inp, self.norm, self.out = nn.Linear(6, 8), nn.LayerNorm(8), nn.Linear(8, 3)
+        self.scale = nn.Parameter(torch.randn(8))
+
+    def forward(self, x):
+        return self.out(torch.tanh(self.norm(self.inp(x)) * self.scale))
+
+
+def test_small_per_example_gradients_are_made_inside_the_backward(monkeypatch):
+    """From the second step on, the layer norm's and the scale's per-example gradients (smaller
+    than their output gradients) are made by hooks inside the backward, so that the compiled
+    step frees what they read there; the linear layers' factor forms wait for the clip factors.
+    Both ways give the reference's norms and clipped sums."""
+    torch.manual_seed(0)
+    model = LayerNormTagger().double()
+    x, y = torch.randn(5, 7, 6, dtype=torch.float64), torch.randn(5, 7, 3, dtype=torch.float64)
+    t = fxclip.transform(model, sum_loss, 0.5)
+    check_against_reference(t, (x,), y, rtol=1e-10)
+    chosen = sorted(str(node.target) for node in t.program._in_backward)
+    assert any("layer_norm" in op for op in chosen) and any("mul" in op for op in chosen), chosen
+    assert not any("linear" in op for op in chosen), chosen
+    program_type = type(t.program)
+    made = []
+    original = program_type._forms_in_backward
+    monkeypatch.setattr(program_type, "_forms_in_backward", lambda self, node, *a: made.append(node) or original(self, node, *a))
+    check_against_reference(t, (x,), y, rtol=1e-10)
+    assert set(made) == t.program._in_backward
