@@ -64,9 +64,10 @@ BATCH_MODES = ("dynamic", "buckets")
 # step from 1.24x to 1.14x the eager floor, side by side; no zoo model got slower.
 # No reordering for locality: that pass moves every op right before its first user, away from
 # where the step graph puts it, and inductor's memory-aware reordering then did not get back to the
-# step graph's own order. Without it the compiled peak RSS at B=128 (floor in brackets) fell on the
-# transformer from 36.3 to 31.3 MB (25.1), on the GRU tagger from 50.1 to 42.1 MB (37.9) and on
-# small_cnn from 2.8 to 2.7 MB (2.3); it rose on gpt from 79.8 to 83.7 MB (80.2) and by at most
+# step graph's own order. Without it the compiled peak RSS at B=128 (floor in parentheses) fell on the
+# transformer from 36.3 to 31.3 MB (25.1; 30.2 MB in a second run) and on small_cnn from 2.8 to
+# 2.7 MB (2.3); the GRU tagger's went from 50.1 to 42.1, 47.7 and 49.7 MB in three runs (37.9:
+# its resident set is noisy); it rose on gpt from 79.8 to 83.7 MB (80.2) and by at most
 # 0.4 MB elsewhere. Side by side the step times moved by 0.94x-1.05x (resnet_gn, depthwise, the
 # transformer, the GRU), within this machine's noise.
 INDUCTOR_OPTIONS = {"layout_optimization": False, "max_fusion_unique_io_buffers": 8, "reorder_for_locality": False}
