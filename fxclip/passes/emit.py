@@ -215,7 +215,7 @@ class StepProgram:
         """Called by the forward with use node k's outputs: an op chosen by _choose_in_backward
         gets its forms made by a hook, as soon as the backward has its output gradient."""
         node = self.use_nodes[k]
-        if self._in_backward and node in self._in_backward and len(outputs) == 1:
+        if node in (self._in_backward or ()):  # chosen only with one output
             step.hooks.append(outputs[0].register_hook(partial(self._forms_in_backward, node, step)))
 
     def _forms_in_backward(self, node: Node, step: _StepState, grad: torch.Tensor) -> None:
