@@ -11,7 +11,7 @@ import torch
 import torch.utils._pytree as pytree
 
 from .capture_key import capture_key, key_change
-from .checks import check_number
+from .checks import check_integer, check_number
 from .errors import ExampleMixingError, FxclipError, NotCovered, VerificationError, describe
 from .passes import Context, StepProgram, run_passes
 from .passes.capture import ExportFailed, reject_batch_statistics
@@ -90,10 +90,13 @@ class PrivateStep:
             raise FxclipError(f"strategy must be one of {STRATEGIES}, got {strategy!r}")
         if not isinstance(compile, bool) and compile not in BATCH_MODES:
             raise FxclipError(f"compile must be True, False or a batch mode {BATCH_MODES}, got {compile!r}")
-        if max_physical_batch_size is not None and (
-            isinstance(max_physical_batch_size, bool) or not isinstance(max_physical_batch_size, int) or max_physical_batch_size < 1
-        ):
-            raise FxclipError(f"max_physical_batch_size must be a positive int or None, got {max_physical_batch_size!r}")
+        if max_physical_batch_size is not None:
+            try:
+                max_physical_batch_size = check_integer(
+                    "max_physical_batch_size", max_physical_batch_size, at_least=1, hint="Or None: each batch in one piece."
+                )
+            except ValueError as e:
+                raise FxclipError(str(e)) from None
         if not isinstance(model, torch.nn.Module):
             raise FxclipError(f"model must be a torch.nn.Module, got a {type(model).__name__}; wrap a function in an nn.Module")
         if batch_dims is not None and (

@@ -3,6 +3,7 @@ peak memory of a private step relative to the non-private one."""
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 import torch.nn as nn
@@ -130,10 +131,16 @@ def test_physical_batches_give_the_batch_result(size):
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
 
 
-@pytest.mark.parametrize("bad", [0, -3, 2.5, True, "8"])
+@pytest.mark.parametrize("bad", [0, -3, 2.5, True, "8", np.float64(4.0)])
 def test_physical_batch_size_must_be_a_positive_int(bad):
     with pytest.raises(fxclip.FxclipError, match="max_physical_batch_size"):
         fxclip.transform(nn.Linear(2, 2), lambda out, y: out.sum(1), 1.0, max_physical_batch_size=bad)
+
+
+def test_physical_batch_size_takes_a_numpy_int():
+    t = fxclip.transform(nn.Linear(2, 2), lambda out, y: out.sum(1), 1.0, max_physical_batch_size=np.int64(3))
+    assert t.max_physical_batch_size == 3 and type(t.max_physical_batch_size) is int
+    t.step(torch.randn(7, 2), torch.zeros(7))
 
 
 @pytest.mark.slow
