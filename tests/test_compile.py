@@ -6,7 +6,8 @@ import torch
 
 import fxclip
 from fxclip.zoo import PerExampleCrossEntropy
-from fxclip.passes.compile import CompiledStep, _constant_pad_functional, bucket_size
+from fxclip.forms import concat
+from fxclip.passes.compile import CompiledStep, _concatenate_early, _constant_pad_functional, bucket_size
 from fxclip.zoo import ZOO
 
 LOSS = PerExampleCrossEntropy()
@@ -92,6 +93,31 @@ def test_buckets_pad_with_rows_that_change_nothing():
         torch.testing.assert_close(got[3][key], want[3][key], rtol=1e-4, atol=1e-5)
     step(private._flat_args(ctx, inputs, targets))  # the same bucket again: no new compile
     assert step.compiles == 1
+
+
+def test_factor_concatenations_move_right_after_their_pieces():
+    """The forms code concatenates a recurrent weight's per-step factors after the whole backward;
+    the compiled step moves each concatenation (and the views feeding it) to right after its last
+    piece, so the pieces can be freed there. The values are unchanged."""
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    def step(x):
+        pieces = [torch.sin(x[i]) for i in range(4)]
+        later = (x @ x.T).exp()  # work the concatenation does not need
+        return concat([p.unsqueeze(0) for p in pieces], 0).sum(0) + later.sum(0)
+
+    x = torch.randn(4, 4)
+    gm = make_fx(step)(x)
+    _concatenate_early(gm.graph)
+    gm.graph.lint()
+    gm.recompile()
+    nodes = list(gm.graph.nodes)
+    joined = next(n for n in nodes if n.target is torch.ops.fxclip.concat.default)
+    matmul = next(n for n in nodes if n.target is torch.ops.aten.mm.default)
+    last_sin = [n for n in nodes if n.target is torch.ops.aten.sin.default][-1]
+    assert nodes.index(last_sin) < nodes.index(joined) < nodes.index(matmul)
+    assert all(p.target is torch.ops.aten.unsqueeze.default and nodes.index(p) < nodes.index(matmul) for p in joined.all_input_nodes)
+    torch.testing.assert_close(gm(x), step(x))
 
 
 def test_bucket_sizes_pad_at_most_an_eighth_and_are_few():

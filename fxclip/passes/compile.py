@@ -239,6 +239,7 @@ class CompiledStep:
         # One computation of each repeated product: uses whose op outputs are summed get the same
         # gradient, so their factors, concatenations and Gram matrices are the same ops.
         gm.graph = fx_graph_cse(gm.graph)
+        _concatenate_early(gm.graph)
         gm.recompile()
         return gm, fakes
 
@@ -273,6 +274,27 @@ class CompiledStep:
             filler = x.narrow(d, 0, 1).expand(*x.shape[:d], padded - batch, *x.shape[d + 1 :])
             out[j] = torch.cat([x, filler], d)
         return out
+
+
+def _concatenate_early(graph: torch.fx.Graph) -> None:
+    """Moves each `fxclip::concat` of factors, and the views feeding it, to right after its last
+    input. The forms code makes them after the whole backward; placed there, the pieces they copy
+    live until then. Only moves a node earlier, after all its inputs: the values are unchanged."""
+    for node in [n for n in graph.nodes if n.target is torch.ops.fxclip.concat.default]:
+        chain: list[torch.fx.Node] = []
+
+        def views_above(n: torch.fx.Node) -> None:
+            if isinstance(n.target, torch._ops.OpOverload) and n.target.is_view and n not in chain:
+                for up in n.all_input_nodes:
+                    views_above(up)
+                chain.append(n)
+
+        for piece in node.all_input_nodes:
+            views_above(piece)
+        for n in [*chain, node]:
+            last_input = max(n.all_input_nodes)  # fx nodes compare by their place in the graph
+            if last_input.op != "placeholder":  # placeholders stay first
+                last_input.append(n)
 
 
 def _signature(args: Sequence) -> tuple:
