@@ -120,6 +120,30 @@ def test_factor_concatenations_move_right_after_their_pieces():
     torch.testing.assert_close(gm(x), step(x))
 
 
+def test_a_factor_concatenation_is_not_moved_before_an_in_place_op():
+    """Pieces that are views of a tensor changed in place after they are made must be copied after
+    the change (the graph records no data dependence of the views on the in-place op)."""
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    def step(x):
+        rows = torch.sin(x)
+        pieces = [rows[i] for i in range(4)]
+        later = (x @ x.T).exp()
+        rows.mul_(later)
+        return concat(pieces, 0) + later.sum()
+
+    x = torch.randn(4, 4)
+    gm = make_fx(step)(x)
+    _concatenate_early(gm.graph)
+    gm.graph.lint()
+    gm.recompile()
+    nodes = list(gm.graph.nodes)
+    joined = next(n for n in nodes if n.target is torch.ops.fxclip.concat.default)
+    in_place = next(n for n in nodes if n.target is torch.ops.aten.mul_.Tensor)
+    assert nodes.index(in_place) < nodes.index(joined)
+    torch.testing.assert_close(gm(x), step(x))
+
+
 def test_bucket_sizes_pad_at_most_an_eighth_and_are_few():
     sizes = [bucket_size(b) for b in range(2, 1025)]
     assert all(s >= b and s <= b * 1.125 for b, s in zip(range(2, 1025), sizes))

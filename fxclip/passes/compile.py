@@ -279,7 +279,9 @@ class CompiledStep:
 def _concatenate_early(graph: torch.fx.Graph) -> None:
     """Moves each `fxclip::concat` of factors, and the views feeding it, to right after its last
     input. The forms code makes them after the whole backward; placed there, the pieces they copy
-    live until then. Only moves a node earlier, after all its inputs: the values are unchanged."""
+    live until then. Only moves a node earlier, after all its inputs and after every in-place op
+    that came before it: the values are unchanged."""
+    mutations = [n for n in graph.nodes if isinstance(n.target, torch._ops.OpOverload) and n.target._schema.is_mutable]
     for node in [n for n in graph.nodes if n.target is torch.ops.fxclip.concat.default]:
         chain: list[torch.fx.Node] = []
 
@@ -292,9 +294,10 @@ def _concatenate_early(graph: torch.fx.Graph) -> None:
         for piece in node.all_input_nodes:
             views_above(piece)
         for n in [*chain, node]:
-            last_input = max(n.all_input_nodes)  # fx nodes compare by their place in the graph
-            if last_input.op != "placeholder":  # placeholders stay first
-                last_input.append(n)
+            # fx nodes compare by their place in the graph
+            anchor = max([*n.all_input_nodes, *(m for m in mutations if m < n)])
+            if anchor.op != "placeholder":  # placeholders stay first
+                anchor.append(n)
 
 
 def _signature(args: Sequence) -> tuple:
