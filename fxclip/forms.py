@@ -28,6 +28,8 @@ from typing import Callable, Sequence, Union
 import sympy
 import torch
 
+from .ops import concat
+
 # Cost formulas are per example (every strategy is linear in the batch size B).
 T, KL, KR, G = sympy.symbols("T k_L k_R G", positive=True, integer=True)
 
@@ -324,21 +326,6 @@ def choose_strategy(forms: Sequence[LinearForm], strategy: str, memory_budget: f
     allowed = [s for s in STRATEGIES if memory_budget is None or costs["memory"][s] <= memory_budget]
     candidates = allowed or [min(STRATEGIES, key=lambda s: costs["memory"][s])]
     return min(candidates, key=lambda s: costs["flops"][s] + MEMORY_COST * costs["memory"][s])
-
-
-@torch.library.custom_op("fxclip::concat", mutates_args=())
-def concat(tensors: list[torch.Tensor], dim: int) -> torch.Tensor:
-    """torch.cat of the uses' factors, as one op inductor does not fuse. The compiled step places it
-    right after its inputs (`passes.compile._concatenate_early`), so the pieces it copies (a
-    recurrent weight's T per-step output gradients) are freed there. As aten.cat, inductor copied
-    every concatenation's pieces in one kernel after the whole backward: on the GRU tagger at B=128
-    all 128 per-step gate gradients (12.6 MB) stayed alive until then."""
-    return torch.cat(tensors, dim)
-
-
-@concat.register_fake
-def _concat_shape(tensors, dim):
-    return torch.cat(tensors, dim)
 
 
 def _concat(factors: Sequence[Factor]) -> Factor:

@@ -5,9 +5,9 @@ import pytest
 import torch
 
 import fxclip
+from fxclip.ops import concat
 from fxclip.zoo import PerExampleCrossEntropy
-from fxclip.forms import concat
-from fxclip.passes.compile import CompiledStep, _concatenate_early, _constant_pad_functional, bucket_size
+from fxclip.passes.compile import CompiledStep, _concatenate_early, _constant_pad_functional, _gather_rows_unfused, bucket_size
 from fxclip.zoo import ZOO
 
 LOSS = PerExampleCrossEntropy()
@@ -142,6 +142,31 @@ def test_a_factor_concatenation_is_not_moved_before_an_in_place_op():
     in_place = next(n for n in nodes if n.target is torch.ops.aten.mul_.Tensor)
     assert nodes.index(in_place) < nodes.index(joined)
     torch.testing.assert_close(gm(x), step(x))
+
+
+def test_row_gathers_on_a_cpu_run_unfused_with_the_same_values():
+    """Embeddings and dim-0 index_selects become fxclip::gather_rows (aten.index_select, unfused);
+    a selection along another dim or by a 0-d index stays."""
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    def step(table, cube, tokens):
+        bag = torch.nn.functional.embedding(tokens, table).sum(1)
+        rows = torch.index_select(cube, -3, tokens[:, 0])
+        cols = torch.index_select(table, 1, tokens[0, :2])
+        one = torch.index_select(table, 0, tokens[0, 0])  # a 0-d index keeps dim 0
+        return bag, rows, cols, one
+
+    args = torch.randn(10, 4), torch.randn(10, 3, 2), torch.randint(0, 4, (5, 7))
+    gm = make_fx(step)(*args)
+    _gather_rows_unfused(gm.graph)
+    gm.graph.lint()
+    gm.recompile()
+    targets = [n.target for n in gm.graph.nodes]
+    assert targets.count(torch.ops.fxclip.gather_rows.default) == 2
+    assert torch.ops.aten.embedding.default not in targets
+    assert targets.count(torch.ops.aten.index_select.default) == 2
+    for got, want in zip(gm(*args), step(*args)):
+        torch.testing.assert_close(got, want)
 
 
 def test_bucket_sizes_pad_at_most_an_eighth_and_are_few():
