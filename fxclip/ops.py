@@ -1,10 +1,11 @@
-"""fxclip's own ops: aten computations wrapped as ops inductor runs where they stand, unfused.
+"""fxclip's own ops: computations wrapped as ops of the `fxclip` torch.library namespace, which
+inductor runs where they stand, unfused.
 
-Each is an op of the `fxclip` torch.library namespace with a fake kernel, so make_fx traces it as
-one node and inductor calls it as an external kernel. Defined with `Library.define`/`impl`
-rather than `torch.library.custom_op`, whose Python wrapper cost about 40 µs a call on this
-machine against about 8 µs (a [128, 12] row gather: 13 µs as aten.embedding, 52 µs as a
-custom_op, 22 µs as below).
+`define` makes one with a fake kernel, so make_fx traces it as one node and inductor calls it as an
+external kernel; the conv rule defines its `conv_weight_grad` with it too. It uses
+`Library.define`/`impl` rather than `torch.library.custom_op`, whose Python wrapper cost about 40 µs
+a call on this machine against about 8 µs (a [128, 12] row gather: 13 µs as aten.embedding, 52 µs
+as a custom_op, 22 µs as below).
 """
 
 from __future__ import annotations
@@ -14,7 +15,9 @@ import torch
 _LIB = torch.library.Library("fxclip", "FRAGMENT")
 
 
-def _define(schema: str, impl, fake) -> torch._ops.OpOverload:
+def define(schema: str, impl, fake) -> torch._ops.OpOverload:
+    """The op `fxclip::<schema>`: `impl` runs it (on any device), `fake` gives its output's shape,
+    dtype and device for tracing."""
     name = schema.split("(", 1)[0]
     _LIB.define(schema)
     _LIB.impl(name, impl, "CompositeExplicitAutograd")
@@ -26,14 +29,14 @@ def _gather_rows(table: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
     return table.index_select(0, indices.reshape(-1)).view(*indices.shape, *table.shape[1:])
 
 
-concat = _define("concat(Tensor[] tensors, int dim) -> Tensor", torch.cat, torch.cat)
+concat = define("concat(Tensor[] tensors, int dim) -> Tensor", torch.cat, torch.cat)
 """torch.cat of the uses' factors, as one op inductor does not fuse. The compiled step places it
 right after its inputs (`passes.compile._concatenate_early`), so the pieces it copies (a recurrent
 weight's T per-step output gradients) are freed there. As aten.cat, inductor copied every
 concatenation's pieces in one kernel after the whole backward: on the GRU tagger at B=128 all 128
 per-step gate gradients (12.6 MB) stayed alive until then."""
 
-gather_rows = _define("gather_rows(Tensor table, Tensor indices) -> Tensor", _gather_rows, _gather_rows)
+gather_rows = define("gather_rows(Tensor table, Tensor indices) -> Tensor", _gather_rows, _gather_rows)
 """`table[indices]` for integer indices into dim 0 (in range, as aten.embedding and
 aten.index_select require), copied row by row by aten.index_select. The compiled step uses it on
 CPU for embeddings and row selections (`passes.compile._gather_rows_unfused`): fused into its

@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from ..forms import Dense, LinearForm, accumulation_dtype
+from ..ops import define
 from ._util import bias_form
 from .registry import OpCall, register_rule
 
@@ -95,8 +96,7 @@ def _groups_of_examples(x: torch.Tensor, call: OpCall) -> torch.Tensor:
     return xb.permute(1, 2, 0, *range(3, xb.dim())).flatten(0, 1).flatten(1, 2)
 
 
-@torch.library.custom_op("fxclip::conv_weight_grad", mutates_args=())
-def conv_weight_grad(
+def _conv_weight_grad(
     grad: torch.Tensor, x: torch.Tensor, in_per_group: int, kernel: list[int], stride: list[int],
     padding: list[int], dilation: list[int],
 ) -> torch.Tensor:
@@ -131,9 +131,15 @@ def _grouped_weight_grad(grad, x, in_per_group, kernel, stride, padding, dilatio
     )[1]
 
 
-@conv_weight_grad.register_fake
-def _(grad, x, in_per_group, kernel, stride, padding, dilation):
+def _conv_weight_grad_shape(grad, x, in_per_group, kernel, stride, padding, dilation):
     return grad.new_empty(grad.shape[1], in_per_group, *kernel)
+
+
+conv_weight_grad = define(
+    "conv_weight_grad(Tensor grad, Tensor x, SymInt in_per_group, SymInt[] kernel, SymInt[] stride, "
+    "SymInt[] padding, SymInt[] dilation) -> Tensor",
+    _conv_weight_grad, _conv_weight_grad_shape,
+)
 
 
 def _weight_grad_kernel(grad: torch.Tensor, x: torch.Tensor, weight_shape, stride, padding, dilation):
