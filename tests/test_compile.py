@@ -7,7 +7,7 @@ import torch
 import fxclip
 from fxclip.ops import concat
 from fxclip.zoo import PerExampleCrossEntropy
-from fxclip.passes.compile import CompiledStep, _concatenate_early, _constant_pad_functional, _gather_rows_unfused, bucket_size
+from fxclip.passes.compile import CompiledStep, _concatenate_early, _gather_rows_unfused, bucket_size
 from fxclip.zoo import ZOO
 
 LOSS = PerExampleCrossEntropy()
@@ -169,16 +169,31 @@ def test_row_gathers_on_a_cpu_run_unfused_with_the_same_values():
         torch.testing.assert_close(got, want)
 
 
+def test_a_padded_conv_traces_its_padding_as_one_op_with_the_batch_symbolic():
+    """The conv rule's padding stays aten.constant_pad_nd, which inductor reads through a mask in
+    the kernel that consumes it; built from cat, each padded tensor was a buffer of its own."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(
+        torch.nn.Conv2d(2, 4, 3, padding=1), torch.nn.ReLU(),
+        torch.nn.Conv2d(4, 4, 2, padding="same"),  # an even kernel: pads 0 before, 1 after
+        torch.nn.Flatten(), torch.nn.Linear(4 * 36, 3),
+    )
+    private = fxclip.transform(model, LOSS, 1.0)
+    inputs, targets = torch.randn(6, 2, 6, 6), torch.randint(0, 3, (6,))
+    private.step(inputs, targets)
+    ctx = private.program.ctx
+    args = private._flat_args(ctx, inputs, targets)
+    step = CompiledStep(private.program, args, [k for k, _ in ctx.placeholders], ctx.batch_dims, 1.0)
+    graph, _ = step._trace(None, torch.ones(6), list(args))  # raises if the batch got fixed
+    targets = [n.target for n in graph.graph.nodes]
+    assert torch.ops.aten.constant_pad_nd.default in targets
+    assert torch.ops.aten.cat.default not in targets
+
+
 def test_bucket_sizes_pad_at_most_an_eighth_and_are_few():
     sizes = [bucket_size(b) for b in range(2, 1025)]
     assert all(s >= b and s <= b * 1.125 for b, s in zip(range(2, 1025), sizes))
     assert len({bucket_size(b) for b in range(100, 160)}) <= 6
-
-
-def test_functional_pad_equals_constant_pad_nd():
-    x = torch.randn(2, 3, 5, 6)
-    for pad in ([1, 2], [3, 3, 3, 3], [0, 1, 2, 0], [-1, 2, 1, -2]):
-        torch.testing.assert_close(_constant_pad_functional(x, pad, 0.5), torch.constant_pad_nd(x, pad, 0.5))
 
 
 @pytest.mark.compile
