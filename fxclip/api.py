@@ -91,12 +91,10 @@ class PrivateStep:
         if not isinstance(compile, bool) and compile not in BATCH_MODES:
             raise FxclipError(f"compile must be True, False or a batch mode {BATCH_MODES}, got {compile!r}")
         if max_physical_batch_size is not None:
-            try:
-                max_physical_batch_size = check_integer(
-                    "max_physical_batch_size", max_physical_batch_size, at_least=1, hint="Or None: each batch in one piece."
-                )
-            except ValueError as e:
-                raise FxclipError(str(e)) from None
+            max_physical_batch_size = check_integer(
+                "max_physical_batch_size", max_physical_batch_size, at_least=1,
+                hint="Or None: each batch in one piece.", error=FxclipError,
+            )
         if not isinstance(model, torch.nn.Module):
             raise FxclipError(f"model must be a torch.nn.Module, got a {type(model).__name__}; wrap a function in an nn.Module")
         if batch_dims is not None and (
@@ -104,10 +102,9 @@ class PrivateStep:
         ):
             raise FxclipError(f"batch_dims must be a sequence of ints, one per model input (e.g. (1,)), got {batch_dims!r}")
         if memory_budget is not None:
-            try:
-                memory_budget = check_number("memory_budget", memory_budget, above=0, hint="It counts elements per example.")
-            except ValueError as e:
-                raise FxclipError(str(e)) from None
+            memory_budget = check_number(
+                "memory_budget", memory_budget, above=0, hint="It counts elements per example.", error=FxclipError
+            )
         reject_batch_statistics(model)
         self.model = model
         self.loss_fn = loss_fn

@@ -1,7 +1,8 @@
 """Checks of numeric arguments (privacy parameters, sizes, counts) shared by fxclip's modules.
 
-Each raises ValueError saying which argument is wrong, what it got, and what is allowed. Bools are
-refused although Python counts them as integers: `steps=True` is a mistake, not 1.
+Each raises ValueError (or the subclass given as `error`: `transform` passes FxclipError) saying
+which argument is wrong, what it got, and what is allowed. Bools are refused although Python counts
+them as integers: `steps=True` is a mistake, not 1.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ def check_number(
     below: float | None = None,
     at_most: float | None = None,
     hint: str = "",
+    error: type[ValueError] = ValueError,
 ) -> float:
     """`value` as a float, after checking it is a finite real number (not a bool) that is > `above`,
     >= `at_least`, < `below` and <= `at_most` (each bound only if given)."""
@@ -30,11 +32,11 @@ def check_number(
     ok = isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
     if not (ok and all(_COMPARE[op](value, limit) for op, limit in limits.items())):
         allowed = " and ".join(f"{op} {limit:g}" for op, limit in limits.items())
-        raise ValueError(f"{name} must be a finite number {allowed}, got {value!r}.{hint and ' ' + hint}")
+        raise error(f"{name} must be a finite number {allowed}, got {value!r}.{hint and ' ' + hint}")
     return float(value)
 
 
-def check_integer(name: str, value, *, at_least: int = 0, hint: str = "") -> int:
+def check_integer(name: str, value, *, at_least: int = 0, hint: str = "", error: type[ValueError] = ValueError) -> int:
     """`value` as an int, after checking it is an integer (Python, NumPy or a 0-d integer tensor;
     not a bool or a float, even an integral one) that is >= `at_least`."""
     try:
@@ -42,5 +44,5 @@ def check_integer(name: str, value, *, at_least: int = 0, hint: str = "") -> int
     except TypeError:
         number = None
     if number is None or number < at_least:
-        raise ValueError(f"{name} must be an integer >= {at_least}, got {value!r}.{hint and ' ' + hint}")
+        raise error(f"{name} must be an integer >= {at_least}, got {value!r}.{hint and ' ' + hint}")
     return number
