@@ -3,6 +3,7 @@ compiled once for every batch size."""
 
 import pytest
 import torch
+from torch.fx.experimental.proxy_tensor import make_fx
 
 import fxclip
 from fxclip.ops import concat
@@ -95,35 +96,38 @@ def test_buckets_pad_with_rows_that_change_nothing():
     assert step.compiles == 1
 
 
+def _nodes_after(graph_pass, fn, *args) -> list[torch.fx.Node]:
+    """The nodes of make_fx(fn)'s graph after `graph_pass`, which must leave a valid graph that
+    computes what `fn` does."""
+    gm = make_fx(fn)(*args)
+    graph_pass(gm.graph)
+    gm.graph.lint()
+    gm.recompile()
+    torch.testing.assert_close(gm(*args), fn(*args))
+    return list(gm.graph.nodes)
+
+
 def test_factor_concatenations_move_right_after_their_pieces():
     """The forms code concatenates a recurrent weight's per-step factors after the whole backward;
     the compiled step moves each concatenation (and the views feeding it) to right after its last
     piece, so the pieces can be freed there. The values are unchanged."""
-    from torch.fx.experimental.proxy_tensor import make_fx
 
     def step(x):
         pieces = [torch.sin(x[i]) for i in range(4)]
         later = (x @ x.T).exp()  # work the concatenation does not need
         return concat([p.unsqueeze(0) for p in pieces], 0).sum(0) + later.sum(0)
 
-    x = torch.randn(4, 4)
-    gm = make_fx(step)(x)
-    _concatenate_early(gm.graph)
-    gm.graph.lint()
-    gm.recompile()
-    nodes = list(gm.graph.nodes)
+    nodes = _nodes_after(_concatenate_early, step, torch.randn(4, 4))
     joined = next(n for n in nodes if n.target is torch.ops.fxclip.concat.default)
     matmul = next(n for n in nodes if n.target is torch.ops.aten.mm.default)
     last_sin = [n for n in nodes if n.target is torch.ops.aten.sin.default][-1]
     assert nodes.index(last_sin) < nodes.index(joined) < nodes.index(matmul)
     assert all(p.target is torch.ops.aten.unsqueeze.default and nodes.index(p) < nodes.index(matmul) for p in joined.all_input_nodes)
-    torch.testing.assert_close(gm(x), step(x))
 
 
 def test_a_factor_concatenation_is_not_moved_before_an_in_place_op():
     """Pieces that are views of a tensor changed in place after they are made must be copied after
     the change (the graph records no data dependence of the views on the in-place op)."""
-    from torch.fx.experimental.proxy_tensor import make_fx
 
     def step(x):
         rows = torch.sin(x)
@@ -132,22 +136,15 @@ def test_a_factor_concatenation_is_not_moved_before_an_in_place_op():
         rows.mul_(later)
         return concat(pieces, 0) + later.sum()
 
-    x = torch.randn(4, 4)
-    gm = make_fx(step)(x)
-    _concatenate_early(gm.graph)
-    gm.graph.lint()
-    gm.recompile()
-    nodes = list(gm.graph.nodes)
+    nodes = _nodes_after(_concatenate_early, step, torch.randn(4, 4))
     joined = next(n for n in nodes if n.target is torch.ops.fxclip.concat.default)
     in_place = next(n for n in nodes if n.target is torch.ops.aten.mul_.Tensor)
     assert nodes.index(in_place) < nodes.index(joined)
-    torch.testing.assert_close(gm(x), step(x))
 
 
 def test_row_gathers_on_a_cpu_run_unfused_with_the_same_values():
     """Embeddings and dim-0 index_selects become fxclip::gather_rows (aten.index_select, unfused);
     a selection along another dim or by a 0-d index stays."""
-    from torch.fx.experimental.proxy_tensor import make_fx
 
     def step(table, cube, tokens):
         bag = torch.nn.functional.embedding(tokens, table).sum(1)
@@ -157,16 +154,10 @@ def test_row_gathers_on_a_cpu_run_unfused_with_the_same_values():
         return bag, rows, cols, one
 
     args = torch.randn(10, 4), torch.randn(10, 3, 2), torch.randint(0, 4, (5, 7))
-    gm = make_fx(step)(*args)
-    _gather_rows_unfused(gm.graph)
-    gm.graph.lint()
-    gm.recompile()
-    targets = [n.target for n in gm.graph.nodes]
+    targets = [n.target for n in _nodes_after(_gather_rows_unfused, step, *args)]
     assert targets.count(torch.ops.fxclip.gather_rows.default) == 2
     assert torch.ops.aten.embedding.default not in targets
     assert targets.count(torch.ops.aten.index_select.default) == 2
-    for got, want in zip(gm(*args), step(*args)):
-        torch.testing.assert_close(got, want)
 
 
 def test_a_padded_conv_traces_its_padding_as_one_op_with_the_batch_symbolic():
