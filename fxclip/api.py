@@ -267,12 +267,16 @@ class PrivateStep:
                     _raise_if_the_batch_fails(self.model, self.loss_fn, inputs, targets)
                 self._fall_back(e, ctx.batch_dims)
                 return self._programs[key]
-            found = mixing_found(self.model, self.loss_fn, inputs, targets, ctx.batch_dims)
+            try:
+                found = mixing_found(self.model, self.loss_fn, inputs, targets, ctx.batch_dims)
+            except ExampleMixingError:  # undecided: if the batch itself is at fault, say that instead
+                _raise_if_the_batch_fails(self.model, self.loss_fn, inputs, targets)
+                raise
             if found:  # the graph holds no op known to mix examples, yet the losses say they mix
                 raise ExampleMixingError(
-                    f"{found}, though no op in the graph is known to mix examples: an index, gather "
-                    "or scatter along the batch dim does (x[torch.randperm(B)], index_add over the "
-                    "batch). Keep every op within an example; check batch_dims."
+                    f"{found}, though no op in the graph is known to mix examples: some op works "
+                    "across the batch dim (torch.renorm over a feature dim caps each feature's norm "
+                    "over the batch). Keep every op within an example; check batch_dims."
                 )
             self._programs[key] = (ctx, program)
         return self._programs[key]

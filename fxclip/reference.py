@@ -10,6 +10,7 @@ import torch
 import torch.utils._pytree as pytree
 from torch.func import functional_call, grad, grad_and_value, vmap
 
+from .errors import ExampleMixingError, FxclipError, describe
 from .passes.capture import ModelWithLoss
 
 
@@ -55,40 +56,88 @@ def per_example_losses(model, loss_fn, inputs, targets, batch_dims=None) -> torc
 
 def mixing_found(model, loss_fn, inputs, targets, batch_dims=None) -> str | None:
     """Which example's loss in the batch is not its loss alone, else None: evidence that the
-    model mixes examples where no op is known to (an index, gather or scatter along the batch
-    dim; Python code the graph never saw). Run in eval mode without gradients, the RNG forked,
-    so dropout draws nothing; a model that draws random numbers anyway (a VAE's sample) is not
-    checked, nor one that fails to run here (the step says what fails)."""
+    model mixes examples where no op is known to (an op whose batch semantics fxclip does not know;
+    Python code the graph never saw). Run in eval mode without gradients, the RNG forked, so
+    dropout draws nothing. Examples are run alone (torch.func, else one by one); a model that
+    cannot run on one example (x.squeeze() drops a batch of one) is compared on sub-batches
+    instead (halves, evens and odds). Where none of these runs, nothing is decided, so
+    ExampleMixingError says so: an index along the batch from the inputs fails exactly this way.
+    A model that draws random numbers even in eval mode (a VAE's sample) gives other losses on
+    every run and is not compared (on the graph path the analysis pass decides alone)."""
     inputs = tuple(inputs)
     batch_dims = tuple(batch_dims or (0,) * len(inputs))
-    if inputs[0].shape[batch_dims[0]] < 2:
+    batch = inputs[0].shape[batch_dims[0]]
+    if batch < 2:
         return None
     modes = [(m, m.training) for m in model.modules()]
     model.eval()
     try:
         with torch.no_grad(), rng_forked(inputs):
-            together = loss_fn(model(*inputs), targets)
-            if not torch.equal(together, loss_fn(model(*inputs), targets)):
-                return None
             try:
-                alone = per_example_losses(model, loss_fn, inputs, targets, batch_dims)
-            except Exception:  # torch.func cannot run the model: the first few examples, one by one
-                alone = torch.stack([
-                    loss_fn(model(*xs), ys).sum()
-                    for xs, ys in (select_examples(inputs, targets, batch_dims, i, 1) for i in range(min(8, together.shape[0])))
-                ])
-    except Exception:
-        return None
+                together = loss_fn(model(*inputs), targets)
+                if not torch.equal(together, loss_fn(model(*inputs), targets)):
+                    return None
+            except FxclipError:  # the loss's shape, checked by the caller's loss_fn
+                raise
+            except Exception as e:
+                raise _undecided(f"the model fails on this batch in eval mode ({describe(e)})") from e
+            return _compare_with_parts(model, loss_fn, inputs, targets, batch_dims, together)
     finally:
         for m, training in modes:
             m.train(training)
-    together = together[: alone.shape[0]]
-    # under autocast the losses are float32 but come from bf16/fp16 products
-    tol = 5e-2 if torch.is_autocast_enabled(together.device.type) else _tolerance(together.dtype)
-    if torch.allclose(together, alone.to(together.dtype), rtol=tol, atol=tol * float(alone.abs().max())):
-        return None
-    worst = int((together - alone).abs().argmax())
-    return f"example {worst}'s loss in the batch ({float(together[worst]):.6g}) is not its loss alone ({float(alone[worst]):.6g})"
+
+
+def _compare_with_parts(model, loss_fn, inputs, targets, batch_dims, together) -> str | None:
+    """`mixing_found`'s comparison, from the finest partition of the batch that runs."""
+    batch = together.shape[0]
+    failures = []
+    for kind, parts in _partitions(batch):
+        try:
+            if kind == "torch.func":
+                alone = per_example_losses(model, loss_fn, inputs, targets, batch_dims)
+            else:
+                alone = torch.cat([loss_fn(model(*xs), ys).reshape(-1) for xs, ys in (_take(inputs, targets, batch_dims, p) for p in parts)])
+        except Exception as e:
+            failures.append(f"{kind}: {describe(e)}")
+            continue
+        order = torch.cat(parts) if kind != "torch.func" else torch.arange(batch)
+        in_batch = together[order]
+        tol = 5e-2 if torch.is_autocast_enabled(together.device.type) else _tolerance(together.dtype)
+        if torch.allclose(in_batch, alone.to(in_batch.dtype), rtol=tol, atol=tol * float(alone.abs().max())):
+            return None
+        worst = int((in_batch - alone).abs().argmax())
+        where = "alone" if kind in ("torch.func", "one by one") else f"in a sub-batch of the {kind}"
+        return (
+            f"example {int(order[worst])}'s loss in the batch ({float(in_batch[worst]):.6g}) is not its "
+            f"loss {where} ({float(alone[worst]):.6g})"
+        )
+    raise _undecided("the model and loss_fn fail on every part of the batch run on its own (" + "; ".join(failures) + ")")
+
+
+def _partitions(batch: int):
+    """(kind, [index tensors]) to run the batch's examples apart: each alone (torch.func; the first
+    few one by one), then the batch's halves, then its evens and odds."""
+    yield "torch.func", None
+    yield "one by one", [torch.tensor([i]) for i in range(min(8, batch))]
+    if batch >= 4:
+        yield "halves", [torch.arange(batch // 2), torch.arange(batch // 2, batch)]
+        yield "evens and odds", [torch.arange(0, batch, 2), torch.arange(1, batch, 2)]
+
+
+def _take(inputs: tuple, targets, dims, index: torch.Tensor) -> tuple:
+    """(inputs, targets) of the examples `index`: each input along its batch dim, targets along 0."""
+    sub_targets = pytree.tree_map(lambda t: t.index_select(0, index.to(t.device)) if isinstance(t, torch.Tensor) else t, targets)
+    return tuple(x.index_select(d, index.to(x.device)) for x, d in zip(inputs, dims)), sub_targets
+
+
+def _undecided(why: str) -> ExampleMixingError:
+    return ExampleMixingError(
+        f"fxclip cannot check that the examples in this batch are independent: {why}. A model "
+        "whose examples reach each other through an index (h[partner], o - o[partner] in the loss) "
+        "fails this way, and then one example can move the clipped sum by more than "
+        "max_grad_norm. Make the model and loss_fn run on any subset of the batch's examples "
+        "(every input and target per example, nothing indexing across the batch)."
+    )
 
 
 def gradient_mixing_found(model, loss_fn, inputs, targets, grads: dict) -> str | None:

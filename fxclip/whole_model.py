@@ -78,7 +78,10 @@ class WholeModelStep:
         """This path runs examples one at a time, so a model that mixes them (a roll or a mean
         over the batch, a concatenation of shifted slices) would be clipped and summed as some
         other model, silently: compare each example's loss in the batch with its loss alone."""
-        found = mixing_found(self.model, self.loss_fn, inputs, targets, self.batch_dims)
+        try:
+            found = mixing_found(self.model, self.loss_fn, inputs, targets, self.batch_dims)
+        except ExampleMixingError as e:  # undecided: the model fails on the batch's parts
+            raise ExampleMixingError(f"{e} (fxclip runs this model one example at a time because: {self.reason})") from e
         if found:
             raise ExampleMixingError(
                 f"{found}: the model mixes examples (an op along the batch dim such as a roll, a "

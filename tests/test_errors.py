@@ -162,13 +162,16 @@ class MovesAlongTheBatch(nn.Module):
         (lambda x: torch.roll(x, 2), "aten.roll.*holds the batch"),
         (lambda x: torch.flip(x, [0]), "aten.flip.*holds the batch"),
         (lambda x: x[torch.randperm(x.shape[0])], "aten.index.*holds the batch"),
-        # no op of these graphs is known to mix: the first step compares each example's loss in
-        # the batch with its loss alone
-        (lambda x: x.index_select(0, torch.arange(x.shape[0]) // 2), "not its loss alone"),
-        (lambda x: torch.gather(x, 0, (torch.arange(x.shape[0]) // 2)[:, None].expand(-1, 4)), "not its loss alone"),
-        (lambda x: torch.zeros_like(x).index_add(0, torch.arange(x.shape[0]) // 2, x), "not its loss alone"),
+        # an index along the batch that is not torch.arange(B) is refused, whatever it holds
+        (lambda x: x.index_select(0, torch.arange(x.shape[0]) // 2), "aten.index_select.*holds the batch"),
+        (lambda x: torch.gather(x, 0, (torch.arange(x.shape[0]) // 2)[:, None].expand(-1, 4)), "aten.gather.*holds the batch"),
+        (lambda x: torch.zeros_like(x).index_add(0, torch.arange(x.shape[0]) // 2, x), "aten.index_add.*holds the batch"),
+        (lambda x: x.take(torch.arange(x.numel()).view_as(x) % 4), "aten.take.*holds the batch"),
+        # no op of this graph is known to mix: the first step compares each example's loss in the
+        # batch with its loss alone
+        (lambda x: torch.renorm(x, 2, 1, 0.5), "not its loss alone"),  # caps each feature's norm over the batch
     ],
-    ids=["roll", "roll_flattened", "flip", "randperm", "index_select", "gather", "index_add"],
+    ids=["roll", "roll_flattened", "flip", "randperm", "index_select", "gather", "index_add", "take", "renorm"],
 )
 def test_ops_moving_entries_along_the_batch_are_refused(move, found):
     model = MovesAlongTheBatch(move)

@@ -49,6 +49,18 @@ ALONG_DIM = {
     aten.argsort.default, aten.cummax.default, aten.cummin.default,
 }
 
+# Ops that address a tensor's entries through the whole tensor (flattened positions, rows of an
+# embedding table, a mask whose order fills the output): a batched operand mixes unless its index is
+# each example's own position.
+ADDRESS_WHOLE_TENSOR = {
+    aten.take.default, aten.put.default, aten.masked_scatter.default, aten.embedding.default,
+    aten.embedding_bag.default, aten.embedding_bag.padding_idx, aten._embedding_bag.default,
+}
+ARANGES = {aten.arange.default, aten.arange.start, aten.arange.start_step}
+# Ops that keep every entry's value and the batch dim's order: a view of torch.arange over the batch
+# still holds each example's own position.
+POSITION_PRESERVING = RESHAPES | IDENTITY_OPS | {aten.expand.default, aten.slice.Tensor}
+
 
 def module_of(node: Node) -> tuple[str, str]:
     """(path, class name) of the innermost user module a node came from ("<root>" for the model
@@ -134,9 +146,8 @@ def _tensor_inputs(node: Node) -> list[Node]:
     return [n for n in node.all_input_nodes if isinstance(n.meta.get("val"), torch.Tensor)]
 
 
-def _check_mixing(node: Node, in_axis, shuffles: set[Node]) -> None:
-    """Ops whose output keeps its batch axis but still mixes examples (`shuffles`: values
-    computed from torch.randperm)."""
+def _check_mixing(node: Node, in_axis, own_positions: set[Node]) -> None:
+    """Ops whose output keeps its batch axis but still mixes examples."""
     target = node.target
     args = argument_nodes(node) if isinstance(target, torch._ops.OpOverload) else {}
     if target is aten.batch_norm.default and args.get("training"):
@@ -149,6 +160,7 @@ def _check_mixing(node: Node, in_axis, shuffles: set[Node]) -> None:
             f"{where(node)}: scale_grad_by_freq=True scales gradients by token counts over the whole "
             "batch, which couples examples. Create the embedding with scale_grad_by_freq=False."
         )
+    _check_indexing(node, args, own_positions)
     if in_axis is None:
         return
     ndim = node.args[0].meta["val"].dim()
@@ -162,16 +174,81 @@ def _check_mixing(node: Node, in_axis, shuffles: set[Node]) -> None:
     elif target in (aten.flip.default, aten.roll.default):
         # entries move along these dims (a roll without dims moves them through the flattened tensor)
         reduced = [d % ndim for d in args["dims"]] or list(range(ndim))
-    elif args.get("index") in shuffles or any(i in shuffles for i in args.get("indices") or ()):
-        # a random permutation indexing along the batch mixes; other indexing along the batch
-        # (x[arange(B), y] picks within each example) is left to the step's first-batch check
-        reduced = [args["dim"] % ndim] if "dim" in args else [k for k, i in enumerate(args["indices"]) if i in shuffles]
     if in_axis.dim in reduced:
         raise ExampleMixingError(
             f"{where(node)} works along dim {in_axis.dim}, which holds the batch (it normalizes, "
             "accumulates or moves entries along it): examples mix. Check batch_dims, or apply the op "
             "along another dim."
         )
+
+
+def _check_indexing(node: Node, args: dict, own_positions: set[Node]) -> None:
+    """An op that reads or writes a batched tensor at positions an index tensor gives (gather,
+    index_select, x[idx], index_put, scatter, index_add, take, an embedding of batched rows) mixes
+    examples unless the positions along the batch dim are each example's own: `own_positions`
+    (torch.arange over that dim, and views of it). Any other index, one from the inputs or targets
+    (h[partner]) or computed, can point at another example, and what it holds is only known at run
+    time; so it is refused, not trusted (a check on one example alone cannot even run: the index
+    is out of range there)."""
+    source = args.get("self", args.get("weight"))
+    axis = source.meta.get("fxclip_batch_axis") if isinstance(source, Node) else None
+    if not isinstance(axis, BatchAxis):
+        return
+    if isinstance(args.get("indices"), (list, tuple)):  # one index per dim: x[i, j], index_put
+        indices = args["indices"]
+        index = indices[axis.dim] if axis.dim < len(indices) else None
+    elif isinstance(args.get("index"), Node) and "dim" in args:  # along one dim: gather, scatter
+        index = args["index"] if args["dim"] % source.meta["val"].dim() == axis.dim else None
+    elif node.target in ADDRESS_WHOLE_TENSOR:  # positions in the flattened tensor, or rows of it
+        index = args.get("index", args.get("indices", args.get("mask")))
+    else:
+        return
+    if not isinstance(index, Node) or _is_own_position(index, source.meta["val"].shape[axis.dim], own_positions):
+        return
+    if index.op == "placeholder":
+        given = f"the step's input '{index.name}'"
+    else:
+        roots = sorted(p.name for p in _placeholders_above(index) if p is not source)
+        given = f"'{index.name}'" + (f", computed from the step's inputs {', '.join(roots)}" if roots else "")
+    raise ExampleMixingError(
+        f"{where(node)} reads or writes along dim {axis.dim}, which holds the batch, at positions "
+        f"given by {given}: such an index can point at another example (h[partner], "
+        "o - o[partner] in a loss), and what it holds is only known at run time, so examples may "
+        "mix and the clipping bound would not hold. Index the batch dim only with "
+        "torch.arange(batch_size) (x[torch.arange(B), y] picks within each example), or compute "
+        "pairwise terms outside the private step."
+    )
+
+
+def _is_own_position(index: Node, size, own_positions: set[Node]) -> bool:
+    """`index` holds each example's own position along a batch dim of `size` entries."""
+    val = index.meta.get("val")
+    axis = index.meta.get("fxclip_batch_axis")
+    if index not in own_positions or not isinstance(axis, BatchAxis):
+        return False
+    length = val.shape[axis.dim]
+    return isinstance(length, torch.SymInt) and isinstance(size, torch.SymInt) and length.node.expr == size.node.expr
+
+
+def _is_arange_of_positions(node: Node, own_positions: set[Node]) -> bool:
+    """torch.arange(0, n, 1) over a batch-sized n, or a view, expand or cast of such a tensor."""
+    if node.target in ARANGES or node.target is aten.slice.Tensor:
+        args = argument_nodes(node)
+        if args.get("start") not in (None, 0) or args.get("step", 1) != 1:
+            return False
+        if node.target in ARANGES:
+            return True
+    return node.target in POSITION_PRESERVING and bool(node.args) and node.args[0] in own_positions
+
+
+def _placeholders_above(node: Node) -> set[Node]:
+    seen, stack = set(), [node]
+    while stack:
+        n = stack.pop()
+        if n not in seen:
+            seen.add(n)
+            stack.extend(n.all_input_nodes)
+    return {n for n in seen if n.op == "placeholder"}
 
 
 def _chain_kind(chain: list[Node], params: tuple) -> str:
@@ -209,7 +286,7 @@ def analyze(gm: GraphModule, ctx: Context) -> GraphModule:
     ctx.trainable = trainable
 
     derived: set[Node] = set(trainable.values())  # values computed from parameters only
-    shuffles: set[Node] = set()  # values computed from torch.randperm
+    own_positions: set[Node] = set()  # torch.arange over a batch dim: each example's own index
     for node in graph.nodes:
         if node.op == "placeholder":
             node.meta["fxclip_batch_axis"] = locator.locate(node, node.meta.get("val"), []) if node in inputs else None
@@ -231,10 +308,10 @@ def analyze(gm: GraphModule, ctx: Context) -> GraphModule:
                 axis = None  # a multi-output op on batch-free values (a split of a parameter)
             first = node.args[0] if node.args and isinstance(node.args[0], Node) else None
             first_axis = first.meta.get("fxclip_batch_axis") if first is not None else None
-            _check_mixing(node, first_axis if isinstance(first_axis, BatchAxis) else None, shuffles)
+            _check_mixing(node, first_axis if isinstance(first_axis, BatchAxis) else None, own_positions)
         node.meta["fxclip_batch_axis"] = axis
-        if node.target is aten.randperm.default or any(n in shuffles for n in node.all_input_nodes):
-            shuffles.add(node)
+        if isinstance(axis, BatchAxis) and _is_arange_of_positions(node, own_positions):
+            own_positions.add(node)
         if axis is None and node.target is not aten.detach.default and any(n in derived for n in node.all_input_nodes):
             derived.add(node)
 
