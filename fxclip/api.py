@@ -359,10 +359,7 @@ class PrivateStep:
         (or, for ops torch.func cannot run, a loop of one backward per example)."""
         from .reference import any_per_example_grads, clipped_sum
 
-        random_ops = [
-            n.target for n in ctx.exported.graph_module.graph.nodes
-            if isinstance(n.target, torch._ops.OpOverload) and torch.Tag.nondeterministic_seeded in n.target.tags
-        ]
+        random_ops = [n.target for n in ctx.exported.graph_module.graph.nodes if _draws_random_numbers(n)]
         if random_ops:
             raise VerificationError(
                 f"verify=True needs a deterministic model, and this one draws random numbers ({random_ops[0]}): "
@@ -385,6 +382,20 @@ class PrivateStep:
                 bad.append(key)
         if bad:
             raise VerificationError(f"clipped gradients differ from the reference for parameters {bad}")
+
+
+def _draws_random_numbers(node: torch.fx.Node) -> bool:
+    """Whether the op samples: a random op, but not a dropout that is the identity (p = 0 or eval
+    mode, as Hugging Face models record theirs in eval mode) nor attention without dropout."""
+    if not (isinstance(node.target, torch._ops.OpOverload) and torch.Tag.nondeterministic_seeded in node.target.tags):
+        return False
+    names = [a.name for a in node.target._schema.arguments]
+    args = {**dict(zip(names, node.args)), **node.kwargs}
+    if node.target in (torch.ops.aten.dropout.default, torch.ops.aten.native_dropout.default):
+        return bool(args["train"]) and args["p"] != 0
+    if node.target is torch.ops.aten.scaled_dot_product_attention.default:
+        return args.get("dropout_p", 0.0) != 0
+    return True
 
 
 def _raise_if_the_batch_fails(model, loss_fn, inputs: tuple, targets) -> None:

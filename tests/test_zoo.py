@@ -199,6 +199,36 @@ def test_no_targets_and_a_sequence_first_input():
         torch.testing.assert_close(p.grad, ref_clipped[name], rtol=1e-10, atol=1e-12)
 
 
+class _Attention(nn.Module):
+    def __init__(self, dropout: float):
+        super().__init__()
+        self.qkv, self.dropout = nn.Linear(4, 12), dropout
+
+    def forward(self, x):
+        q, k, v = self.qkv(x).chunk(3, -1)
+        return nn.functional.scaled_dot_product_attention(q, k, v, dropout_p=self.dropout if self.training else 0.0).sum(1)
+
+
+@pytest.mark.parametrize("model", [
+    nn.Sequential(nn.Linear(6, 8), nn.Dropout(0.3), nn.Linear(8, 3)).eval(),
+    nn.Sequential(nn.Linear(6, 8), nn.Dropout(0.0), nn.Linear(8, 3)),
+], ids=["eval", "p0"])
+def test_verify_accepts_a_dropout_that_is_the_identity(model):
+    """A dropout in eval mode or with p = 0 stays in the graph (Hugging Face models in eval mode)
+    but draws nothing: verify=True checks the step instead of refusing it."""
+    t = fxclip.transform(model.double(), ce, max_grad_norm=1.0, verify=True)
+    t.step(torch.randn(4, 6, dtype=torch.float64), torch.randint(0, 3, (4,)))
+    assert t.verify is False
+
+
+def test_verify_tells_attention_with_dropout_from_attention_without():
+    model = _Attention(0.2).double()
+    x, y = torch.randn(3, 5, 4, dtype=torch.float64), torch.randint(0, 4, (3,))
+    fxclip.transform(model.eval(), ce, max_grad_norm=1.0, verify=True).step(x, y)
+    with pytest.raises(fxclip.VerificationError, match="scaled_dot_product_attention"):
+        fxclip.transform(model.train(), ce, max_grad_norm=1.0, verify=True).step(x, y)
+
+
 @pytest.mark.parametrize("bound", [1, torch.tensor(0.5), 2.0])
 def test_clip_bound_accepts_numbers(bound):
     assert fxclip.transform(nn.Linear(2, 2), ce, max_grad_norm=bound).max_grad_norm == float(bound)
