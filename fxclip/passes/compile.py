@@ -186,9 +186,13 @@ class CompiledStep:
         losses, norms, clip, grads = self.program(list(flat_args), bounds, self.strategy)
         return (losses, norms, clip, *(grads[k] for k in self.param_keys))
 
-    def _trace(self, bucket: int | None, bounds: torch.Tensor, args: list) -> tuple[GraphModule, list]:
+    def _trace(
+        self, bucket: int | None, bounds: torch.Tensor, args: list, device: torch.device | None = None
+    ) -> tuple[GraphModule, list]:
         """make_fx of the whole step on fake tensors whose batch dims are one symbol (or, for a
-        bucket, the bucket size); returns the graph and the fake inputs it was traced on."""
+        bucket, the bucket size); returns the graph and the fake inputs it was traced on. The
+        graph passes that depend on the device (row gathers unfused on a CPU) are those for
+        `device`, by default the arguments' (tests/fake_cuda.py traces for CUDA on a CPU)."""
         shape_env = ShapeEnv(duck_shape=False)
         mode = FakeTensorMode(shape_env=shape_env)
 
@@ -221,7 +225,7 @@ class CompiledStep:
         # gradient, so their factors, concatenations and Gram matrices are the same ops.
         gm.graph = fx_graph_cse(gm.graph)
         _concatenate_early(gm.graph)
-        _gather_rows_unfused(gm.graph)
+        _gather_rows_unfused(gm.graph, device or _device(args))
         gm.recompile()
         return gm, fakes
 
@@ -282,8 +286,9 @@ def _concatenate_early(graph: torch.fx.Graph) -> None:
                 anchor.append(n)
 
 
-def _gather_rows_unfused(graph: torch.fx.Graph) -> None:
-    """Makes each row gather from a CPU tensor (aten.embedding, aten.index_select along dim 0) an
+def _gather_rows_unfused(graph: torch.fx.Graph, device: torch.device | None = None) -> None:
+    """On a CPU (`device`, or where `device` is None each table's own), makes each row gather
+    (aten.embedding, aten.index_select along dim 0) an
     `fxclip::gather_rows`, which inductor runs unfused as aten.index_select: the values are the
     same. Fused into its consumer, inductor's C++ loads the rows one element at a time, and under
     a sum over the indices it vectorizes across the indices: the bag-of-words step's forward
@@ -301,7 +306,7 @@ def _gather_rows_unfused(graph: torch.fx.Graph) -> None:
                 continue
         else:
             continue
-        if table.meta["val"].device.type == "cpu":
+        if (device or table.meta["val"].device).type == "cpu":
             node.target, node.args, node.kwargs = gather_rows, (table, indices), {}
 
 
