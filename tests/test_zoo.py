@@ -10,7 +10,7 @@ import fxclip
 from fxclip.zoo import PerExampleCrossEntropy
 from fxclip.zoo import ZOO
 from fxclip.reference import clipped_sum, naive_per_example_grads
-from helpers import check_against_reference
+from helpers import check_against_reference, on_device
 
 
 # classifiers ([B, C] logits, [B] labels) and sequence models ([B, T, C], [B, T]) alike
@@ -25,10 +25,10 @@ def zoo_batch(entry, batch, seed, dtype=torch.float64):
 @pytest.mark.parametrize("name", sorted(ZOO))
 def test_zoo_model_matches_reference(name):
     entry = ZOO[name]
-    model = entry.factory().double()
+    model = on_device(entry.factory().double())
     t = fxclip.transform(model, ce, max_grad_norm=1.0)
     for batch, seed in ((3, 0), (2, 1)):  # a second batch size reuses the captured graph
-        check_against_reference(t, *zoo_batch(entry, batch, seed))
+        check_against_reference(t, *on_device(zoo_batch(entry, batch, seed)))
     assert len(t._programs) == 1
 
 
