@@ -29,6 +29,12 @@ factor of 0: they add nothing to the clipped sum, and their losses and norms are
 the step returns. `python -m fxclip.bench --batch-modes` measures both (docs/benchmarks.md);
 "dynamic" is the default: one compilation on the MLP against one per bucket, at a similar step
 time. tests/test_compile.py counts one compilation per zoo model for two batch sizes.
+
+With `cuda_graphs=True` (CUDA only) the compiled step is replayed from CUDA graphs (`_StepGraphs`):
+one launch per step instead of one per kernel. A graph has fixed sizes, so the batch is padded to
+its bucket as in "buckets" while the compilation stays the one "dynamic" graph: a few recordings
+serve every batch size that Poisson sampling draws. Off by default: scripts/gpu_check.sh measures
+both on the GPU.
 """
 
 from __future__ import annotations
