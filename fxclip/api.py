@@ -47,6 +47,7 @@ def transform(
     memory_budget: float | None = None,
     compile: bool | str = False,
     max_physical_batch_size: int | None = None,
+    cuda_graphs: bool = False,
 ) -> "PrivateStep":
     """Make `model` trainable with per-example clipping.
 
@@ -61,6 +62,9 @@ def transform(
     `max_physical_batch_size` bounds memory: a larger batch is processed in chunks of at most
     that many examples, one program run each, whose clipped sums add up (exact: clipping is per
     example), so peak memory is that of the chunk, not of the batch (see docs/memory.md).
+    `cuda_graphs=True` (with `compile`, on CUDA) replays the compiled step from CUDA graphs, one
+    per bucket of batch sizes (the batch is padded to it, as for compile="buckets"): one launch
+    per step instead of one per kernel.
 
     A model wrapped in DistributedDataParallel is unwrapped (its `.module` is captured); the
     clipped sums are then all-reduced by `fxclip.distributed`, not by DDP (see docs/distributed.md).
@@ -69,7 +73,8 @@ def transform(
     if isinstance(model, torch.nn.parallel.DistributedDataParallel):
         model = model.module
     return PrivateStep(
-        model, loss_fn, max_grad_norm, batch_dims, strategy, verify, memory_budget, compile, max_physical_batch_size
+        model, loss_fn, max_grad_norm, batch_dims, strategy, verify, memory_budget, compile, max_physical_batch_size,
+        cuda_graphs,
     )
 
 
@@ -83,13 +88,17 @@ class PrivateStep:
 
     def __init__(
         self, model, loss_fn, max_grad_norm, batch_dims, strategy, verify, memory_budget, compile=False,
-        max_physical_batch_size=None,
+        max_physical_batch_size=None, cuda_graphs=False,
     ):
         self.max_grad_norm = max_grad_norm
         if strategy not in STRATEGIES:
             raise FxclipError(f"strategy must be one of {STRATEGIES}, got {strategy!r}")
         if not isinstance(compile, bool) and compile not in BATCH_MODES:
             raise FxclipError(f"compile must be True, False or a batch mode {BATCH_MODES}, got {compile!r}")
+        if not isinstance(cuda_graphs, bool):
+            raise FxclipError(f"cuda_graphs must be True or False, got {cuda_graphs!r}")
+        if cuda_graphs and not compile:
+            raise FxclipError("cuda_graphs=True replays the compiled step: pass compile=True (or a batch mode) too")
         if max_physical_batch_size is not None:
             max_physical_batch_size = check_integer(
                 "max_physical_batch_size", max_physical_batch_size, at_least=1,
@@ -114,6 +123,7 @@ class PrivateStep:
         self.memory_budget = memory_budget
         self.compile = compile
         self.max_physical_batch_size = max_physical_batch_size
+        self.cuda_graphs = cuda_graphs
         self._compiled: dict[tuple, CompiledStep] = {}  # by the same key as _programs
         # by capture_key (what a capture fixes: sizes but the batch, module state, autocast ...);
         # a model export cannot capture gets (None, WholeModelStep)
@@ -154,8 +164,9 @@ class PrivateStep:
             runs = [self._run(chunk, params) for chunk in self._chunks(inputs, targets, batch)]
             losses, norms, clip, grads = runs[0] if len(runs) == 1 else _combine(runs)
             # A sum is finite iff its terms are (or it overflowed: the exact check sorts that out);
-            # two reductions instead of elementwise checks, which cost more than a small step's math.
-            if not math.isfinite(float(losses.sum()) + float(norms.sum())):
+            # two reductions and one device sync (a GPU step runs ahead of Python until here)
+            # instead of elementwise checks, which cost more than a small step's math.
+            if not math.isfinite(float(losses.sum() + norms.sum())):
                 _raise_if_not_finite(inputs, losses, norms)
         except BaseException:
             if self._last_key not in self._stepped:  # a capture that never completed a step is not kept
@@ -297,7 +308,8 @@ class PrivateStep:
             kinds = [kind for kind, _ in ctx.placeholders]
             mode = self.compile if isinstance(self.compile, str) else "dynamic"
             self._compiled[self._last_key] = CompiledStep(
-                program, flat_args, kinds, ctx.batch_dims, self.max_grad_norm, self.strategy, batch_mode=mode
+                program, flat_args, kinds, ctx.batch_dims, self.max_grad_norm, self.strategy, batch_mode=mode,
+                cuda_graphs=self.cuda_graphs,
             )
         return self._compiled[self._last_key]
 
@@ -363,10 +375,7 @@ class PrivateStep:
         (or, for ops torch.func cannot run, a loop of one backward per example)."""
         from .reference import any_per_example_grads, clipped_sum
 
-        random_ops = [
-            n.target for n in ctx.exported.graph_module.graph.nodes
-            if isinstance(n.target, torch._ops.OpOverload) and torch.Tag.nondeterministic_seeded in n.target.tags
-        ]
+        random_ops = [n.target for n in ctx.exported.graph_module.graph.nodes if _draws_random_numbers(n)]
         if random_ops:
             raise VerificationError(
                 f"verify=True needs a deterministic model, and this one draws random numbers ({random_ops[0]}): "
@@ -389,6 +398,20 @@ class PrivateStep:
                 bad.append(key)
         if bad:
             raise VerificationError(f"clipped gradients differ from the reference for parameters {bad}")
+
+
+def _draws_random_numbers(node: torch.fx.Node) -> bool:
+    """Whether the op samples: a random op, but not a dropout that is the identity (p = 0 or eval
+    mode, as Hugging Face models record theirs in eval mode) nor attention without dropout."""
+    if not (isinstance(node.target, torch._ops.OpOverload) and torch.Tag.nondeterministic_seeded in node.target.tags):
+        return False
+    names = [a.name for a in node.target._schema.arguments]
+    args = {**dict(zip(names, node.args)), **node.kwargs}
+    if node.target in (torch.ops.aten.dropout.default, torch.ops.aten.native_dropout.default):
+        return bool(args["train"]) and args["p"] != 0
+    if node.target is torch.ops.aten.scaled_dot_product_attention.default:
+        return args.get("dropout_p", 0.0) != 0
+    return True
 
 
 def _raise_if_the_batch_fails(model, loss_fn, inputs: tuple, targets) -> None:

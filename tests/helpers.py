@@ -2,10 +2,25 @@
 
 from __future__ import annotations
 
+import os
+
 import torch
+import torch.utils._pytree as pytree
 
 import fxclip
 from fxclip.reference import clipped_sum, per_example_grads
+
+
+# The conformance tests (test_rules_table.py, test_zoo.py) run on this device:
+# FXCLIP_TEST_DEVICE=cuda runs them on a GPU (scripts/gpu_check.sh); the default is the CPU.
+DEVICE = torch.device(os.environ.get("FXCLIP_TEST_DEVICE", "cpu"))
+if DEVICE.type == "cuda":  # full float32, as on the CPU: TF32 would miss the float32 tolerances
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+
+
+def on_device(tree):
+    """Every tensor (and module) in `tree` moved to DEVICE."""
+    return pytree.tree_map(lambda x: x.to(DEVICE) if isinstance(x, (torch.Tensor, torch.nn.Module)) else x, tree)
 
 
 def sum_loss(out, target):
@@ -20,7 +35,7 @@ def targets_for(model, inputs, batch_dims, generator):
     """Regression targets shaped like the model's output, batch first."""
     with torch.no_grad():
         out = model(*inputs)
-    return torch.randn(out.shape, generator=generator, dtype=out.dtype)
+    return torch.randn(out.shape, generator=generator, dtype=out.dtype).to(out.device)
 
 
 def relative_error(got: torch.Tensor, expected: torch.Tensor, scale: float | None = None) -> float:

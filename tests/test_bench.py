@@ -68,3 +68,30 @@ def test_bad_options_exit_2_with_a_message(argv, capsys, tmp_path):
 def test_bench_is_a_cli_subcommand():
     args = build_parser().parse_args(["bench", "--quick", "--reps", "2"])
     assert args.quick and args.reps == 2 and callable(args.run)
+
+
+def test_gpu_check_report_has_the_schema_of_issue_21(tmp_path):
+    """benchmark.json of the GPU check: gpu, torch, commit and rows of {model, batch, dtype, method,
+    ms, vs_floor, speedup_over_naive, peak_mb, correct}, ratios to the same model's floor and naive."""
+    from fxclip.bench.gpu import ROW_KEYS, _row, append_rows, report
+
+    append_rows(tmp_path, [
+        _row("mlp", 128, "float32", "floor", 0.002, 2**20, "n/a", 1.0),
+        _row("mlp", 128, "float32", "naive", 0.2, None, "ok", 1.0),
+        _row("mlp", 128, "float32", "fxclip_compiled", 0.0025, 3 * 2**20, "ok", 30.0),
+        _row("mlp", 128, "float32", "opacus_ghost", None, None, "n/a", skipped="ValueError: no"),
+    ])
+    append_rows(tmp_path, [_row("hf_gpt2", 32, "bfloat16", "fxclip", 0.1, None, "WRONG (max error 1)", 5.0)])
+    result = report(tmp_path, {"gpu": "NVIDIA H200", "torch": "2.11.0+cu130", "commit": "abc"})
+    saved = json.loads((tmp_path / "benchmark.json").read_text())
+    assert saved == result and {"gpu", "torch", "commit", "rows"} <= set(saved)
+    assert all(set(r) == set(ROW_KEYS) for r in saved["rows"])
+    rows = {(r["model"], r["method"]): r for r in saved["rows"]}
+    compiled = rows[("mlp", "fxclip_compiled")]
+    assert compiled["ms"] == pytest.approx(2.5) and compiled["vs_floor"] == pytest.approx(1.25)
+    assert compiled["speedup_over_naive"] == pytest.approx(80) and compiled["peak_mb"] == pytest.approx(3)
+    assert compiled["correct"] is True and rows[("hf_gpt2", "fxclip")]["correct"] is False
+    assert rows[("mlp", "floor")]["correct"] is None and rows[("mlp", "opacus_ghost")]["ms"] is None
+    table = (tmp_path / "benchmark.md").read_text()
+    assert "| mlp | 128 | float32 | fxclip_compiled | 2.50 | 1.25 | 80.0 | 3.0 | ok |" in table
+    assert "opacus_ghost: ValueError: no" in table and "NVIDIA H200" in table

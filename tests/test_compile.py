@@ -415,3 +415,85 @@ def test_traced_group_norm_rule_reuses_the_forward_normalization():
     private, step, graph = _traced_step(model, *batch(6))
     assert len(_calls(graph, torch.ops.aten.native_group_norm.default)) == 1
     _assert_graph_computes_step(private, step, graph, *batch(9))
+
+
+class _StandInGraph:
+    """CUDA graph semantics on a CPU: recording remembers the call, replay runs it again on the
+    recorded tensors and writes the results into the recorded outputs (the same memory)."""
+
+    recording = None
+
+    def __init__(self):
+        self.call, self.outputs = None, None
+
+    def replay(self):
+        fn, args = self.call
+        for out, new in zip(self.outputs, fn(*args)):
+            out.copy_(new)
+
+
+def _stand_in_cuda(monkeypatch):
+    from contextlib import contextmanager
+
+    @contextmanager
+    def graph(g, pool=None):
+        _StandInGraph.recording = g
+        yield
+        _StandInGraph.recording = None
+
+    @contextmanager
+    def stream(s):
+        yield
+
+    class Stream:
+        def wait_stream(self, other):
+            pass
+
+    for name, value in {"CUDAGraph": _StandInGraph, "graph": graph, "stream": stream, "Stream": Stream,
+                        "current_stream": lambda: Stream(), "graph_pool_handle": lambda: object()}.items():
+        monkeypatch.setattr(torch.cuda, name, value)
+
+
+def test_cuda_graph_replays_copy_the_batch_in_and_the_results_out(monkeypatch):
+    """The replay logic of cuda_graphs=True, with a stand-in for CUDA graphs: a batch is copied
+    into the graph's buffers, results come out as new tensors (the next replay overwrites the
+    graph's own), a size gets one recording, and moved parameters are recorded again."""
+    from fxclip.passes.compile import _StepGraphs
+
+    _stand_in_cuda(monkeypatch)
+
+    def step(bounds, x, w):
+        outs = (bounds * 2, x @ w)
+        if _StandInGraph.recording is not None:
+            _StandInGraph.recording.call, _StandInGraph.recording.outputs = (step, (bounds, x, w)), outs
+        return outs
+
+    graphs = _StepGraphs({0: 0})  # input 0 is the batch, input 1 a parameter
+    w = torch.randn(3, 2)
+    x1, x2 = torch.randn(4, 3), torch.randn(4, 3)
+    bounds = torch.full((4,), 0.5)
+    first = graphs(("k",), step, bounds, [x1, w])
+    kept = [t.clone() for t in first]
+    second = graphs(("k",), step, bounds, [x2, w])
+    torch.testing.assert_close(second[1], x2 @ w)
+    for t, k in zip(first, kept):  # the first results were copied out, not overwritten
+        torch.testing.assert_close(t, k)
+    torch.testing.assert_close(kept[1], x1 @ w)
+    assert graphs.records == 1
+    w.data = torch.randn(3, 2)  # a parameter that moved (load_state_dict with assign=True)
+    torch.testing.assert_close(graphs(("k",), step, bounds, [x1, w])[1], x1 @ w)
+    assert graphs.records == 2
+    graphs(("k",), step, torch.ones(8), [torch.randn(8, 3), w])  # another padded size
+    assert graphs.records == 3
+
+
+def test_cuda_graphs_need_compile_and_cuda():
+    model = torch.nn.Linear(4, 3)
+    with pytest.raises(fxclip.FxclipError, match="compile=True"):
+        fxclip.transform(model, LOSS, 1.0, cuda_graphs=True)
+    with pytest.raises(fxclip.FxclipError, match="True or False"):
+        fxclip.transform(model, LOSS, 1.0, compile=True, cuda_graphs="yes")
+    t = fxclip.transform(model, LOSS, 1.0, compile=True, cuda_graphs=True)
+    with pytest.raises(fxclip.FxclipError, match="CUDA device; they are on cpu"):
+        t.step(torch.randn(5, 4), torch.randint(0, 3, (5,)))
+    assert all(p.grad is None for p in model.parameters())

@@ -6,17 +6,17 @@ import torch
 import fxclip
 from fxclip.reference import clipped_sum, naive_per_example_grads
 from cases import CASES, FALLBACK_CASES, WritesWithOut
-from helpers import check_against_reference, mean_loss, relative_error, sum_loss, targets_for
+from helpers import check_against_reference, mean_loss, on_device, relative_error, sum_loss, targets_for
 
 
 @pytest.mark.parametrize("case", CASES, ids=lambda c: c.name)
 def test_case_matches_reference(case):
     g = torch.Generator().manual_seed(1)
-    model = case.model().double()
+    model = on_device(case.model().double())
     for loss_fn in (sum_loss, mean_loss):
         t = fxclip.transform(model, loss_fn, max_grad_norm=0.7, batch_dims=case.batch_dims)
         for batch in (1, 5):
-            inputs = case.inputs(batch, g)
+            inputs = on_device(case.inputs(batch, g))
             targets = targets_for(model, inputs, case.batch_dims, g)
             for strategy in ("ghost", "materialize"):
                 t.strategy = strategy
@@ -28,9 +28,9 @@ def test_case_matches_reference(case):
 @pytest.mark.parametrize("case", [c for c in CASES if c.name in {"conv2d_groups", "tied_embedding_output", "linear_leading_dims"}], ids=lambda c: c.name)
 def test_float32_within_1e4(case):
     g = torch.Generator().manual_seed(2)
-    model = case.model().float()
+    model = on_device(case.model().float())
     t = fxclip.transform(model, sum_loss, max_grad_norm=0.5)
-    inputs = tuple(x.float() if x.is_floating_point() else x for x in case.inputs(6, g))
+    inputs = on_device(tuple(x.float() if x.is_floating_point() else x for x in case.inputs(6, g)))
     targets = targets_for(model, inputs, case.batch_dims, g)
     check_against_reference(t, inputs, targets, rtol=1e-4)
 
@@ -46,9 +46,9 @@ def test_conv_per_example_kernel_matches_reference(case, chunk_elements, monkeyp
     monkeypatch.setattr(fxclip.rules.conv, "PATCHES_MAX_ENTRIES", 0)
     monkeypatch.setattr(fxclip.rules.conv, "WEIGHT_GRAD_CHUNK_ELEMENTS", chunk_elements)
     g = torch.Generator().manual_seed(3)
-    model = case.model().double()
+    model = on_device(case.model().double())
     t = fxclip.transform(model, sum_loss, max_grad_norm=0.7, strategy="materialize", batch_dims=case.batch_dims)
-    inputs = case.inputs(5, g)
+    inputs = on_device(case.inputs(5, g))
     check_against_reference(t, inputs, targets_for(model, inputs, case.batch_dims, g), case.batch_dims)
 
 

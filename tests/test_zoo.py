@@ -10,7 +10,7 @@ import fxclip
 from fxclip.zoo import PerExampleCrossEntropy
 from fxclip.zoo import ZOO
 from fxclip.reference import clipped_sum, naive_per_example_grads
-from helpers import check_against_reference
+from helpers import check_against_reference, on_device
 
 
 # classifiers ([B, C] logits, [B] labels) and sequence models ([B, T, C], [B, T]) alike
@@ -25,10 +25,10 @@ def zoo_batch(entry, batch, seed, dtype=torch.float64):
 @pytest.mark.parametrize("name", sorted(ZOO))
 def test_zoo_model_matches_reference(name):
     entry = ZOO[name]
-    model = entry.factory().double()
+    model = on_device(entry.factory().double())
     t = fxclip.transform(model, ce, max_grad_norm=1.0)
     for batch, seed in ((3, 0), (2, 1)):  # a second batch size reuses the captured graph
-        check_against_reference(t, *zoo_batch(entry, batch, seed))
+        check_against_reference(t, *on_device(zoo_batch(entry, batch, seed)))
     assert len(t._programs) == 1
 
 
@@ -197,6 +197,36 @@ def test_no_targets_and_a_sequence_first_input():
     torch.testing.assert_close(res.norms, ref_norms, rtol=1e-10, atol=1e-12)
     for name, p in model.named_parameters():
         torch.testing.assert_close(p.grad, ref_clipped[name], rtol=1e-10, atol=1e-12)
+
+
+class _Attention(nn.Module):
+    def __init__(self, dropout: float):
+        super().__init__()
+        self.qkv, self.dropout = nn.Linear(4, 12), dropout
+
+    def forward(self, x):
+        q, k, v = self.qkv(x).chunk(3, -1)
+        return nn.functional.scaled_dot_product_attention(q, k, v, dropout_p=self.dropout if self.training else 0.0).sum(1)
+
+
+@pytest.mark.parametrize("model", [
+    nn.Sequential(nn.Linear(6, 8), nn.Dropout(0.3), nn.Linear(8, 3)).eval(),
+    nn.Sequential(nn.Linear(6, 8), nn.Dropout(0.0), nn.Linear(8, 3)),
+], ids=["eval", "p0"])
+def test_verify_accepts_a_dropout_that_is_the_identity(model):
+    """A dropout in eval mode or with p = 0 stays in the graph (Hugging Face models in eval mode)
+    but draws nothing: verify=True checks the step instead of refusing it."""
+    t = fxclip.transform(model.double(), ce, max_grad_norm=1.0, verify=True)
+    t.step(torch.randn(4, 6, dtype=torch.float64), torch.randint(0, 3, (4,)))
+    assert t.verify is False
+
+
+def test_verify_tells_attention_with_dropout_from_attention_without():
+    model = _Attention(0.2).double()
+    x, y = torch.randn(3, 5, 4, dtype=torch.float64), torch.randint(0, 4, (3,))
+    fxclip.transform(model.eval(), ce, max_grad_norm=1.0, verify=True).step(x, y)
+    with pytest.raises(fxclip.VerificationError, match="scaled_dot_product_attention"):
+        fxclip.transform(model.train(), ce, max_grad_norm=1.0, verify=True).step(x, y)
 
 
 @pytest.mark.parametrize("bound", [1, torch.tensor(0.5), 2.0])

@@ -18,7 +18,6 @@ import torch
 from ..api import transform
 from ..errors import describe
 from ..passes.emit import EPS
-from ..zoo import PerExampleCrossEntropy
 from ..reference import any_per_example_grads, clipped_sum, naive_per_example_grads, per_example_grads
 
 
@@ -124,6 +123,18 @@ def opacus_hooks(model, loss_fn, max_grad_norm, inputs, targets) -> Method:
     return Method(step, lambda: {k: p.summed_grad.detach().clone() for k, p in model.named_parameters() if p.requires_grad})
 
 
+class _Reducible:
+    """A per-example loss with the `reduction` attribute ("none" or "sum") that Opacus' ghost
+    clipping switches."""
+
+    def __init__(self, loss_fn, reduction: str = "sum"):
+        self.loss_fn, self.reduction = loss_fn, reduction
+
+    def __call__(self, output, targets):
+        losses = self.loss_fn(output, targets)
+        return losses.sum() if self.reduction == "sum" else losses
+
+
 def opacus_ghost(model, loss_fn, max_grad_norm, inputs, targets) -> Method:
     """Opacus ghost clipping (GradSampleModuleFastGradientClipping, DPLossFastGradientClipping):
     a first backward for the norms, a second one of the clip-weighted loss into p.grad."""
@@ -142,7 +153,7 @@ def opacus_ghost(model, loss_fn, max_grad_norm, inputs, targets) -> Method:
         torch.optim.SGD(model.parameters(), lr=0.0), noise_multiplier=0.0, max_grad_norm=max_grad_norm,
         expected_batch_size=targets.shape[0], loss_reduction="sum",
     )
-    criterion = DPLossFastGradientClipping(module, optimizer, PerExampleCrossEntropy("sum"), loss_reduction="sum")
+    criterion = DPLossFastGradientClipping(module, optimizer, _Reducible(loss_fn), loss_reduction="sum")
 
     def step():
         optimizer.zero_grad(set_to_none=True)
@@ -160,6 +171,10 @@ METHODS: dict[str, Callable[..., Method]] = {
     "fxclip_compiled_buckets": lambda *a: fxclip_method(*a, compiled="buckets"),
     # the memory bound: the batch in two chunks (max_physical_batch_size), same clipped sum
     "fxclip_compiled_halves": lambda *a: fxclip_method(*a, compiled=True, max_physical_batch_size=-(-a[4].shape[0] // 2)),
+    # ... in chunks of 256 examples (the GPU check's B=1024 memory rows)
+    "fxclip_compiled_mpbs256": lambda *a: fxclip_method(*a, compiled=True, max_physical_batch_size=256),
+    # replayed from CUDA graphs (CUDA only)
+    "fxclip_compiled_graphs": lambda *a: fxclip_method(*a, compiled=True, cuda_graphs=True),
     "naive": naive,
     "vmap": vmap_grad,
     "vmap_compiled": lambda *a: vmap_grad(*a, compiled=True),
@@ -168,9 +183,14 @@ METHODS: dict[str, Callable[..., Method]] = {
 }
 FLOOR = "floor"
 NAIVE = "naive"
-COMPILED = {"floor_compiled", "fxclip_compiled", "fxclip_compiled_buckets", "fxclip_compiled_halves", "vmap_compiled"}
-# what a plain run times: buckets (padding to static sizes) and halves only on request
-DEFAULT_METHODS = [m for m in METHODS if m not in ("fxclip_compiled_buckets", "fxclip_compiled_halves")]
+COMPILED = {
+    "floor_compiled", "fxclip_compiled", "fxclip_compiled_buckets", "fxclip_compiled_halves", "fxclip_compiled_mpbs256",
+    "fxclip_compiled_graphs", "vmap_compiled",
+}
+# what a plain run times: buckets (padding to static sizes), chunks and CUDA graphs only on request
+DEFAULT_METHODS = [m for m in METHODS if m not in (
+    "fxclip_compiled_buckets", "fxclip_compiled_halves", "fxclip_compiled_mpbs256", "fxclip_compiled_graphs"
+)]
 
 
 def reference_clipped_sum(model, loss_fn, max_grad_norm, inputs, targets) -> dict[str, torch.Tensor]:

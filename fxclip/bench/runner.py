@@ -16,8 +16,9 @@ import statistics
 import subprocess
 import sys
 import time
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
-from typing import Callable, Optional, Sequence
+from typing import Callable, ContextManager, Optional, Sequence
 
 import torch
 
@@ -86,8 +87,10 @@ def run_cells(
     max_grad_norm: float = 1.0,
     naive_reps: int = 3,
     builders: dict[str, Callable] | None = None,
+    exclusive: Callable[[], ContextManager] = nullcontext,
 ) -> list[Cell]:
-    """Every method on one model and batch size (see the module doc)."""
+    """Every method on one model and batch size (see the module doc). The timed steps run inside
+    `exclusive()` (the GPU check's lock: other processes prepare their methods meanwhile)."""
     builders = builders or METHODS
     if device.type == "cuda":  # full float32 everywhere, as on the CPU: TF32 would fail the checks
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
@@ -110,15 +113,16 @@ def run_cells(
             ready[name] = method
         except (MethodUnavailable, Exception) as e:  # a peer failing on a model is a result
             cell.skipped = str(e) if isinstance(e, MethodUnavailable) else _first_line(e)
-    for rep in range(reps):
-        for name, method in ready.items():
-            if name == NAIVE and rep >= naive_reps:
-                continue
-            _sync(device)
-            start = time.perf_counter()
-            method.step()
-            _sync(device)
-            cells[name].times.append(time.perf_counter() - start)
+    with exclusive():
+        for rep in range(reps):
+            for name, method in ready.items():
+                if name == NAIVE and rep >= naive_reps:
+                    continue
+                _sync(device)
+                start = time.perf_counter()
+                method.step()
+                _sync(device)
+                cells[name].times.append(time.perf_counter() - start)
     for name in ready:
         cells[name].seconds = statistics.median(cells[name].times)
     if memory:

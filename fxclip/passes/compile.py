@@ -29,6 +29,12 @@ factor of 0: they add nothing to the clipped sum, and their losses and norms are
 the step returns. `python -m fxclip.bench --batch-modes` measures both (docs/benchmarks.md);
 "dynamic" is the default: one compilation on the MLP against one per bucket, at a similar step
 time. tests/test_compile.py counts one compilation per zoo model for two batch sizes.
+
+With `cuda_graphs=True` (CUDA only) the compiled step is replayed from CUDA graphs (`_StepGraphs`):
+one launch per step instead of one per kernel. A graph has fixed sizes, so the batch is padded to
+its bucket as in "buckets" while the compilation stays the one "dynamic" graph: a few recordings
+serve every batch size that Poisson sampling draws. Off by default: scripts/gpu_check.sh measures
+both on the GPU.
 """
 
 from __future__ import annotations
@@ -114,17 +120,23 @@ class CompiledStep:
         strategy: str = "auto",
         batch_mode: str = "dynamic",
         options: dict | None = None,
+        cuda_graphs: bool = False,
     ):
         if batch_mode not in BATCH_MODES:
             raise FxclipError(f"batch_mode must be one of {BATCH_MODES}, got {batch_mode!r}")
+        if cuda_graphs and _device(flat_args).type != "cuda":
+            raise FxclipError(
+                f"cuda_graphs=True needs the model and the batch on a CUDA device; they are on {_device(flat_args)}"
+            )
+        user = [j for j, k in enumerate(kinds) if k == "input"]
+        self._user_batch_dims = _user_dims(flat_args, user, batch_dims)
         self.program = program
         self.strategy = strategy
         self.max_grad_norm = float(max_grad_norm)
         self.batch_mode = batch_mode
         self.options = {**INDUCTOR_OPTIONS, **(options or {})}
         self.compiles = 0
-        user = [j for j, k in enumerate(kinds) if k == "input"]
-        self._user_batch_dims = _user_dims(flat_args, user, batch_dims)
+        self.graphs = _StepGraphs(self._user_batch_dims) if cuda_graphs else None
         # An eager call fixes what the program caches on its first call (footprints, plan) and
         # the order of the gradients it returns.
         _, _, _, grads = program(list(flat_args), self.max_grad_norm, strategy)
@@ -145,7 +157,8 @@ class CompiledStep:
 
     def __call__(self, flat_args: Sequence, max_grad_norm: float | None = None):
         batch = self._batch_size(flat_args)
-        padded = bucket_size(batch) if self.batch_mode == "buckets" else max(batch, 2)
+        # a CUDA graph is recorded per batch size: padded to buckets, a few of them serve every size
+        padded = bucket_size(batch) if self.batch_mode == "buckets" or self.graphs is not None else max(batch, 2)
         args = [_dense(a) for a in self._padded(list(flat_args), batch, padded)]
         key = (None if self.batch_mode == "dynamic" else padded, _signature(args))
         if max_grad_norm is not None and float(max_grad_norm) != self.max_grad_norm:
@@ -165,7 +178,7 @@ class CompiledStep:
             except Exception as e:  # inductor and make_fx raise many types
                 raise CompileFailed(f"compiling the step failed ({describe(e)})") from e
         with torch.no_grad():
-            outs = fn(bounds, *args)
+            outs = fn(bounds, *args) if self.graphs is None else self.graphs(key, fn, bounds, args)
         losses, norms, clip = outs[:3] if padded == batch else (t[:batch] for t in outs[:3])
         return losses, norms, clip, dict(zip(self.param_keys, outs[3:]))
 
@@ -186,9 +199,13 @@ class CompiledStep:
         losses, norms, clip, grads = self.program(list(flat_args), bounds, self.strategy)
         return (losses, norms, clip, *(grads[k] for k in self.param_keys))
 
-    def _trace(self, bucket: int | None, bounds: torch.Tensor, args: list) -> tuple[GraphModule, list]:
+    def _trace(
+        self, bucket: int | None, bounds: torch.Tensor, args: list, device: torch.device | None = None
+    ) -> tuple[GraphModule, list]:
         """make_fx of the whole step on fake tensors whose batch dims are one symbol (or, for a
-        bucket, the bucket size); returns the graph and the fake inputs it was traced on."""
+        bucket, the bucket size); returns the graph and the fake inputs it was traced on. The
+        graph passes that depend on the device (row gathers unfused on a CPU) are those for
+        `device`, by default the arguments' (tests/fake_cuda.py traces for CUDA on a CPU)."""
         shape_env = ShapeEnv(duck_shape=False)
         mode = FakeTensorMode(shape_env=shape_env)
 
@@ -221,7 +238,7 @@ class CompiledStep:
         # gradient, so their factors, concatenations and Gram matrices are the same ops.
         gm.graph = fx_graph_cse(gm.graph)
         _concatenate_early(gm.graph)
-        _gather_rows_unfused(gm.graph)
+        _gather_rows_unfused(gm.graph, device or _device(args))
         gm.recompile()
         return gm, fakes
 
@@ -258,6 +275,58 @@ class CompiledStep:
         return out
 
 
+class _StepGraphs:
+    """The compiled step replayed from CUDA graphs, one per (compiled graph, padded batch size):
+    one launch for the whole step instead of one per kernel (a small model's step is dozens of
+    microsecond kernels, each launched from Python by inductor's wrapper).
+
+    A graph reads and writes fixed addresses. The batch tensors are copied into buffers of the
+    graph's own before each replay; parameters, buffers and constants are read where they are
+    (an optimizer updates them in place), and a graph whose tensors moved is recorded again. Each
+    replay overwrites the previous one's outputs, which escape (to StepResult and p.grad): they
+    are copied out, by one multi-tensor kernel. All graphs of a step share one memory pool:
+    they never run concurrently and nothing of theirs is read after another one ran."""
+
+    def __init__(self, user_batch_dims: dict[int, int]):
+        self.user = set(user_batch_dims)
+        self.recorded: dict[tuple, tuple] = {}  # (key, padded size) -> (graph, inputs, bounds, outputs, addresses)
+        self.records = 0
+        self._pool = None
+
+    def __call__(self, key: tuple, fn: Callable, bounds: torch.Tensor, args: list) -> list[torch.Tensor]:
+        entry = self.recorded.get((key, len(bounds)))
+        if entry is None or entry[4] != self._addresses(args):
+            entry = self.recorded[(key, len(bounds))] = self._record(fn, bounds, args)
+        graph, inputs, static_bounds, outputs, _ = entry
+        for j in self.user:
+            inputs[j].copy_(args[j])
+        static_bounds.copy_(bounds)
+        graph.replay()
+        # x * 1 is x exactly, into new memory: one launch for all outputs instead of one clone each
+        return torch._foreach_mul(list(outputs), 1.0)
+
+    def _addresses(self, args: list) -> tuple:
+        return tuple(a.data_ptr() for j, a in enumerate(args) if j not in self.user and isinstance(a, torch.Tensor))
+
+    def _record(self, fn: Callable, bounds: torch.Tensor, args: list) -> tuple:
+        inputs = [a.clone() if j in self.user else a for j, a in enumerate(args)]
+        static_bounds = bounds.clone()
+        # warm-up off the capture: lazy initialization, kernel autotuning, library workspaces
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(2):
+                fn(static_bounds, *inputs)
+        torch.cuda.current_stream().wait_stream(side)
+        if self._pool is None:
+            self._pool = torch.cuda.graph_pool_handle()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self._pool):
+            outputs = fn(static_bounds, *inputs)
+        self.records += 1
+        return graph, inputs, static_bounds, tuple(outputs), self._addresses(args)
+
+
 def _concatenate_early(graph: torch.fx.Graph) -> None:
     """Moves each `fxclip::concat` of factors, and the views feeding it, to right after its last
     input. The forms code makes them after the whole backward; placed there, the pieces they copy
@@ -282,8 +351,9 @@ def _concatenate_early(graph: torch.fx.Graph) -> None:
                 anchor.append(n)
 
 
-def _gather_rows_unfused(graph: torch.fx.Graph) -> None:
-    """Makes each row gather from a CPU tensor (aten.embedding, aten.index_select along dim 0) an
+def _gather_rows_unfused(graph: torch.fx.Graph, device: torch.device | None = None) -> None:
+    """On a CPU (`device`, or where `device` is None each table's own), makes each row gather
+    (aten.embedding, aten.index_select along dim 0) an
     `fxclip::gather_rows`, which inductor runs unfused as aten.index_select: the values are the
     same. Fused into its consumer, inductor's C++ loads the rows one element at a time, and under
     a sum over the indices it vectorizes across the indices: the bag-of-words step's forward
@@ -301,7 +371,7 @@ def _gather_rows_unfused(graph: torch.fx.Graph) -> None:
                 continue
         else:
             continue
-        if table.meta["val"].device.type == "cpu":
+        if (device or table.meta["val"].device).type == "cpu":
             node.target, node.args, node.kwargs = gather_rows, (table, indices), {}
 
 

@@ -232,6 +232,29 @@ def _inline(gm: GraphModule, node: Node, fake_mode, fn: Callable) -> None:
     inline_trace(gm, node, run, [flat[i] for i in positions], fake_mode)
 
 
+def _reshaped_outputs(node: Node, outputs: list, multi_output: bool) -> list[Node]:
+    """The replacements whose shape differs from what the graph recorded for the op's output:
+    torch 2.11's fake kernel of aten.lstm with an explicit initial state gives h_n and c_n a
+    leading dim too many ([1, 1, B, H]), so the recorded shapes of their users are wrong too."""
+    if not multi_output:
+        pairs = [(node, outputs[0])]
+    else:
+        pairs = [(user, outputs[user.args[1]]) for user in node.users if user.target is operator.getitem]
+    return [new for old, new in pairs
+            if isinstance(old.meta.get("val"), torch.Tensor) and old.meta["val"].shape != new.meta["val"].shape]
+
+
+def _refresh_meta_after(graph: Graph, changed: set[Node], fake_mode) -> None:
+    """meta["val"] of every op that reads a node in `changed`, and of theirs, computed again."""
+    for node in graph.nodes:
+        if node.op == "call_function" and any(n in changed for n in node.all_input_nodes):
+            with fake_mode:
+                node.meta["val"] = node.target(
+                    *map_arg(node.args, lambda n: n.meta["val"]), **map_arg(node.kwargs, lambda n: n.meta["val"])
+                )
+            changed.add(node)
+
+
 def decompose(gm: GraphModule, ctx: Context) -> GraphModule:
     """Guarantees: no fused recurrent op (aten.lstm/gru/rnn_tanh/rnn_relu and their cells) is left;
     each is replaced by linear, elementwise, unbind/stack/cat/select ops computing the same values
@@ -241,6 +264,7 @@ def decompose(gm: GraphModule, ctx: Context) -> GraphModule:
     meta["val"] and the replaced op's source metadata."""
     graph = gm.graph
     fake_mode = detect_fake_mode([n.meta.get("val") for n in graph.nodes if n.op == "placeholder"])
+    reshaped: set[Node] = set()
     for node in list(graph.nodes):
         if node.op != "call_function":
             continue
@@ -248,10 +272,11 @@ def decompose(gm: GraphModule, ctx: Context) -> GraphModule:
         if kind is None:
             continue
         w = _Writer(graph, node, fake_mode)
-        if node.target in LAYERS:
-            replace_node(graph, node, _decompose_layer(w, kind, node), multi_output=True)
-        else:
-            replace_node(graph, node, _decompose_cell(w, kind, node), multi_output=kind == "lstm")
+        outputs = _decompose_layer(w, kind, node) if node.target in LAYERS else _decompose_cell(w, kind, node)
+        multi = node.target in LAYERS or kind == "lstm"
+        reshaped.update(_reshaped_outputs(node, outputs, multi))
+        replace_node(graph, node, outputs, multi_output=multi)
+    _refresh_meta_after(graph, reshaped, fake_mode)
     parameter_values = _parameter_values(graph, ctx)
     for node in list(graph.nodes):
         if node.op == "call_function" and node.target in UNFUSED:
