@@ -23,6 +23,7 @@ from typing import Callable, Sequence
 
 import torch
 import torch.utils._pytree as pytree
+from torch._dispatch.python import enable_python_dispatcher
 from torch._guards import detect_fake_mode
 from torch.fx import Graph, GraphModule, Node
 from torch.fx.node import map_arg
@@ -51,7 +52,9 @@ class _Writer:
         if op is operator.getitem:
             node.meta["val"] = args[0].meta["val"][args[1]]
         else:
-            with self.fake_mode:
+            # under the Python dispatcher composite ops keep sizes symbolic (torch 2.11's C++
+            # aten.unbind reads them as ints, which fixed the batch size)
+            with self.fake_mode, enable_python_dispatcher():
                 node.meta["val"] = op(*map_arg(args, lambda n: n.meta["val"]))
         return node
 
