@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import math
 import warnings
 from dataclasses import dataclass
@@ -73,6 +74,25 @@ def transform(
     )
 
 
+def _differentiating(method):
+    """`method(self, inputs, targets)` run with gradients enabled, also when called under
+    torch.no_grad() or torch.inference_mode(): capturing and running the step differentiate.
+    Tensors made in inference mode cannot be saved for backward, so those are copied first."""
+
+    @functools.wraps(method)
+    def run(self, inputs=None, targets=None):
+        with torch.inference_mode(False), torch.enable_grad():
+            inputs, targets = pytree.tree_map(_normal_tensor, (inputs, targets))
+            return method(self, inputs, targets)
+
+    return run
+
+
+def _normal_tensor(x):
+    """An inference-mode tensor as a normal one (a copy), anything else as it is."""
+    return x.clone() if isinstance(x, torch.Tensor) and x.is_inference() else x
+
+
 # captures of one model after which each new one warns (a model whose Python state changes every step)
 RECAPTURE_WARNING = 8
 
@@ -138,6 +158,7 @@ class PrivateStep:
             raise FxclipError(f"max_grad_norm must be a positive finite number, got {value!r}")
         self._max_grad_norm = bound
 
+    @_differentiating
     def step(self, inputs, targets) -> StepResult:
         inputs = tuple(inputs) if isinstance(inputs, (tuple, list)) else (inputs,)
         batch = self._check_inputs(inputs, targets)
@@ -170,6 +191,7 @@ class PrivateStep:
         self._accumulate(trainable, grads)
         return StepResult(losses, norms, clip)
 
+    @_differentiating
     def explain(self, inputs=None, targets=None):
         """What fxclip does for each trainable parameter, as a table (`print(t.explain())`): the
         ops that use it, the rule and its source, the strategy, the cost formulas and their values,
@@ -179,6 +201,7 @@ class PrivateStep:
 
         return explain(self, inputs, targets)
 
+    @_differentiating
     def graph(self, inputs, targets):
         """One step on this batch traced into a `fxclip.graph_view.StepGraph` (readable code with
         `.code()`, graphviz DOT with `.to_dot()`, a picture with `.render(path)`); pure."""

@@ -229,7 +229,10 @@ def _inline(gm: GraphModule, node: Node, fake_mode, fn: Callable) -> None:
         args, kwargs = pytree.tree_unflatten(leaves, spec)
         return fn(*args, **kwargs)
 
-    inline_trace(gm, node, run, [flat[i] for i in positions], fake_mode)
+    try:
+        inline_trace(gm, node, run, [flat[i] for i in positions], fake_mode)
+    except Exception:  # a kernel tracing cannot run: the op stays whole, for the per-op fallback
+        pass
 
 
 def decompose(gm: GraphModule, ctx: Context) -> GraphModule:
