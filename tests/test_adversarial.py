@@ -1,0 +1,151 @@
+"""Unusual and bad inputs, one row each (issue 27). A row either expects a clear FxclipError and
+then checks that the model's parameters and .grad are exactly as they were, or expects a result
+equal to the per-example reference: each example's gradient alone (torch.func, or one backward per
+example), computed in float64 on a float64 copy of the model and batch."""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+import torch.utils._pytree as pytree
+
+import fxclip
+from fxclip.reference import any_per_example_grads, clipped_sum
+
+
+def squares(out, y):
+    return ((out - y) ** 2).flatten(1).sum(1)
+
+
+def ce(out, y):
+    return F.cross_entropy(out, y, reduction="none")
+
+
+@dataclass(frozen=True)
+class Row:
+    """One unusual input. `model()` and `batch()` -> (inputs tuple, targets) build it (the batch
+    inside `around()`, as the step runs); `prepare(t, model)` runs first, its changes are the
+    state the row starts from. `error`: the FxclipError's message (a regex) from transform or the
+    step, else the result must be the reference's; `check(t, model, result)` asserts more."""
+
+    id: str
+    model: Callable[[], nn.Module]
+    batch: Callable[[], tuple]
+    loss: Callable = squares
+    options: dict = field(default_factory=dict)
+    around: Callable[[], Any] = contextlib.nullcontext
+    prepare: Callable | None = None
+    error: str | None = None
+    check: Callable | None = None
+
+
+def mlp(dtype=torch.float64):
+    return nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 3)).to(dtype)
+
+
+def regression_batch(n=6, dtype=torch.float64):
+    return lambda: ((torch.randn(n, 4, dtype=dtype),), torch.randn(n, 3, dtype=dtype))
+
+
+class BilinearOfComputed(nn.Module):
+    """nn.Bilinear of a tensor computed in the model and a second batch input."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb, self.bil = nn.Embedding(10, 5), nn.Bilinear(5, 3, 4)
+
+    def forward(self, tokens, side):
+        return self.bil(self.emb(tokens).sum(1), side)
+
+
+ROWS = [
+    # ---- the step needs gradients whatever the caller's grad mode ----
+    Row("step_under_no_grad", mlp, regression_batch(), around=torch.no_grad),
+    Row("step_under_inference_mode", mlp, regression_batch(), around=torch.inference_mode),
+    # ---- ops written out ----
+    Row(
+        "bilinear_of_a_computed_tensor",
+        lambda: BilinearOfComputed().double(),
+        lambda: ((torch.randint(0, 10, (6, 7)), torch.randn(6, 3, dtype=torch.float64)), torch.randn(6, 4, dtype=torch.float64)),
+        # written out as the ops it runs (traced with the batch symbolic), not left whole
+        check=lambda t, model, result: not any("aten.bilinear." in f for f in t.fallbacks),
+    ),
+]
+
+
+def _with_grads(model: nn.Module) -> nn.Module:
+    for p in model.parameters():
+        p.grad = torch.randn_like(p)
+    return model
+
+
+def _snapshot(model):
+    return {k: (p.detach().clone(), None if p.grad is None else p.grad.clone()) for k, p in model.named_parameters()}
+
+
+def _assert_unchanged(model, before):
+    for k, p in model.named_parameters():
+        value, grad = before[k]
+        assert torch.equal(p.detach(), value), f"{k} changed"
+        assert (p.grad is None and grad is None) or torch.equal(p.grad, grad), f"{k}.grad changed"
+
+
+def _float64(tree):
+    return pytree.tree_map(lambda v: v.double() if isinstance(v, torch.Tensor) and v.is_floating_point() else v, tree)
+
+
+@pytest.mark.parametrize("row", [r for r in ROWS if r.error], ids=lambda r: r.id)
+def test_bad_input_is_refused_and_changes_nothing(row):
+    model = _with_grads(row.model())
+    before = _snapshot(model)
+    with pytest.raises(fxclip.FxclipError, match=row.error):
+        t = fxclip.transform(model, row.loss, 1.0, **row.options)
+        if row.prepare:
+            row.prepare(t, model)
+            before = _snapshot(model)
+        with row.around():
+            t.step(*row.batch())
+    _assert_unchanged(model, before)
+
+
+@pytest.mark.parametrize("row", [r for r in ROWS if not r.error], ids=lambda r: r.id)
+def test_unusual_input_gives_the_reference_result(row):
+    model = row.model()
+    options = {"max_grad_norm": 1.0, **row.options}
+    t = fxclip.transform(model, row.loss, **options)
+    if row.prepare:
+        row.prepare(t, model)
+    model.zero_grad(set_to_none=True)
+    with row.around():
+        inputs, targets = row.batch()
+        result = t.step(inputs, targets)
+    # the reference on copies made outside the row's context (inference tensors cannot be saved
+    # for backward)
+    inputs, targets = pytree.tree_map(lambda v: v.clone() if isinstance(v, torch.Tensor) else v, (inputs, targets))
+    reference = copy.deepcopy(model).double()
+    grads, _ = any_per_example_grads(reference, row.loss, _float64(inputs), _float64(targets), options.get("batch_dims"))
+    norms, clipped = clipped_sum(grads, t.max_grad_norm)
+    tol = 1e-8 if next(model.parameters()).dtype == torch.float64 else 1e-5
+    torch.testing.assert_close(result.norms.double(), norms, rtol=tol, atol=tol * float(norms.max()))
+    scale = max(float(g.abs().max()) for g in clipped.values())
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            torch.testing.assert_close(p.grad.to_dense().double(), clipped[name], rtol=tol, atol=tol * scale, msg=name)
+    if row.check:
+        assert row.check(t, model, result) is not False
+
+
+@pytest.mark.parametrize("grad_mode", [torch.no_grad, torch.inference_mode])
+def test_explain_and_graph_work_without_grad_mode(grad_mode):
+    t = fxclip.transform(mlp(), squares, 1.0)
+    with grad_mode():
+        inputs, targets = regression_batch()()
+        assert "0.weight" in str(t.explain(inputs, targets))
+        assert "0.weight" in t.graph(inputs, targets).code()
