@@ -33,7 +33,7 @@ class Row:
     """One unusual input. `model()` and `batch()` -> (inputs tuple, targets) build it (the batch
     inside `around()`, as the step runs); `prepare(t, model)` runs first, its changes are the
     state the row starts from. `error`: the FxclipError's message (a regex) from transform or the
-    step, else the result must be the reference's; `check(t, model, result)` asserts more."""
+    step, else the result must be the reference's; `check(t, model, result)` is a further condition that must hold."""
 
     id: str
     model: Callable[[], nn.Module]
@@ -139,7 +139,7 @@ def test_unusual_input_gives_the_reference_result(row):
         if p.requires_grad:
             torch.testing.assert_close(p.grad.to_dense().double(), clipped[name], rtol=tol, atol=tol * scale, msg=name)
     if row.check:
-        assert row.check(t, model, result) is not False
+        assert row.check(t, model, result), f"{row.id}: check failed"
 
 
 @pytest.mark.parametrize("grad_mode", [torch.no_grad, torch.inference_mode])
