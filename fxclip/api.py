@@ -172,12 +172,16 @@ class PrivateStep:
             return StepResult(empty, empty, empty)
         self._program(inputs, targets)
         try:
-            runs = [self._run(chunk, params) for chunk in self._chunks(inputs, targets, batch)]
-            losses, norms, clip, grads = runs[0] if len(runs) == 1 else _combine(runs)
+            losses, norms, clip, grads = self._run_batch(inputs, targets, batch, params)
             # A sum is finite iff its terms are (or it overflowed: the exact check sorts that out);
             # two reductions instead of elementwise checks, which cost more than a small step's math.
             if not math.isfinite(float(losses.sum()) + float(norms.sum())):
-                _raise_if_not_finite(inputs, losses, norms)
+                _raise_if_not_finite(inputs, losses)
+                if not torch.isfinite(norms).all():
+                    # a ghost norm overflowed or cancelled below zero in the working precision
+                    # (forms.ghost_norm_sq): the step again, its norms in float64 of scaled values
+                    losses, norms, clip, grads = self._run_batch(inputs, targets, batch, params, safe=True)
+                    _raise_if_not_finite(inputs, losses, norms)
         except BaseException:
             if self._last_key not in self._stepped:  # a capture that never completed a step is not kept
                 self._programs.pop(self._last_key, None)
@@ -320,22 +324,27 @@ class PrivateStep:
             )
         return self._compiled[self._last_key]
 
-    def _run(self, chunk: tuple, params: dict):
+    def _run_batch(self, inputs, targets, batch: int, params: dict, safe: bool = False):
+        """(losses, norms, clip factors, clipped sums) of the batch, one `_run` per physical batch."""
+        runs = [self._run(chunk, params, safe) for chunk in self._chunks(inputs, targets, batch)]
+        return runs[0] if len(runs) == 1 else _combine(runs)
+
+    def _run(self, chunk: tuple, params: dict, safe: bool = False):
         """(losses, norms, clip factors, clipped sums) of one physical batch (inputs, targets), by
-        the current key's program; a rule that finds its op not covered (NotCovered) hands this
-        key to the whole-model fallback."""
+        the current key's program (eagerly when `safe`: StepProgram's float64 norms); a rule that
+        finds its op not covered (NotCovered) hands this key to the whole-model fallback."""
         ctx, program = self._programs[self._last_key]
         if ctx is None:  # the whole-model fallback
             return program(*chunk, self.max_grad_norm)
         flat_args = self._flat_args(ctx, *chunk, params=params)
         try:
-            if self.compile:
+            if self.compile and not safe:
                 try:
                     return self._compiled_step(ctx, program, flat_args)(flat_args, self.max_grad_norm)
                 except CompileFailed as e:  # the same step, eagerly: slower, same results
                     warnings.warn(f"{e}; the step runs eagerly instead (compile=False)", stacklevel=3)
                     self.compile = False
-            return program(flat_args, self.max_grad_norm, self.strategy)
+            return program(flat_args, self.max_grad_norm, self.strategy, safe)
         except NotCovered as e:
             self._fall_back(e, ctx.batch_dims)
             return self._run(chunk, params)
@@ -423,14 +432,16 @@ def _raise_if_the_batch_fails(model, loss_fn, inputs: tuple, targets) -> None:
         ) from e
 
 
-def _raise_if_not_finite(inputs: tuple, losses: torch.Tensor, norms: torch.Tensor) -> None:
-    """The error for a step whose losses or norms are not all finite, naming the cause: a NaN or
-    infinity in an input (checked only here, so a step with finite results pays nothing for it),
-    else the examples whose loss or norm is not finite."""
+def _raise_if_not_finite(inputs: tuple, losses: torch.Tensor, norms: torch.Tensor | None = None) -> None:
+    """The error for a step whose losses or norms (if given) are not all finite, naming the
+    cause: a NaN or infinity in an input (checked only here, so a step with finite results pays
+    nothing for it), else the examples whose loss or norm is not finite."""
     for i, x in enumerate(inputs):
         if x.is_floating_point() and not torch.isfinite(x).all():
             raise FxclipError(f"input {i} contains NaN or infinite values; clean the data before the step")
     for name, values in (("loss", losses), ("gradient norm", norms)):
+        if values is None:
+            continue
         bad = (~torch.isfinite(values)).nonzero().flatten().tolist()
         if bad:
             raise FxclipError(f"{name} is NaN or infinite for examples {bad[:10]}; no gradients were written")

@@ -33,7 +33,8 @@ class Row:
     """One unusual input. `model()` and `batch()` -> (inputs tuple, targets) build it (the batch
     inside `around()`, as the step runs); `prepare(t, model)` runs first, its changes are the
     state the row starts from. `error`: the FxclipError's message (a regex) from transform or the
-    step, else the result must be the reference's; `check(t, model, result)` is a further condition that must hold."""
+    step, else the result must be the reference's, by fxclip's graph unless `whole_model` (the
+    whole-model fallback); `check(t, model, result)` is a further condition that must hold."""
 
     id: str
     model: Callable[[], nn.Module]
@@ -44,6 +45,8 @@ class Row:
     prepare: Callable | None = None
     error: str | None = None
     check: Callable | None = None
+    whole_model: bool = False
+    marks: tuple = ()
 
 
 def mlp(dtype=torch.float64):
@@ -52,6 +55,32 @@ def mlp(dtype=torch.float64):
 
 def regression_batch(n=6, dtype=torch.float64):
     return lambda: ((torch.randn(n, 4, dtype=dtype),), torch.randn(n, 3, dtype=dtype))
+
+
+class ScaledDown(nn.Module):
+    """A linear layer on inputs near 1e20 whose output is scaled back by 1e-20: per-example
+    gradient norms of order 1, but Gram products of the inputs near 1e40 (float32 ends at 3e38)."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin, self.head = nn.Linear(5, 4), nn.Linear(4, 3)
+
+    def forward(self, x):
+        return self.head(torch.tanh(self.lin(x) * 1e-20))
+
+
+def weighted_squares(out, y):
+    """Squared error weighted per example by the targets' last column (0: a zero gradient)."""
+    return (((out - y[..., :-1]) ** 2).sum(-1) * y[..., -1]).reshape(y.shape[0], -1).sum(1)
+
+
+def huge_inputs(*positions):
+    def batch():
+        y = torch.cat([torch.randn(6, *positions, 3), torch.ones(6, *positions, 1)], -1)
+        y[2, ..., -1] = 0  # example 2's gradient is exactly zero: its norm is 0, not inf · 0
+        return (torch.randn(6, *positions, 5) * 1e20,), y
+
+    return batch
 
 
 class BilinearOfComputed(nn.Module):
@@ -77,6 +106,20 @@ ROWS = [
         # written out as the ops it runs (traced with the batch symbolic), not left whole
         check=lambda t, model, result: not any("aten.bilinear." in f for f in t.fallbacks),
     ),
+    # ---- numerics: finite problems get finite, exact norms ----
+    Row("inputs_near_1e20", ScaledDown, huge_inputs(), weighted_squares, check=lambda t, m, r: r.norms[2] == 0),
+    Row("inputs_near_1e20_ghost_sequence", ScaledDown, huge_inputs(7), weighted_squares, {"strategy": "ghost"}),
+    Row(
+        "inputs_near_1e20_compiled", ScaledDown, huge_inputs(), weighted_squares, {"compile": True},
+        check=lambda t, m, r: r.norms[2] == 0 and t.compile is True, marks=(pytest.mark.compile,),
+    ),
+    Row(
+        "gradient_norms_near_1e20",  # their squares overflow float32, whichever strategy
+        lambda: nn.Sequential(nn.Embedding(10, 4), nn.Flatten(), nn.Linear(12, 3)),
+        lambda: ((torch.randint(0, 10, (6, 3)),), torch.randn(6, 3)),
+        lambda out, y: ((out - y) ** 2).sum(1) * 1e20,
+        check=lambda t, m, r: (r.norms > 1e19).all() and (r.clip_factors > 0).all(),
+    ),
 ]
 
 
@@ -101,7 +144,11 @@ def _float64(tree):
     return pytree.tree_map(lambda v: v.double() if isinstance(v, torch.Tensor) and v.is_floating_point() else v, tree)
 
 
-@pytest.mark.parametrize("row", [r for r in ROWS if r.error], ids=lambda r: r.id)
+def _rows(refused: bool):
+    return [pytest.param(r, marks=r.marks, id=r.id) for r in ROWS if bool(r.error) == refused]
+
+
+@pytest.mark.parametrize("row", _rows(refused=True))
 def test_bad_input_is_refused_and_changes_nothing(row):
     model = _with_grads(row.model())
     before = _snapshot(model)
@@ -115,7 +162,7 @@ def test_bad_input_is_refused_and_changes_nothing(row):
     _assert_unchanged(model, before)
 
 
-@pytest.mark.parametrize("row", [r for r in ROWS if not r.error], ids=lambda r: r.id)
+@pytest.mark.parametrize("row", _rows(refused=False))
 def test_unusual_input_gives_the_reference_result(row):
     model = row.model()
     options = {"max_grad_norm": 1.0, **row.options}
@@ -138,6 +185,7 @@ def test_unusual_input_gives_the_reference_result(row):
     for name, p in model.named_parameters():
         if p.requires_grad:
             torch.testing.assert_close(p.grad.to_dense().double(), clipped[name], rtol=tol, atol=tol * scale, msg=name)
+    assert any(f.startswith("the whole model") for f in t.fallbacks) == row.whole_model, t.fallbacks
     if row.check:
         assert row.check(t, model, result), f"{row.id}: check failed"
 
