@@ -12,7 +12,7 @@ import torch
 import torch.utils._pytree as pytree
 
 from .capture_key import capture_key, key_change
-from .checks import check_integer, check_number
+from .checks import check_bool, check_integer, check_number
 from .errors import ExampleMixingError, FxclipError, NotCovered, VerificationError, describe
 from .passes import Context, StepProgram, run_passes
 from .passes.capture import ExportFailed, reject_batch_statistics
@@ -106,6 +106,8 @@ class PrivateStep:
         max_physical_batch_size=None,
     ):
         self.max_grad_norm = max_grad_norm
+        if not callable(loss_fn):
+            raise FxclipError(f"loss_fn must be a function (output, targets) -> per-example losses [B], got a {type(loss_fn).__name__}")
         if strategy not in STRATEGIES:
             raise FxclipError(f"strategy must be one of {STRATEGIES}, got {strategy!r}")
         if not isinstance(compile, bool) and compile not in BATCH_MODES:
@@ -118,13 +120,15 @@ class PrivateStep:
         if not isinstance(model, torch.nn.Module):
             raise FxclipError(f"model must be a torch.nn.Module, got a {type(model).__name__}; wrap a function in an nn.Module")
         if batch_dims is not None and (
-            isinstance(batch_dims, int) or not all(isinstance(d, int) and not isinstance(d, bool) for d in batch_dims)
+            not isinstance(batch_dims, Sequence) or isinstance(batch_dims, str)
+            or not all(isinstance(d, int) and not isinstance(d, bool) for d in batch_dims)
         ):
             raise FxclipError(f"batch_dims must be a sequence of ints, one per model input (e.g. (1,)), got {batch_dims!r}")
         if memory_budget is not None:
             memory_budget = check_number(
                 "memory_budget", memory_budget, above=0, hint="It counts elements per example.", error=FxclipError
             )
+        check_bool("verify", verify, error=FxclipError)
         reject_batch_statistics(model)
         self.model = model
         self.loss_fn = loss_fn
@@ -150,13 +154,7 @@ class PrivateStep:
 
     @max_grad_norm.setter
     def max_grad_norm(self, value) -> None:
-        try:
-            bound = float(value)
-        except (TypeError, ValueError):
-            bound = math.nan
-        if isinstance(value, bool) or not math.isfinite(bound) or bound <= 0:
-            raise FxclipError(f"max_grad_norm must be a positive finite number, got {value!r}")
-        self._max_grad_norm = bound
+        self._max_grad_norm = check_number("max_grad_norm", value, above=0, hint="It is the clip bound C.", error=FxclipError)
 
     @_differentiating
     def step(self, inputs, targets) -> StepResult:
@@ -167,6 +165,7 @@ class PrivateStep:
         if not trainable:
             raise FxclipError("the model has no trainable parameter (requires_grad=True): there is nothing to clip or train")
         if batch == 0:
+            self._check_empty_batch(inputs, targets)
             empty = torch.zeros(0)
             self._accumulate(trainable, {})
             return StepResult(empty, empty, empty)
@@ -251,12 +250,16 @@ class PrivateStep:
         for i, (x, d) in enumerate(zip(inputs, dims)):
             if not isinstance(x, torch.Tensor):
                 raise FxclipError(f"input {i} is a {type(x).__name__}; step() takes tensors")
+            if x.is_meta:
+                raise FxclipError(f"input {i} is on the meta device, which holds shapes but no values; move the batch to a real device (x.to('cpu'))")
             if not 0 <= d < x.dim():
                 given = (self.batch_dims or dims)[i]
                 raise FxclipError(f"input {i} has shape {tuple(x.shape)}, which has no dim {given} for the batch")
             sizes.append(x.shape[d])
         for t in pytree.tree_leaves(targets):
             if isinstance(t, torch.Tensor):
+                if t.is_meta:
+                    raise FxclipError("the targets are on the meta device, which holds shapes but no values; move them to a real device")
                 sizes.append(t.shape[0] if t.dim() else -1)
         if len(set(sizes)) != 1:
             raise FxclipError(
@@ -264,6 +267,17 @@ class PrivateStep:
                 "targets along dim 0)"
             )
         return sizes[0]
+
+    def _check_empty_batch(self, inputs: tuple, targets) -> None:
+        """An empty batch adds nothing, but its shapes must fit the model: they do if a capture
+        has their key; else the model runs as plain PyTorch on one example of zeros shaped like
+        them (an empty batch itself is no test: x.view(len(x), -1) fails on it)."""
+        dims = self._batch_dims(inputs)
+        if capture_key(self.model, self.loss_fn, inputs, targets, dims) in self._programs:
+            return
+        one = tuple(x.new_zeros((*x.shape[:d], 1, *x.shape[d + 1 :])) for x, d in zip(inputs, dims))
+        ones = pytree.tree_map(lambda t: t.new_zeros((1, *t.shape[1:])) if isinstance(t, torch.Tensor) else t, targets)
+        _raise_if_the_batch_fails(self.model, self.loss_fn, one, ones, "one example of zeros shaped like this empty batch")
 
     def _program(self, inputs, targets):
         dims = self._batch_dims(inputs)
@@ -348,6 +362,10 @@ class PrivateStep:
         except NotCovered as e:
             self._fall_back(e, ctx.batch_dims)
             return self._run(chunk, params)
+        except Exception as e:
+            if not isinstance(e, FxclipError):  # torch's error from inside the step
+                _raise_if_the_batch_fails(self.model, self.loss_fn, *chunk)
+            raise  # the model runs as plain PyTorch: fxclip's own failure
 
     def _chunks(self, inputs, targets, batch: int):
         """(inputs, targets) of each physical batch: slices of at most max_physical_batch_size
@@ -384,7 +402,9 @@ class PrivateStep:
                 g = torch.zeros_like(p)
             elif g.dtype != p.dtype or g.shape != p.shape:
                 g = g.to(p.dtype).reshape(p.shape)
-            p.grad = g if p.grad is None else p.grad + g
+            # not a view: model.double() would convert a view's dtype but not its base's, which
+            # export (the next capture) then refuses
+            p.grad = g.detach() if p.grad is None else p.grad + g
 
     def _verify(self, ctx: Context, program: StepProgram, inputs, targets, examples: int = 8) -> None:
         """Compare the first few examples' norms and clipped sum with the torch.func reference
@@ -419,17 +439,65 @@ class PrivateStep:
             raise VerificationError(f"clipped gradients differ from the reference for parameters {bad}")
 
 
-def _raise_if_the_batch_fails(model, loss_fn, inputs: tuple, targets) -> None:
-    """An export failure may be the batch's fault (a wrong feature size, an extra input): the model
-    run as plain PyTorch on it fails too, and that error is the one to report, not a fallback."""
-    try:
-        with torch.no_grad(), rng_forked(inputs):
-            loss_fn(model(*inputs), targets)
-    except Exception as e:
-        raise FxclipError(
-            f"the model and loss_fn fail on this batch run as plain PyTorch ({describe(e)}); check the "
-            "inputs, targets and batch_dims"
-        ) from e
+def _raise_if_the_batch_fails(model, loss_fn, inputs: tuple, targets, what: str = "this batch") -> None:
+    """An error inside the step, or an export failure, may be the batch's fault (a wrong feature
+    size or dtype, a label out of range): the model run as plain PyTorch on it fails too, and that
+    error is the one to report, with its likely cause, not a fallback or fxclip's traceback."""
+    with torch.no_grad(), rng_forked(inputs):
+        try:
+            out = model(*inputs)
+        except Exception as e:
+            cause = _dtype_cause(model, inputs, e) or _index_cause(inputs, e)
+            failure, error = f"the model raises {describe(e).rstrip('.')}{cause}", e
+        else:
+            try:
+                loss_fn(out, targets)
+                return
+            except Exception as e:
+                failure, error = f"loss_fn raises {describe(e).rstrip('.')}{_index_cause(targets, e, out)}", e
+    raise FxclipError(
+        f"the model and loss_fn fail on {what} run as plain PyTorch: {failure}. Check the inputs, "
+        "targets and batch_dims."
+    ) from error
+
+
+def _dtype_cause(model, inputs: tuple, error: Exception) -> str:
+    """For an error about types: an input whose dtype is not the parameters' (one float dtype)."""
+    dtypes = {p.dtype for p in model.parameters() if p.is_floating_point()}
+    if "type" not in str(error).lower() or len(dtypes) != 1:
+        return ""
+    (dtype,) = dtypes
+    floats = [(i, x) for i, x in enumerate(inputs) if x.is_floating_point() and x.dtype != dtype]
+    if floats:
+        i, x = floats[0]
+        return (
+            f". Likely cause: input {i} is {x.dtype} but the model's parameters are {dtype}; convert one "
+            f"to the other (x.to({dtype}) or model.to({x.dtype}))"
+        )
+    ints = [i for i, x in enumerate(inputs) if not (x.is_floating_point() or x.is_complex())]
+    if ints:
+        return (
+            f". Likely cause: input {ints[0]} is {inputs[ints[0]].dtype} but the model computes in {dtype}; "
+            f"pass {dtype} features (x.to({dtype})), or feed integer ids to an nn.Embedding first"
+        )
+    return ""
+
+
+def _index_cause(values, error: Exception, output: torch.Tensor | None = None) -> str:
+    """For an index error: the range of the integer tensors among `values` (the targets' class
+    labels, given the model's output; else the inputs' ids)."""
+    if not isinstance(error, IndexError) and "out of range" not in str(error) and "out of bounds" not in str(error):
+        return ""
+    ints = [t for t in pytree.tree_leaves(values) if isinstance(t, torch.Tensor) and t.numel() and not (t.is_floating_point() or t.is_complex() or t.dtype == torch.bool)]
+    if not ints:
+        return ""
+    low, high = min(int(t.min()) for t in ints), max(int(t.max()) for t in ints)
+    if output is not None:
+        return (
+            f". Likely cause: a class label outside the output's classes: the targets hold {low}..{high} "
+            f"and the model's output has shape {tuple(output.shape)}; labels must be 0..C-1"
+        )
+    return f". Likely cause: an index out of range, such as a token id beyond an embedding's rows: the integer inputs hold {low}..{high}"
 
 
 def _raise_if_not_finite(inputs: tuple, losses: torch.Tensor, norms: torch.Tensor | None = None) -> None:

@@ -15,6 +15,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 import torch.utils._pytree as pytree
+import torch.utils.checkpoint
 
 import fxclip
 from fxclip.reference import any_per_example_grads, clipped_sum
@@ -83,6 +84,18 @@ def huge_inputs(*positions):
     return batch
 
 
+class Checkpointed(nn.Module):
+    """The whole model inside a reentrant checkpoint: its output has no grad_fn (no input needs
+    a gradient), so the loss looks as if it depended on no parameter."""
+
+    def __init__(self, body):
+        super().__init__()
+        self.body = body
+
+    def forward(self, x):
+        return torch.utils.checkpoint.checkpoint(self.body, x, use_reentrant=True)
+
+
 class BilinearOfComputed(nn.Module):
     """nn.Bilinear of a tensor computed in the model and a second batch input."""
 
@@ -120,6 +133,71 @@ ROWS = [
         lambda out, y: ((out - y) ** 2).sum(1) * 1e20,
         check=lambda t, m, r: (r.norms > 1e19).all() and (r.clip_factors > 0).all(),
     ),
+    # ---- torch's errors from inside the step: kept, with the likely cause ----
+    Row(
+        "int64_inputs_to_a_float_model", lambda: mlp(torch.float32),
+        lambda: ((torch.randint(0, 5, (6, 4)),), torch.randn(6, 3)),
+        error=r"(?s)plain PyTorch: the model raises RuntimeError: mat1 and mat2 must have the same dtype.*"
+        r"Likely cause: input 0 is torch.int64 but the model computes in torch.float32",
+    ),
+    Row(
+        "float32_inputs_to_a_float64_model", mlp, regression_batch(dtype=torch.float32),
+        error=r"Likely cause: input 0 is torch.float32 but the model's parameters are torch.float64; convert",
+    ),
+    Row(
+        "class_label_out_of_range", mlp, lambda: ((torch.randn(6, 4, dtype=torch.float64),), torch.tensor([0, 1, 2, 7, 1, 0])), ce,
+        error=r"loss_fn raises IndexError: Target 7 is out of bounds. Likely cause: a class label outside the "
+        r"output's classes: the targets hold 0..7 and the model's output has shape \(6, 3\)",
+    ),
+    Row(
+        "token_id_out_of_range", lambda: nn.Sequential(nn.Embedding(10, 4), nn.Flatten(), nn.Linear(12, 3)).double(),
+        lambda: ((torch.tensor([[1, 2, 3]] * 5 + [[1, 12, 3]]),), torch.randn(6, 3, dtype=torch.float64)),
+        error=r"the model raises IndexError: index out of range in self. Likely cause: an index out of range.*hold 1..12",
+    ),
+    # ---- errors fxclip names itself ----
+    Row(
+        "integer_loss", mlp, regression_batch(), lambda out, y: (out - y).argmax(1),
+        error=r"loss_fn must return real floating-point losses, one per example; it returned torch.int64",
+    ),
+    Row(
+        "inputs_on_the_meta_device", mlp, lambda: ((torch.randn(6, 4, dtype=torch.float64, device="meta"),), torch.randn(6, 3, dtype=torch.float64)),
+        error=r"input 0 is on the meta device, which holds shapes but no values",
+    ),
+    Row(
+        "targets_on_the_meta_device", mlp, lambda: ((torch.randn(6, 4, dtype=torch.float64),), torch.randn(6, 3, dtype=torch.float64, device="meta")),
+        error=r"the targets are on the meta device",
+    ),
+    Row("reentrant_checkpoint_around_the_whole_model", lambda: Checkpointed(mlp()), regression_batch(), error=r"use_reentrant=True.*pass use_reentrant=False"),
+    Row(
+        "empty_batch_of_the_wrong_feature_size", mlp,
+        lambda: ((torch.randn(0, 7, dtype=torch.float64),), torch.randn(0, 3, dtype=torch.float64)),
+        error=r"fail on one example of zeros shaped like this empty batch run as plain PyTorch: the model raises "
+        r"RuntimeError: mat1 and mat2 shapes cannot be multiplied \(1x7 and 4x8\)",
+    ),
+    # ---- options of transform, each type-checked ----
+    *(
+        Row(f"option_{name}_{value!r}", mlp, regression_batch(), options={name: value}, error=message)
+        for name, value, message in [
+            ("max_grad_norm", "1.0", r"max_grad_norm must be a finite number > 0, got '1.0'"),
+            ("max_grad_norm", True, r"max_grad_norm must be a finite number > 0, got True"),
+            ("verify", "no", r"verify must be True or False, got 'no'"),
+            ("verify", 1, r"verify must be True or False, got 1"),
+            ("strategy", None, r"strategy must be one of \('auto', 'ghost', 'materialize'\), got None"),
+            ("compile", "yes", r"compile must be True, False or a batch mode"),
+            ("batch_dims", 0.0, r"batch_dims must be a sequence of ints"),
+            ("batch_dims", "0", r"batch_dims must be a sequence of ints"),
+            ("max_physical_batch_size", 2.5, r"max_physical_batch_size must be an integer >= 1, got 2.5"),
+            ("memory_budget", "1e6", r"memory_budget must be a finite number > 0, got '1e6'"),
+        ]
+    ),
+    Row("loss_fn_none", mlp, regression_batch(), loss=None, error=r"loss_fn must be a function \(output, targets\)"),
+    # ---- state changed between steps ----
+    Row(
+        "float64_after_a_float32_step",  # fxclip's .grads of the first step are still there
+        lambda: mlp(torch.float32), regression_batch(),
+        prepare=lambda t, model: (t.step(*regression_batch(dtype=torch.float32)()), model.double()),
+        check=lambda t, model, result: all(p.grad.dtype == torch.float64 for p in model.parameters()),
+    ),
 ]
 
 
@@ -153,7 +231,7 @@ def test_bad_input_is_refused_and_changes_nothing(row):
     model = _with_grads(row.model())
     before = _snapshot(model)
     with pytest.raises(fxclip.FxclipError, match=row.error):
-        t = fxclip.transform(model, row.loss, 1.0, **row.options)
+        t = fxclip.transform(model, row.loss, **{"max_grad_norm": 1.0, **row.options})
         if row.prepare:
             row.prepare(t, model)
             before = _snapshot(model)
@@ -169,7 +247,7 @@ def test_unusual_input_gives_the_reference_result(row):
     t = fxclip.transform(model, row.loss, **options)
     if row.prepare:
         row.prepare(t, model)
-    model.zero_grad(set_to_none=True)
+    before = {k: p.grad.clone() for k, p in model.named_parameters() if p.grad is not None}
     with row.around():
         inputs, targets = row.batch()
         result = t.step(inputs, targets)
@@ -183,8 +261,9 @@ def test_unusual_input_gives_the_reference_result(row):
     torch.testing.assert_close(result.norms.double(), norms, rtol=tol, atol=tol * float(norms.max()))
     scale = max(float(g.abs().max()) for g in clipped.values())
     for name, p in model.named_parameters():
-        if p.requires_grad:
-            torch.testing.assert_close(p.grad.to_dense().double(), clipped[name], rtol=tol, atol=tol * scale, msg=name)
+        if p.requires_grad:  # the step adds the clipped sum to .grad
+            added = p.grad.to_dense() - before[name] if name in before else p.grad.to_dense()
+            torch.testing.assert_close(added.double(), clipped[name], rtol=tol, atol=tol * scale, msg=name)
     assert any(f.startswith("the whole model") for f in t.fallbacks) == row.whole_model, t.fallbacks
     if row.check:
         assert row.check(t, model, result), f"{row.id}: check failed"
