@@ -400,8 +400,9 @@ class PrivateStep:
             g = grads.get(key)
             if g is None:
                 g = torch.zeros_like(p)
-            elif g.dtype != p.dtype or g.shape != p.shape:
-                g = g.to(p.dtype).reshape(p.shape)
+            else:
+                g = g.to(p.dtype)  # no copy when it is p's
+                g = g if g.shape == p.shape else g.reshape(p.shape)  # a sparse g has p's shape
             # not a view: model.double() would convert a view's dtype but not its base's, which
             # export (the next capture) then refuses
             p.grad = g.detach() if p.grad is None else p.grad + g

@@ -84,6 +84,22 @@ def huge_inputs(*positions):
     return batch
 
 
+def token_batch():
+    return (torch.tensor([[0, 1, 1], [2, 0, 4]] * 3),), torch.randn(6, 3, dtype=torch.float64)
+
+
+def _same_layout_as_backward(t, model, result) -> bool:
+    """The embedding's .grad is sparse with backward's rows (padding left out), and
+    torch.optim.SparseAdam steps on it."""
+    grad = model[0].weight.grad
+    inputs, targets = token_batch()  # the same tokens: backward's rows are the step's
+    plain = copy.deepcopy(model)
+    plain.zero_grad(set_to_none=True)
+    squares(plain(*inputs), targets).sum().backward()
+    torch.optim.SparseAdam([model[0].weight]).step()
+    return grad.is_sparse and torch.equal(grad._indices(), plain[0].weight.grad._indices())
+
+
 class Checkpointed(nn.Module):
     """The whole model inside a reentrant checkpoint: its output has no grad_fn (no input needs
     a gradient), so the loss looks as if it depended on no parameter."""
@@ -132,6 +148,18 @@ ROWS = [
         lambda: ((torch.randint(0, 10, (6, 3)),), torch.randn(6, 3)),
         lambda out, y: ((out - y) ** 2).sum(1) * 1e20,
         check=lambda t, m, r: (r.norms > 1e19).all() and (r.clip_factors > 0).all(),
+    ),
+    # ---- gradient layouts: a sparse .grad where backward gives one ----
+    *(
+        Row(
+            f"sparse_{name}{'_compiled' if compiled else ''}", make, token_batch,
+            options={"compile": compiled}, check=_same_layout_as_backward, marks=(pytest.mark.compile,) * compiled,
+        )
+        for name, make in [
+            ("embedding", lambda: nn.Sequential(nn.Embedding(10, 4, padding_idx=0, sparse=True), nn.Flatten(), nn.Linear(12, 3)).double()),
+            ("embedding_bag", lambda: nn.Sequential(nn.EmbeddingBag(10, 4, mode="mean", sparse=True), nn.Linear(4, 3)).double()),
+        ]
+        for compiled in (False, True)
     ),
     # ---- torch's errors from inside the step: kept, with the likely cause ----
     Row(

@@ -397,12 +397,14 @@ class StepProgram:
             with phase("book-keeping", use.params):
                 in_value_space = forms[i].clipped_sum(clip)
                 if use.chain_kind == "identity":
-                    param_grads = [in_value_space.reshape(self.ctx.trainable[use.params[0]].meta["val"].shape)]
+                    shape = self.ctx.trainable[use.params[0]].meta["val"].shape
+                    # a sparse sum (nn.Embedding(sparse=True)) has the shape and cannot reshape
+                    param_grads = [in_value_space if in_value_space.shape == shape else in_value_space.reshape(shape)]
                 elif use.chain_kind == "transpose":
                     param_grads = [in_value_space.t()]
                 else:
                     params = [self.ctx.trainable[p] for p in use.params]
-                    param_grads = self._chain_vjp(use, env, params)(in_value_space)
+                    param_grads = self._chain_vjp(use, env, params)(_dense(in_value_space))
                 for key, g in zip(use.params, param_grads):
                     grads[key] = grads[key] + g if key in grads else g
         return grads
@@ -417,6 +419,10 @@ def _operand_axes(node: Node) -> dict[str, BatchAxis]:
             if isinstance(v, Node) and isinstance(v.meta.get("fxclip_batch_axis"), BatchAxis):
                 axes[name if v is value else f"{name}.{j}"] = v.meta["fxclip_batch_axis"]
     return axes
+
+
+def _dense(x: torch.Tensor) -> torch.Tensor:
+    return x.to_dense() if x.is_sparse else x
 
 
 def env_param(env: dict, node: Node) -> torch.Tensor:
