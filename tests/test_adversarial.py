@@ -152,14 +152,14 @@ ROWS = [
     # ---- gradient layouts: a sparse .grad where backward gives one ----
     *(
         Row(
-            f"sparse_{name}{'_compiled' if compiled else ''}", make, token_batch,
-            options={"compile": compiled}, check=_same_layout_as_backward, marks=(pytest.mark.compile,) * compiled,
+            f"sparse_{name}{how}", make, token_batch, options=options, check=_same_layout_as_backward,
+            marks=(pytest.mark.compile,) * ("compile" in options),
         )
         for name, make in [
             ("embedding", lambda: nn.Sequential(nn.Embedding(10, 4, padding_idx=0, sparse=True), nn.Flatten(), nn.Linear(12, 3)).double()),
             ("embedding_bag", lambda: nn.Sequential(nn.EmbeddingBag(10, 4, mode="mean", sparse=True), nn.Linear(4, 3)).double()),
         ]
-        for compiled in (False, True)
+        for how, options in [("", {}), ("_compiled", {"compile": True}), ("_verified_in_chunks", {"verify": True, "max_physical_batch_size": 4})]
     ),
     # ---- torch's errors from inside the step: kept, with the likely cause ----
     Row(
