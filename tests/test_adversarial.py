@@ -97,7 +97,7 @@ def _same_layout_as_backward(t, model, result) -> bool:
     plain.zero_grad(set_to_none=True)
     squares(plain(*inputs), targets).sum().backward()
     torch.optim.SparseAdam([model[0].weight]).step()
-    return grad.is_sparse and torch.equal(grad._indices(), plain[0].weight.grad._indices())
+    return grad.is_sparse and torch.equal(grad.coalesce().indices(), plain[0].weight.grad.coalesce().indices())
 
 
 class Checkpointed(nn.Module):
