@@ -164,6 +164,12 @@ class PrivateStep:
         trainable = {k: p for k, p in params.items() if p.requires_grad}
         if not trainable:
             raise FxclipError("the model has no trainable parameter (requires_grad=True): there is nothing to clip or train")
+        made_in_inference = [k for k, p in trainable.items() if p.is_inference()]
+        if made_in_inference:
+            raise FxclipError(
+                f"parameter {made_in_inference[0]!r} was made under torch.inference_mode(), so autograd cannot "
+                "differentiate with respect to it; build or load the model outside inference mode"
+            )
         if batch == 0:
             self._check_empty_batch(inputs, targets)
             empty = torch.zeros(0)

@@ -100,6 +100,11 @@ def _same_layout_as_backward(t, model, result) -> bool:
     return grad.is_sparse and torch.equal(grad.coalesce().indices(), plain[0].weight.grad.coalesce().indices())
 
 
+def _made_in_inference_mode(make):
+    with torch.inference_mode():
+        return make()
+
+
 class Checkpointed(nn.Module):
     """The whole model inside a reentrant checkpoint: its output has no grad_fn (no input needs
     a gradient), so the loss looks as if it depended on no parameter."""
@@ -196,6 +201,7 @@ ROWS = [
         error=r"the targets are on the meta device",
     ),
     Row("reentrant_checkpoint_around_the_whole_model", lambda: Checkpointed(mlp()), regression_batch(), error=r"use_reentrant=True.*pass use_reentrant=False"),
+    Row("model_made_in_inference_mode", lambda: _made_in_inference_mode(mlp), regression_batch(), error=r"parameter '0.weight' was made under torch.inference_mode\(\)"),
     Row(
         "empty_batch_of_the_wrong_feature_size", mlp,
         lambda: ((torch.randn(0, 7, dtype=torch.float64),), torch.randn(0, 3, dtype=torch.float64)),
