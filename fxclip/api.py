@@ -75,15 +75,15 @@ def transform(
 
 
 def _differentiating(method):
-    """`method(self, inputs, targets)` run with gradients enabled, also when called under
-    torch.no_grad() or torch.inference_mode(): capturing and running the step differentiate.
-    Tensors made in inference mode cannot be saved for backward, so those are copied first."""
+    """`method` run with gradients enabled, also when called under torch.no_grad() or
+    torch.inference_mode(): capturing and running the step differentiate. Tensors made in
+    inference mode cannot be saved for backward, so those among the arguments are copied first."""
 
     @functools.wraps(method)
-    def run(self, inputs=None, targets=None):
+    def run(self, *args, **kwargs):
         with torch.inference_mode(False), torch.enable_grad():
-            inputs, targets = pytree.tree_map(_normal_tensor, (inputs, targets))
-            return method(self, inputs, targets)
+            args, kwargs = pytree.tree_map(_normal_tensor, (args, kwargs))
+            return method(self, *args, **kwargs)
 
     return run
 
@@ -490,21 +490,22 @@ def _dtype_cause(model, inputs: tuple, error: Exception) -> str:
     return ""
 
 
-def _index_cause(values, error: Exception, output: torch.Tensor | None = None) -> str:
+def _index_cause(values, error: Exception, output=None) -> str:
     """For an index error: the range of the integer tensors among `values` (the targets' class
     labels, given the model's output; else the inputs' ids)."""
     if not isinstance(error, IndexError) and "out of range" not in str(error) and "out of bounds" not in str(error):
         return ""
-    ints = [t for t in pytree.tree_leaves(values) if isinstance(t, torch.Tensor) and t.numel() and not (t.is_floating_point() or t.is_complex() or t.dtype == torch.bool)]
+    ints = [
+        t for t in pytree.tree_leaves(values)
+        if isinstance(t, torch.Tensor) and t.numel() and not (t.is_floating_point() or t.is_complex() or t.dtype == torch.bool)
+    ]
     if not ints:
         return ""
     low, high = min(int(t.min()) for t in ints), max(int(t.max()) for t in ints)
-    if output is not None:
-        return (
-            f". Likely cause: a class label outside the output's classes: the targets hold {low}..{high} "
-            f"and the model's output has shape {tuple(output.shape)}; labels must be 0..C-1"
-        )
-    return f". Likely cause: an index out of range, such as a token id beyond an embedding's rows: the integer inputs hold {low}..{high}"
+    if output is None:
+        return f". Likely cause: an index out of range, such as a token id beyond an embedding's rows: the integer inputs hold {low}..{high}"
+    shape = f" and the model's output has shape {tuple(output.shape)}" if isinstance(output, torch.Tensor) else ""
+    return f". Likely cause: a class label outside the output's classes: the targets hold {low}..{high}{shape}; labels must be 0..C-1"
 
 
 def _raise_if_not_finite(inputs: tuple, losses: torch.Tensor, norms: torch.Tensor | None = None) -> None:
