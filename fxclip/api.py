@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import math
 import warnings
 from dataclasses import dataclass
@@ -11,7 +12,7 @@ import torch
 import torch.utils._pytree as pytree
 
 from .capture_key import capture_key, key_change
-from .checks import check_integer, check_number
+from .checks import check_bool, check_integer, check_number
 from .errors import ExampleMixingError, FxclipError, NotCovered, VerificationError, describe
 from .passes import Context, StepProgram, run_passes
 from .passes.capture import ExportFailed, reject_batch_statistics
@@ -78,6 +79,25 @@ def transform(
     )
 
 
+def _differentiating(method):
+    """`method` run with gradients enabled, also when called under torch.no_grad() or
+    torch.inference_mode(): capturing and running the step differentiate. Tensors made in
+    inference mode cannot be saved for backward, so those among the arguments are copied first."""
+
+    @functools.wraps(method)
+    def run(self, *args, **kwargs):
+        with torch.inference_mode(False), torch.enable_grad():
+            args, kwargs = pytree.tree_map(_normal_tensor, (args, kwargs))
+            return method(self, *args, **kwargs)
+
+    return run
+
+
+def _normal_tensor(x):
+    """An inference-mode tensor as a normal one (a copy), anything else as it is."""
+    return x.clone() if isinstance(x, torch.Tensor) and x.is_inference() else x
+
+
 # captures of one model after which each new one warns (a model whose Python state changes every step)
 RECAPTURE_WARNING = 8
 
@@ -91,6 +111,8 @@ class PrivateStep:
         max_physical_batch_size=None, cuda_graphs=False,
     ):
         self.max_grad_norm = max_grad_norm
+        if not callable(loss_fn):
+            raise FxclipError(f"loss_fn must be a function (output, targets) -> per-example losses [B], got a {type(loss_fn).__name__}")
         if strategy not in STRATEGIES:
             raise FxclipError(f"strategy must be one of {STRATEGIES}, got {strategy!r}")
         if not isinstance(compile, bool) and compile not in BATCH_MODES:
@@ -107,13 +129,15 @@ class PrivateStep:
         if not isinstance(model, torch.nn.Module):
             raise FxclipError(f"model must be a torch.nn.Module, got a {type(model).__name__}; wrap a function in an nn.Module")
         if batch_dims is not None and (
-            isinstance(batch_dims, int) or not all(isinstance(d, int) and not isinstance(d, bool) for d in batch_dims)
+            not isinstance(batch_dims, Sequence) or isinstance(batch_dims, str)
+            or not all(isinstance(d, int) and not isinstance(d, bool) for d in batch_dims)
         ):
             raise FxclipError(f"batch_dims must be a sequence of ints, one per model input (e.g. (1,)), got {batch_dims!r}")
         if memory_budget is not None:
             memory_budget = check_number(
                 "memory_budget", memory_budget, above=0, hint="It counts elements per example.", error=FxclipError
             )
+        check_bool("verify", verify, error=FxclipError)
         reject_batch_statistics(model)
         self.model = model
         self.loss_fn = loss_fn
@@ -140,14 +164,9 @@ class PrivateStep:
 
     @max_grad_norm.setter
     def max_grad_norm(self, value) -> None:
-        try:
-            bound = float(value)
-        except (TypeError, ValueError):
-            bound = math.nan
-        if isinstance(value, bool) or not math.isfinite(bound) or bound <= 0:
-            raise FxclipError(f"max_grad_norm must be a positive finite number, got {value!r}")
-        self._max_grad_norm = bound
+        self._max_grad_norm = check_number("max_grad_norm", value, above=0, hint="It is the clip bound C.", error=FxclipError)
 
+    @_differentiating
     def step(self, inputs, targets) -> StepResult:
         inputs = tuple(inputs) if isinstance(inputs, (tuple, list)) else (inputs,)
         batch = self._check_inputs(inputs, targets)
@@ -155,19 +174,30 @@ class PrivateStep:
         trainable = {k: p for k, p in params.items() if p.requires_grad}
         if not trainable:
             raise FxclipError("the model has no trainable parameter (requires_grad=True): there is nothing to clip or train")
+        made_in_inference = [k for k, p in trainable.items() if p.is_inference()]
+        if made_in_inference:
+            raise FxclipError(
+                f"parameter {made_in_inference[0]!r} was made under torch.inference_mode(), so autograd cannot "
+                "differentiate with respect to it; build or load the model outside inference mode"
+            )
         if batch == 0:
+            self._check_empty_batch(inputs, targets)
             empty = torch.zeros(0)
             self._accumulate(trainable, {})
             return StepResult(empty, empty, empty)
         self._program(inputs, targets)
         try:
-            runs = [self._run(chunk, params) for chunk in self._chunks(inputs, targets, batch)]
-            losses, norms, clip, grads = runs[0] if len(runs) == 1 else _combine(runs)
+            losses, norms, clip, grads = self._run_batch(inputs, targets, batch, params)
             # A sum is finite iff its terms are (or it overflowed: the exact check sorts that out);
             # two reductions and one device sync (a GPU step runs ahead of Python until here)
             # instead of elementwise checks, which cost more than a small step's math.
             if not math.isfinite(float(losses.sum() + norms.sum())):
-                _raise_if_not_finite(inputs, losses, norms)
+                _raise_if_not_finite(inputs, losses)
+                if not torch.isfinite(norms).all():
+                    # a ghost norm overflowed or cancelled below zero in the working precision
+                    # (forms.ghost_norm_sq): the step again, its norms in float64 of scaled values
+                    losses, norms, clip, grads = self._run_batch(inputs, targets, batch, params, safe=True)
+                    _raise_if_not_finite(inputs, losses, norms)
         except BaseException:
             if self._last_key not in self._stepped:  # a capture that never completed a step is not kept
                 self._programs.pop(self._last_key, None)
@@ -181,6 +211,7 @@ class PrivateStep:
         self._accumulate(trainable, grads)
         return StepResult(losses, norms, clip)
 
+    @_differentiating
     def explain(self, inputs=None, targets=None):
         """What fxclip does for each trainable parameter, as a table (`print(t.explain())`): the
         ops that use it, the rule and its source, the strategy, the cost formulas and their values,
@@ -190,6 +221,7 @@ class PrivateStep:
 
         return explain(self, inputs, targets)
 
+    @_differentiating
     def graph(self, inputs, targets):
         """One step on this batch traced into a `fxclip.graph_view.StepGraph` (readable code with
         `.code()`, graphviz DOT with `.to_dot()`, a picture with `.render(path)`); pure."""
@@ -235,12 +267,16 @@ class PrivateStep:
         for i, (x, d) in enumerate(zip(inputs, dims)):
             if not isinstance(x, torch.Tensor):
                 raise FxclipError(f"input {i} is a {type(x).__name__}; step() takes tensors")
+            if x.is_meta:
+                raise FxclipError(f"input {i} is on the meta device, which holds shapes but no values; move the batch to a real device (x.to('cpu'))")
             if not 0 <= d < x.dim():
                 given = (self.batch_dims or dims)[i]
                 raise FxclipError(f"input {i} has shape {tuple(x.shape)}, which has no dim {given} for the batch")
             sizes.append(x.shape[d])
         for t in pytree.tree_leaves(targets):
             if isinstance(t, torch.Tensor):
+                if t.is_meta:
+                    raise FxclipError("the targets are on the meta device, which holds shapes but no values; move them to a real device")
                 sizes.append(t.shape[0] if t.dim() else -1)
         if len(set(sizes)) != 1:
             raise FxclipError(
@@ -248,6 +284,17 @@ class PrivateStep:
                 "targets along dim 0)"
             )
         return sizes[0]
+
+    def _check_empty_batch(self, inputs: tuple, targets) -> None:
+        """An empty batch adds nothing, but its shapes must fit the model: they do if a capture
+        has their key; else the model runs as plain PyTorch on one example of zeros shaped like
+        them (an empty batch itself is no test: x.view(len(x), -1) fails on it)."""
+        dims = self._batch_dims(inputs)
+        if capture_key(self.model, self.loss_fn, inputs, targets, dims) in self._programs:
+            return
+        one = tuple(x.new_zeros((*x.shape[:d], 1, *x.shape[d + 1 :])) for x, d in zip(inputs, dims))
+        ones = pytree.tree_map(lambda t: t.new_zeros((1, *t.shape[1:])) if isinstance(t, torch.Tensor) else t, targets)
+        _raise_if_the_batch_fails(self.model, self.loss_fn, one, ones, "one example of zeros shaped like this empty batch")
 
     def _program(self, inputs, targets):
         dims = self._batch_dims(inputs)
@@ -313,25 +360,34 @@ class PrivateStep:
             )
         return self._compiled[self._last_key]
 
-    def _run(self, chunk: tuple, params: dict):
+    def _run_batch(self, inputs, targets, batch: int, params: dict, safe: bool = False):
+        """(losses, norms, clip factors, clipped sums) of the batch, one `_run` per physical batch."""
+        runs = [self._run(chunk, params, safe) for chunk in self._chunks(inputs, targets, batch)]
+        return runs[0] if len(runs) == 1 else _combine(runs)
+
+    def _run(self, chunk: tuple, params: dict, safe: bool = False):
         """(losses, norms, clip factors, clipped sums) of one physical batch (inputs, targets), by
-        the current key's program; a rule that finds its op not covered (NotCovered) hands this
-        key to the whole-model fallback."""
+        the current key's program (eagerly when `safe`: StepProgram's float64 norms); a rule that
+        finds its op not covered (NotCovered) hands this key to the whole-model fallback."""
         ctx, program = self._programs[self._last_key]
         if ctx is None:  # the whole-model fallback
             return program(*chunk, self.max_grad_norm)
         flat_args = self._flat_args(ctx, *chunk, params=params)
         try:
-            if self.compile:
+            if self.compile and not safe:
                 try:
                     return self._compiled_step(ctx, program, flat_args)(flat_args, self.max_grad_norm)
                 except CompileFailed as e:  # the same step, eagerly: slower, same results
                     warnings.warn(f"{e}; the step runs eagerly instead (compile=False)", stacklevel=3)
                     self.compile = False
-            return program(flat_args, self.max_grad_norm, self.strategy)
+            return program(flat_args, self.max_grad_norm, self.strategy, safe)
         except NotCovered as e:
             self._fall_back(e, ctx.batch_dims)
             return self._run(chunk, params)
+        except Exception as e:
+            if not isinstance(e, FxclipError):  # torch's error from inside the step
+                _raise_if_the_batch_fails(self.model, self.loss_fn, *chunk)
+            raise  # the model runs as plain PyTorch: fxclip's own failure
 
     def _chunks(self, inputs, targets, batch: int):
         """(inputs, targets) of each physical batch: slices of at most max_physical_batch_size
@@ -366,9 +422,12 @@ class PrivateStep:
             g = grads.get(key)
             if g is None:
                 g = torch.zeros_like(p)
-            elif g.dtype != p.dtype or g.shape != p.shape:
-                g = g.to(p.dtype).reshape(p.shape)
-            p.grad = g if p.grad is None else p.grad + g
+            else:
+                g = g.to(p.dtype)  # no copy when it is p's
+                g = g if g.shape == p.shape else g.reshape(p.shape)  # a sparse g has p's shape
+            # not a view: model.double() would convert a view's dtype but not its base's, which
+            # export (the next capture) then refuses
+            p.grad = g.detach() if p.grad is None else p.grad + g
 
     def _verify(self, ctx: Context, program: StepProgram, inputs, targets, examples: int = 8) -> None:
         """Compare the first few examples' norms and clipped sum with the torch.func reference
@@ -393,7 +452,7 @@ class PrivateStep:
             raise VerificationError(f"per-example norms differ from the reference: fxclip {norms.tolist()} vs {ref_norms.tolist()}")
         bad = []
         for key, expected in ref_clipped.items():
-            got = grads.get(key, torch.zeros_like(expected))
+            got = grads.get(key, torch.zeros_like(expected)).to_dense()  # sparse for nn.Embedding(sparse=True)
             if (got - expected).abs().max() > tol * max(float(expected.abs().max()), self.max_grad_norm):
                 bad.append(key)
         if bad:
@@ -414,27 +473,78 @@ def _draws_random_numbers(node: torch.fx.Node) -> bool:
     return True
 
 
-def _raise_if_the_batch_fails(model, loss_fn, inputs: tuple, targets) -> None:
-    """An export failure may be the batch's fault (a wrong feature size, an extra input): the model
-    run as plain PyTorch on it fails too, and that error is the one to report, not a fallback."""
-    try:
-        with torch.no_grad(), rng_forked(inputs):
-            loss_fn(model(*inputs), targets)
-    except Exception as e:
-        raise FxclipError(
-            f"the model and loss_fn fail on this batch run as plain PyTorch ({describe(e)}); check the "
-            "inputs, targets and batch_dims"
-        ) from e
+def _raise_if_the_batch_fails(model, loss_fn, inputs: tuple, targets, what: str = "this batch") -> None:
+    """An error inside the step, or an export failure, may be the batch's fault (a wrong feature
+    size or dtype, a label out of range): the model run as plain PyTorch on it fails too, and that
+    error is the one to report, with its likely cause, not a fallback or fxclip's traceback."""
+    with torch.no_grad(), rng_forked(inputs):
+        try:
+            out = model(*inputs)
+        except Exception as e:
+            cause = _dtype_cause(model, inputs, e) or _index_cause(inputs, e)
+            failure, error = f"the model raises {describe(e).rstrip('.')}{cause}", e
+        else:
+            try:
+                loss_fn(out, targets)
+                return
+            except Exception as e:
+                failure, error = f"loss_fn raises {describe(e).rstrip('.')}{_index_cause(targets, e, out)}", e
+    raise FxclipError(
+        f"the model and loss_fn fail on {what} run as plain PyTorch: {failure}. Check the inputs, "
+        "targets and batch_dims."
+    ) from error
 
 
-def _raise_if_not_finite(inputs: tuple, losses: torch.Tensor, norms: torch.Tensor) -> None:
-    """The error for a step whose losses or norms are not all finite, naming the cause: a NaN or
-    infinity in an input (checked only here, so a step with finite results pays nothing for it),
-    else the examples whose loss or norm is not finite."""
+def _dtype_cause(model, inputs: tuple, error: Exception) -> str:
+    """For an error about types: an input whose dtype is not the parameters' (one float dtype)."""
+    dtypes = {p.dtype for p in model.parameters() if p.is_floating_point()}
+    if "type" not in str(error).lower() or len(dtypes) != 1:
+        return ""
+    (dtype,) = dtypes
+    floats = [(i, x) for i, x in enumerate(inputs) if x.is_floating_point() and x.dtype != dtype]
+    if floats:
+        i, x = floats[0]
+        return (
+            f". Likely cause: input {i} is {x.dtype} but the model's parameters are {dtype}; convert one "
+            f"to the other (x.to({dtype}) or model.to({x.dtype}))"
+        )
+    ints = [i for i, x in enumerate(inputs) if not (x.is_floating_point() or x.is_complex())]
+    if ints:
+        return (
+            f". Likely cause: input {ints[0]} is {inputs[ints[0]].dtype} but the model computes in {dtype}; "
+            f"pass {dtype} features (x.to({dtype})), or feed integer ids to an nn.Embedding first"
+        )
+    return ""
+
+
+def _index_cause(values, error: Exception, output=None) -> str:
+    """For an index error: the range of the integer tensors among `values` (the targets' class
+    labels, given the model's output; else the inputs' ids)."""
+    if not isinstance(error, IndexError) and "out of range" not in str(error) and "out of bounds" not in str(error):
+        return ""
+    ints = [
+        t for t in pytree.tree_leaves(values)
+        if isinstance(t, torch.Tensor) and t.numel() and not (t.is_floating_point() or t.is_complex() or t.dtype == torch.bool)
+    ]
+    if not ints:
+        return ""
+    low, high = min(int(t.min()) for t in ints), max(int(t.max()) for t in ints)
+    if output is None:
+        return f". Likely cause: an index out of range, such as a token id beyond an embedding's rows: the integer inputs hold {low}..{high}"
+    shape = f" and the model's output has shape {tuple(output.shape)}" if isinstance(output, torch.Tensor) else ""
+    return f". Likely cause: a class label outside the output's classes: the targets hold {low}..{high}{shape}; labels must be 0..C-1"
+
+
+def _raise_if_not_finite(inputs: tuple, losses: torch.Tensor, norms: torch.Tensor | None = None) -> None:
+    """The error for a step whose losses or norms (if given) are not all finite, naming the
+    cause: a NaN or infinity in an input (checked only here, so a step with finite results pays
+    nothing for it), else the examples whose loss or norm is not finite."""
     for i, x in enumerate(inputs):
         if x.is_floating_point() and not torch.isfinite(x).all():
             raise FxclipError(f"input {i} contains NaN or infinite values; clean the data before the step")
     for name, values in (("loss", losses), ("gradient norm", norms)):
+        if values is None:
+            continue
         bad = (~torch.isfinite(values)).nonzero().flatten().tolist()
         if bad:
             raise FxclipError(f"{name} is NaN or infinite for examples {bad[:10]}; no gradients were written")

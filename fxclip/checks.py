@@ -1,4 +1,5 @@
-"""Checks of numeric arguments (privacy parameters, sizes, counts) shared by fxclip's modules.
+"""Checks of numeric and boolean arguments (privacy parameters, sizes, counts, switches) shared by
+fxclip's modules.
 
 Each raises ValueError (or the subclass given as `error`: `transform` passes FxclipError) saying
 which argument is wrong, what it got, and what is allowed. Bools are refused although Python counts
@@ -25,15 +26,17 @@ def check_number(
     hint: str = "",
     error: type[ValueError] = ValueError,
 ) -> float:
-    """`value` as a float, after checking it is a finite real number (not a bool) that is > `above`,
-    >= `at_least`, < `below` and <= `at_most` (each bound only if given)."""
+    """`value` as a float, after checking it is a finite real number (Python, NumPy or a 0-d tensor;
+    not a bool, nor a string) that is > `above`, >= `at_least`, < `below` and <= `at_most` (each
+    bound only if given)."""
     given = ((">", above), (">=", at_least), ("<", below), ("<=", at_most))
     limits = {op: limit for op, limit in given if limit is not None}
-    ok = isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
-    if not (ok and all(_COMPARE[op](value, limit) for op, limit in limits.items())):
+    number = value.item() if getattr(value, "shape", None) == () and hasattr(value, "item") else value
+    ok = isinstance(number, numbers.Real) and not isinstance(number, bool) and math.isfinite(number)
+    if not (ok and all(_COMPARE[op](number, limit) for op, limit in limits.items())):
         allowed = " and ".join(f"{op} {limit:g}" for op, limit in limits.items())
         raise error(f"{name} must be a finite number {allowed}, got {value!r}.{hint and ' ' + hint}")
-    return float(value)
+    return float(number)
 
 
 def check_integer(name: str, value, *, at_least: int = 0, hint: str = "", error: type[ValueError] = ValueError) -> int:
@@ -46,3 +49,10 @@ def check_integer(name: str, value, *, at_least: int = 0, hint: str = "", error:
     if number is None or number < at_least:
         raise error(f"{name} must be an integer >= {at_least}, got {value!r}.{hint and ' ' + hint}")
     return number
+
+
+def check_bool(name: str, value, *, hint: str = "", error: type[ValueError] = ValueError) -> bool:
+    """`value` after checking it is True or False (not a string such as "no", nor a number)."""
+    if not isinstance(value, bool):
+        raise error(f"{name} must be True or False, got {value!r}.{hint and ' ' + hint}")
+    return value

@@ -89,8 +89,8 @@ def make_dataset(
     """Check x and y and build a Dataset; without a test split, a random `test_fraction` is held out.
 
     Raises ValueError naming the problem: an empty data set, x and y of different lengths, 1-D,
-    complex or non-finite x, labels that are not non-negative integers, test inputs shaped unlike
-    train inputs.
+    complex or non-finite x, labels that are not non-negative integers, more classes (largest
+    label + 1) than examples, test inputs shaped unlike train inputs.
     """
     x, y = _checked_examples(x, y, f"data set {name!r}")
     if (x_test is None) != (y_test is None):
@@ -110,6 +110,13 @@ def make_dataset(
                 f"train inputs {tuple(x.shape[1:])}; they must match."
             )
     num_classes = int(max(y.max(), y_test.max())) + 1
+    examples = x.shape[0] + x_test.shape[0]
+    if num_classes > examples:  # most classes would have no example: ids that are not 0..C-1
+        raise ValueError(
+            f"data set {name!r}: the largest class id is {num_classes - 1}, so a model would need "
+            f"{num_classes} outputs for {examples} examples. Class ids must number the classes 0, 1, "
+            "..., C-1; renumber them, e.g. y = np.unique(y, return_inverse=True)[1]."
+        )
     return Dataset(name, x, y, x_test, y_test, num_classes)
 
 

@@ -131,7 +131,7 @@ class DistributedPrivateOptimizer(PrivateOptimizer):
 
     def add_noise_and_average(self) -> None:
         """Replace each p.grad by (Σ over processes of the clipped sums + one N(0, (σC)²) draw) / (qN)."""
-        grads = [torch.zeros_like(p) if p.grad is None else p.grad for p in self.params]
+        grads = self.clipped_sums()
         if not grads:
             return
         dtype = torch.float64 if any(g.dtype == torch.float64 for g in grads) else torch.float32

@@ -15,6 +15,13 @@ A rule never builds per-example gradients unless that is the cheap way. It retur
 
 A factor is `Dense([B, G, T, k])` or `OneHot(index [B, G, T], k, weight [B, G, T])`, the latter
 standing for rows of one-hot vectors scaled by `weight` (embeddings; weight 0 drops padding).
+
+Norms are computed in the working precision, where the Gram products of factors of very different
+scales (inputs near 1e20, output gradients near 1e-20) overflow, and cancellation can take a sum of
+them below zero. A ghost norm that does either is NaN, so the step notices it in the check it makes
+anyway (a NaN or infinite total norm) and computes the norms again with `safe=True`: every squared
+norm in float64, of values scaled per example by a power of two (exact), so any finite gradient
+gets its finite norm.
 """
 
 from __future__ import annotations
@@ -47,6 +54,28 @@ def _accumulate(x: torch.Tensor) -> torch.Tensor:
 def _squares(x: torch.Tensor) -> torch.Tensor:
     """|x|² elementwise; a complex entry's is the sum of its real and imaginary parts' squares."""
     return torch.view_as_real(x).pow(2).sum(-1) if x.is_complex() else x.pow(2)
+
+
+def _exponents(x: torch.Tensor) -> torch.Tensor:
+    """Per example (dim 0), the e with max |x_i| in [2^(e-1), 2^e) (0 for an all-zero x_i):
+    x_i · 2^-e lies in (-1, 1), and scaling by a power of two changes no digit."""
+    peak = x.abs().flatten(1).amax(1) if x.numel() else torch.zeros(x.shape[0], device=x.device)
+    return torch.frexp(peak.double())[1]
+
+
+def _scaled(x: torch.Tensor, e: torch.Tensor) -> torch.Tensor:
+    """x in float64 (complex128 if complex) with example i multiplied by 2^-e_i."""
+    wide = x.to(torch.complex128 if x.is_complex() else torch.float64)
+    return wide * torch.ldexp(torch.ones_like(e, dtype=torch.float64), -e).view(-1, *[1] * (x.dim() - 1))
+
+
+def _sum_squares(x: torch.Tensor, safe: bool = False) -> torch.Tensor:
+    """Σ over all but dim 0 of |x|² ([B]); `safe`: in float64 of x scaled per example (no overflow
+    for any finite x)."""
+    if not safe:
+        return _squares(_accumulate(x)).reshape(x.shape[0], -1).sum(1)
+    e = _exponents(x)
+    return torch.ldexp(_squares(_scaled(x, e)).reshape(x.shape[0], -1).sum(1), 2 * e)
 
 
 class Dense:
@@ -180,7 +209,8 @@ class LinearForm:
 
     A rule may give faster kernels for the same quantities: `materializer()` -> [B, *shape]
     per-example gradients, `contraction(c)` -> Σ_i c_i G_i. They must equal the factor forms
-    (the rule tests check every strategy against the reference)."""
+    (the rule tests check every strategy against the reference). `sparse` (a one-hot left factor:
+    nn.Embedding(sparse=True)) makes the clipped sum a sparse COO tensor, as backward gives it."""
 
     left: Factor
     right: Factor
@@ -188,6 +218,7 @@ class LinearForm:
     materializer: Callable[[], torch.Tensor] | None = field(default=None, repr=False, compare=False)
     contraction: Callable[[torch.Tensor], torch.Tensor] | None = field(default=None, repr=False, compare=False)
     _materialized: torch.Tensor | None = field(default=None, repr=False, compare=False)
+    sparse: bool = False
 
     def transposed(self) -> "LinearForm":
         """The same gradient seen through a transpose of the parameter's last two dims."""
@@ -210,6 +241,8 @@ class LinearForm:
         the factors are already built (a conv's patches, made for its ghost norm, turn the clipped
         sum into one matrix product, which beats the conv weight-gradient kernel: 0.14 vs 0.43 ms
         for the 16->32 3x3 stride-2 conv of the zoo's small_cnn at B=128 on a CPU)."""
+        if self.sparse:
+            return _sparse_rows(self.left.scaled(c), self.right, self.left.weight != 0, self.shape)
         if self._materialized is not None:
             return torch.tensordot(c.to(self._materialized.dtype), self._materialized, dims=1)
         if self.contraction is not None and not (self.left.built and self.right.built):
@@ -221,6 +254,15 @@ class LinearForm:
             right = right.scaled(c)
         grads = outer_sum(_fold_batch(left), _fold_batch(right))
         return grads.reshape(self.shape)
+
+
+def _sparse_rows(rows: OneHot, values: Dense, kept: torch.Tensor, shape: torch.Size) -> torch.Tensor:
+    """Σ over examples and positions of e_{x_t} w_t r_tᵀ as a sparse COO tensor of `shape`: one row
+    per position where `kept` (not padding), uncoalesced, as backward gives nn.Embedding(sparse=True)."""
+    group_rows = torch.arange(rows.groups, device=rows.index.device).view(1, -1, 1) * rows.k
+    index = (rows.index + group_rows)[kept]
+    entries = (_accumulate(values.values) * rows.weight.unsqueeze(-1))[kept]
+    return torch.sparse_coo_tensor(index.unsqueeze(0), entries.reshape(-1, *shape[1:]), shape, check_invariants=False)
 
 
 @dataclass
@@ -347,20 +389,45 @@ def concatenated(forms: Sequence[LinearForm]) -> list[LinearForm]:
     ]
 
 
-def ghost_norm_sq(forms: Sequence[LinearForm]) -> torch.Tensor:
+def _factor_values(f: Factor) -> torch.Tensor:
+    """The numbers a factor scales by: a dense factor's values, a one-hot factor's weights."""
+    return f.values if isinstance(f, Dense) else f.weight
+
+
+def _scaled_factor(f: Factor, e: torch.Tensor) -> Factor:
+    """The factor in float64, example i's entries multiplied by 2^-e_i."""
+    if isinstance(f, Dense):
+        return Dense(_scaled(f.values, e))
+    return OneHot(f.index, f.k, _scaled(f.weight, e))
+
+
+def ghost_norm_sq(forms: Sequence[LinearForm], safe: bool = False) -> torch.Tensor:
     """‖Σ_u L_uᵀ R_u‖² per example without materializing: Σ_{u,v} ⟨L_u L_vᵀ, R_u R_vᵀ⟩, over the
-    `concatenated` blocks (one Gram product for a recurrent weight, not T² of them)."""
+    `concatenated` blocks (one Gram product for a recurrent weight, not T² of them).
+
+    NaN for an example whose sum overflowed or fell below zero in the working precision (the step
+    then computes the norms again, `safe`). `safe`: in float64, of the left and the right factors
+    each scaled per example by a power of two that brings its largest entry into (-1, 1), so no
+    Gram product overflows; the result is scaled back (exact) and clamped at 0 (rounding)."""
     blocks = concatenated(forms)
+    if safe:
+        e_left, e_right = (
+            torch.stack([_exponents(_factor_values(f)) for f in side]).amax(0)
+            for side in ([b.left for b in blocks], [b.right for b in blocks])
+        )
+        blocks = [LinearForm(_scaled_factor(b.left, e_left), _scaled_factor(b.right, e_right), b.shape) for b in blocks]
     total = None
     for u, block_u in enumerate(blocks):
         for v, block_v in enumerate(blocks[u:], start=u):
             term = (gram(block_u.left, block_v.left) * gram(block_u.right, block_v.right)).sum((1, 2, 3))
             term = term if u == v else 2 * term  # the (v, u) term is the same number
             total = term if total is None else total + term
-    return total
+    if safe:
+        return torch.ldexp(total.clamp_min(0), 2 * (e_left + e_right))
+    return torch.where(total >= 0, total, torch.nan)  # inf stays inf
 
 
-def one_hot_rows_norm_sq(form: LinearForm) -> torch.Tensor:
+def one_hot_rows_norm_sq(form: LinearForm, safe: bool = False) -> torch.Tensor:
     """‖G_i‖² for a form with one one-hot factor, G_i = Σ_t w_t e_{x_t} r_tᵀ (an embedding): the
     nonzero rows of G_i are Σ_{t: x_t = v} w_t r_t, one per distinct index v, so
     ‖G_i‖² = Σ_v ‖Σ_{t: x_t = v} w_t r_t‖². Sorting each example's indices numbers its distinct
@@ -373,24 +440,24 @@ def one_hot_rows_norm_sq(form: LinearForm) -> torch.Tensor:
     slot_of_ordered = starts.long().cumsum(-1) - 1  # the rank of each position's index among the distinct ones
     slot = slot_of_ordered.scatter(-1, order, slot_of_ordered)  # back to the positions' order
     sums = torch.zeros_like(rows).scatter_add(2, slot.unsqueeze(-1).expand_as(rows), rows)
-    return _squares(sums).sum((1, 2, 3))
+    return _sum_squares(sums, safe)
 
 
-def materialized_norm_sq(grads: torch.Tensor) -> torch.Tensor:
+def materialized_norm_sq(grads: torch.Tensor, safe: bool = False) -> torch.Tensor:
     """Σ over all but the batch dim of the squares of per-example gradients [B, ...] ([B] for a
-    0-dim parameter)."""
-    grads = _accumulate(grads)
-    return _squares(grads).reshape(grads.shape[0], -1).sum(1)
+    0-dim parameter); `safe`: in float64, without overflow (`_sum_squares`)."""
+    return _sum_squares(grads, safe)
 
 
-def linear_forms_norm_sq(forms: Sequence[LinearForm], strategy: str) -> torch.Tensor:
-    """Squared norm of Σ_u G_u (uses of one parameter in one orientation) by `strategy`."""
+def linear_forms_norm_sq(forms: Sequence[LinearForm], strategy: str, safe: bool = False) -> torch.Tensor:
+    """Squared norm of Σ_u G_u (uses of one parameter in one orientation) by `strategy`; `safe`
+    as in `ghost_norm_sq`."""
     if strategy == "ghost":
-        return ghost_norm_sq(forms)
+        return ghost_norm_sq(forms, safe)
     blocks = concatenated(forms)
     if len(blocks) == 1 and _one_hot_side(type(blocks[0].left).__name__, type(blocks[0].right).__name__):
-        return one_hot_rows_norm_sq(blocks[0])
+        return one_hot_rows_norm_sq(blocks[0], safe)
     total = blocks[0].materialize()
     for f in blocks[1:]:
         total = total + f.materialize()
-    return materialized_norm_sq(total)
+    return materialized_norm_sq(total, safe)

@@ -5,6 +5,11 @@ per-example gradients. `PrivateOptimizer.step` then adds Gaussian noise of stand
 sigma*C to that sum, divides by the expected batch size, and lets any torch optimizer (SGD, Adam,
 AdamW, ...) take its step. Calling `transform.step` on several physical batches before one
 `PrivateOptimizer.step` is gradient accumulation: clipped per example, noised once.
+
+The noised gradient is dense, also where the clipped sum is sparse (an nn.Embedding(sparse=True)):
+the noise goes on every coordinate, since noise on only the rows a batch touched would reveal which
+rows those are. So an optimizer that takes only sparse gradients (torch.optim.SparseAdam) is
+refused; torch.optim.Adam makes the same update from dense ones.
 """
 
 from __future__ import annotations
@@ -81,6 +86,12 @@ class PrivateOptimizer:
                 f"optimizer must be a torch.optim.Optimizer over the model's parameters, got {type(optimizer).__name__}; "
                 "e.g. PrivateOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), ...)."
             )
+        if isinstance(optimizer, torch.optim.SparseAdam):
+            raise ValueError(
+                "SparseAdam takes only sparse gradients, but the private gradient is dense: DP noise goes on "
+                "every coordinate (noise on only the rows a batch touched would reveal which rows those are). "
+                "Use torch.optim.Adam, which makes the same update from dense gradients."
+            )
         noise_multiplier = check_number(
             "noise_multiplier", noise_multiplier, at_least=0,
             hint="It is sigma, the noise std in units of the clip bound (0: no noise, no privacy).",
@@ -113,10 +124,15 @@ class PrivateOptimizer:
         """Clear the accumulated clipped sums (sets p.grad to None)."""
         self.optimizer.zero_grad(set_to_none=True)
 
+    def clipped_sums(self) -> list[torch.Tensor]:
+        """Each trained parameter's clipped sum as a dense tensor (None counts as 0; a sparse sum is
+        made dense, as the noise will be)."""
+        return [torch.zeros_like(p) if p.grad is None else p.grad.to_dense() for p in self.params]
+
     def add_noise_and_average(self) -> None:
-        """Replace each p.grad (clipped sum; None counts as 0) by (sum + N(0, (sigma C)^2)) / (q N)."""
-        for p in self.params:
-            grad = torch.zeros_like(p) if p.grad is None else p.grad
+        """Replace each p.grad (clipped sum; None counts as 0) by (sum + N(0, (sigma C)^2)) / (q N),
+        dense (module docstring)."""
+        for p, grad in zip(self.params, self.clipped_sums()):
             if self.noise_std > 0:
                 grad = grad + gaussian_noise(grad, self.noise_std, secure=self.secure_noise, generator=self.generator)
             p.grad = grad / self.expected_batch_size

@@ -244,8 +244,8 @@ def naive_per_example_grads(model, loss_fn, inputs, targets, batch_dims=None, wi
         xs, ys = select_examples(inputs, targets, batch_dims, i, 1)
         loss = loss_fn(model(*xs), ys).sum()
         gs = torch.autograd.grad(loss, list(params.values()), allow_unused=True)
-        for (k, p), g in zip(params.items(), gs):
-            out[k].append(torch.zeros_like(p) if g is None else g)
+        for (k, p), g in zip(params.items(), gs):  # dense, also for an nn.Embedding(sparse=True)
+            out[k].append(torch.zeros_like(p) if g is None else g.to_dense())
         losses.append(loss.detach())
     grads = {k: torch.stack(v) for k, v in out.items()}
     return (grads, torch.stack(losses)) if with_losses else grads

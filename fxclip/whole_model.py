@@ -37,7 +37,7 @@ class WholeModelStep:
 
         def per_example_loss(output, targets):
             loss = loss_fn(output, targets)
-            if not isinstance(loss, torch.Tensor) or loss.dim() != 1:
+            if not isinstance(loss, torch.Tensor) or loss.dim() != 1 or not loss.is_floating_point():
                 raise loss_shape_error(loss)
             return loss
 

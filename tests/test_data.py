@@ -63,6 +63,8 @@ def test_user_tensor_file_round_trips(tmp_path, suffix, with_test_split):
         (torch.zeros(4, 3), torch.zeros(5, dtype=torch.long), "one per example"),
         (torch.zeros(4, 3), torch.tensor([0.0, 1.5, 2.0, 1.0]), "integer class ids"),
         (torch.zeros(4, 3), torch.tensor([0, -1, 2, 1]), ">= 0"),
+        (torch.zeros(4, 3), torch.tensor([0, 1, 10**9, 1]), "largest class id is 1000000000.*renumber"),
+        (torch.zeros(4, 3), torch.tensor([0, 1, 4, 1]), "5 outputs for 4 examples"),
         (torch.zeros(4, 3), torch.tensor([0.0, float("inf"), 2.0, 1.0]), "integer class ids"),
         (torch.tensor([[0.0, float("nan")]] + [[0.0, 0.0]] * 3), torch.zeros(4), "x has 1 NaN or infinite value "),
         (torch.full((4, 3), float("-inf")), torch.zeros(4), "x has 12 NaN or infinite values"),

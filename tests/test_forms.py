@@ -84,3 +84,59 @@ def test_one_hot_forms_materialize_only_the_nonzero_rows():
     assert costs["flops"]["materialize"] == 512 * 64 and costs["memory"]["materialize"] == 512 * 64
     assert choose_strategy([emb], "auto") == "materialize"
     assert choose_strategy([emb.transposed()], "auto") == "materialize"
+
+
+def _float32(f):
+    return Dense(f.values.float()) if isinstance(f, Dense) else OneHot(f.index, f.k, f.weight.float())
+
+
+@pytest.mark.parametrize("left_kind", ["dense", "onehot"])
+@pytest.mark.parametrize("uses", [1, 2])
+def test_ghost_norms_that_overflow_are_nan_and_exact_when_safe(left_kind, uses):
+    """float32 factors near 1e20 and 1e-20 (inputs near 1e20, a loss scaled down to match): the
+    large factor's Gram products overflow, while ‖G_i‖ is about 1. The plain ghost norm is then NaN
+    or infinite (never a wrong finite number); `safe` is exact, also for example 1, whose gradient
+    is exactly zero (inf · 0 in the plain Gram product of dense factors)."""
+    gen = torch.Generator().manual_seed(4)
+    forms = []
+    for t in (5, 3)[:uses]:
+        large = factor(left_kind, 4, 2, t, 6, gen)
+        small = factor("dense", 4, 2, t, 3, gen).values * 1e-20
+        small[1] = 0
+        if isinstance(large, Dense):
+            large = Dense(large.values * 1e20)
+        else:
+            large = OneHot(large.index, large.k, large.weight * 1e20)
+        forms.append(LinearForm(large, Dense(small), torch.Size([12, 3])))
+    expected = sum(explicit(f.left, f.right) for f in forms).pow(2).flatten(1).sum(1)
+    assert expected[1] == 0 and 1e-2 < float(expected.max()) < 1e3
+    forms32 = [LinearForm(_float32(f.left), _float32(f.right), f.shape) for f in forms]
+    plain = ghost_norm_sq(forms32)
+    assert not torch.isfinite(plain[[0, 2, 3]]).any()
+    assert plain[1].isnan() or plain[1] == 0  # zero one-hot weights: exact zeros, no overflow
+    safe = ghost_norm_sq(forms32, safe=True)
+    assert safe.dtype == torch.float64 and safe[1] == 0
+    torch.testing.assert_close(safe, expected, rtol=1e-5, atol=0)
+
+
+def test_ghost_norms_that_cancel_below_zero_are_nan():
+    """Two positions whose gradients nearly cancel, under large inputs: the float32 sum of the Gram
+    products loses every digit and may come out negative; those examples are NaN (the step then
+    computes them safely), none is negative."""
+    gen = torch.Generator().manual_seed(5)
+    a = (1000 + 1e-3 * torch.randn(64, 1, 1, 8, generator=gen)).expand(64, 1, 2, 8)
+    g = torch.randn(64, 1, 1, 4, generator=gen)
+    g = torch.cat([g, -g + 1e-6 * torch.randn(64, 1, 1, 4, generator=gen)], 2)
+    form = LinearForm(Dense(g), Dense(a), torch.Size([4, 8]))
+    plain = ghost_norm_sq([form])
+    assert plain.isnan().any() and not (plain < 0).any()
+    assert (ghost_norm_sq([form], safe=True) >= 0).all()
+
+
+def test_safe_materialized_norms_do_not_overflow():
+    from fxclip.forms import materialized_norm_sq
+
+    grads = torch.tensor([[3e20, 4e20], [0.0, 0.0], [1e-30, 0.0]])
+    assert torch.isinf(materialized_norm_sq(grads)[0])
+    expected = torch.tensor([25e40, 0.0, 1e-60], dtype=torch.float64)
+    torch.testing.assert_close(materialized_norm_sq(grads, safe=True), expected, rtol=1e-6, atol=0)

@@ -127,3 +127,28 @@ def test_noise_and_averaging_follow_requires_grad_at_step_time():
         assert steps[name].mean().item() == pytest.approx(0.5, abs=0.05), name
         assert steps[name].std().item() == pytest.approx(0.5, rel=0.1), name
     assert torch.equal(steps["frozen_later"], torch.zeros(2000))
+
+
+def test_sparse_clipped_sums_are_noised_on_every_coordinate():
+    """nn.Embedding(sparse=True) gets a sparse clipped sum from the step; the noise goes on every
+    row, touched by the batch or not (noise on the touched rows alone would reveal them), so the
+    noised gradient is dense and the wrapped optimizer (Adam) steps every row."""
+    import fxclip
+
+    model = torch.nn.Sequential(torch.nn.Embedding(50, 4, sparse=True), torch.nn.Flatten(), torch.nn.Linear(8, 3))
+    t = fxclip.transform(model, lambda out, y: ((out - y) ** 2).sum(1), max_grad_norm=1.0)
+    t.step(torch.randint(0, 5, (6, 2)), torch.randn(6, 3))  # rows 0..4 only
+    assert model[0].weight.grad.is_sparse
+    before = model[0].weight.detach().clone()
+    opt = PrivateOptimizer(torch.optim.Adam(model.parameters(), lr=0.1), noise_multiplier=1.0, max_grad_norm=1.0, expected_batch_size=6)
+    opt.add_noise_and_average()
+    grad = model[0].weight.grad
+    assert not grad.is_sparse and bool((grad[5:] != 0).all())
+    opt.optimizer.step()
+    assert bool((model[0].weight[5:] != before[5:]).all())
+
+
+def test_sparse_only_optimizers_are_refused_with_the_reason():
+    embedding = torch.nn.Embedding(10, 4, sparse=True)
+    with pytest.raises(ValueError, match="SparseAdam takes only sparse gradients.*noise goes on every coordinate.*Adam"):
+        PrivateOptimizer(torch.optim.SparseAdam(embedding.parameters()), noise_multiplier=1.0, max_grad_norm=1.0, expected_batch_size=8)

@@ -161,12 +161,14 @@ def test_batchnorm_model_is_refused_before_training(digits):
         (["--model", "small_cnn", "--dataset", "mnist1d"], "takes images"),
         (["--device", "tpu"], "device 'tpu' is not usable here"),
         (["--data", "{tmp}/corrupt.pt"], "corrupt.pt could not be read as a data set"),
+        (["--data", "{tmp}/huge_label.npz"], "largest class id is 1000000000, so a model would need 1000000001 outputs"),
         (["--out", "{tmp}/a_file"], "a_file is a file"),
         (["--out", "{tmp}/a_file/run"], "a_file is a file"),
     ],
 )
 def test_cli_rejects_bad_input_before_training(tmp_path, capsys, flags, message):
     (tmp_path / "corrupt.pt").write_bytes(b"garbage")
+    np.savez(tmp_path / "huge_label.npz", x=np.zeros((20, 4), np.float32), y=np.array([0, 1] * 9 + [1, 10**9]))
     (tmp_path / "a_file").write_text("")
     argv = ["train", "--no-progress", "--epochs", "1", "--out", str(tmp_path / "run")]
     assert main(argv + [flag.format(tmp=tmp_path) for flag in flags]) == 2

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import re
+import sys
 import warnings
 from contextlib import contextmanager
 from functools import partial
@@ -12,6 +13,7 @@ import torch
 import torch.utils._pytree as pytree
 from torch._guards import detect_fake_mode
 from torch.autograd.function import BackwardCFunction
+from torch.utils.checkpoint import CheckpointFunction
 from torch.export import Dim
 from torch.fx import GraphModule, Node
 from torch.nn.modules import module as _module_globals
@@ -99,7 +101,11 @@ class _CustomBackwards(TorchFunctionMode):
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         if self.found is None:
-            if func is torch.Tensor.register_hook:
+            # a reentrant checkpoint whose inputs need no gradient has an output without grad_fn
+            # (below); the function it checkpoints runs under no_grad, inside its forward
+            if not torch.is_grad_enabled() and _in_reentrant_checkpoint():
+                self.found = _reentrant_checkpoint_error()
+            elif func is torch.Tensor.register_hook:
                 self.found = NotCovered(
                     "the model registers a tensor hook (Tensor.register_hook) in its forward, which may "
                     "change gradients; fxclip's graph differentiates the forward and would skip it"
@@ -116,15 +122,29 @@ def _custom_function_error(value) -> FxclipError | None:
         return None
     function = type(node).__name__.removesuffix("Backward")
     if function == "CheckpointFunction":
-        return CaptureError(
-            "torch.utils.checkpoint with use_reentrant=True runs its backward by hand, which fxclip "
-            "cannot take apart; pass use_reentrant=False (the same memory saving)"
-        )
+        return _reentrant_checkpoint_error()
     return NotCovered(
         f"the model calls a custom torch.autograd.Function ({function}), whose backward fxclip's graph "
         "would replace by the derivative of its forward. For speed, make it a torch.library.custom_op "
         "with a rule (fxclip.register_rule)"
     )
+
+
+def _reentrant_checkpoint_error() -> CaptureError:
+    return CaptureError(
+        "torch.utils.checkpoint with use_reentrant=True runs its backward by hand, which fxclip "
+        "cannot take apart; pass use_reentrant=False (the same memory saving)"
+    )
+
+
+def _in_reentrant_checkpoint() -> bool:
+    """Whether the caller runs inside torch.utils.checkpoint's reentrant forward."""
+    frame = sys._getframe(1)
+    while frame is not None:
+        if frame.f_code is CheckpointFunction.forward.__code__:
+            return True
+        frame = frame.f_back
+    return False
 
 
 @contextmanager
@@ -246,7 +266,7 @@ def _check_loss_shape(gm: GraphModule) -> None:
     result = out[0] if len(out) == 1 else tuple(out)
     val = result.meta.get("val") if isinstance(result, Node) else result
     # the batch size itself, not a multiple of it (per-token losses flattened to [B·T])
-    if not isinstance(val, torch.Tensor) or val.dim() != 1 or not _is_batch_size(val.shape[0]):
+    if not isinstance(val, torch.Tensor) or val.dim() != 1 or not _is_batch_size(val.shape[0]) or not val.is_floating_point():
         raise loss_shape_error(val)
 
 
@@ -255,7 +275,13 @@ def _is_batch_size(size) -> bool:
 
 
 def loss_shape_error(loss) -> CaptureError:
-    """The error for a loss_fn whose result `loss` is not one loss per example."""
+    """The error for a loss_fn whose result `loss` is not one floating-point loss per example."""
+    if isinstance(loss, torch.Tensor) and loss.dim() == 1 and not loss.is_floating_point():
+        return CaptureError(
+            f"loss_fn must return real floating-point losses, one per example; it returned {loss.dtype} "
+            "values. Integer results (argmax, comparisons) have no gradient: compute the loss from the "
+            "model's output with differentiable ops, e.g. F.cross_entropy(out, y, reduction='none')."
+        )
     if isinstance(loss, torch.Tensor):  # B for the symbolic batch of a captured graph
         sizes = ("B" if _is_batch_size(s) else re.sub(r"\bs\d+\b", "B", str(s)) for s in loss.shape)
         what = f"shape [{', '.join(sizes)}]"

@@ -232,7 +232,10 @@ def _inline(gm: GraphModule, node: Node, fake_mode, fn: Callable) -> None:
         args, kwargs = pytree.tree_unflatten(leaves, spec)
         return fn(*args, **kwargs)
 
-    inline_trace(gm, node, run, [flat[i] for i in positions], fake_mode)
+    try:
+        inline_trace(gm, node, run, [flat[i] for i in positions], fake_mode)
+    except Exception:  # a kernel tracing cannot run: the op stays whole, for the per-op fallback
+        pass
 
 
 def _reshaped_outputs(node: Node, outputs: list, multi_output: bool) -> list[Node]:

@@ -54,6 +54,7 @@ class _StepState:
     """One call's state, shared with the hooks that run inside its backward."""
 
     strategy: str
+    safe: bool = False  # norms in float64 from scaled values (forms.ghost_norm_sq)
     forms: dict[int, Any] = field(default_factory=dict)  # use index -> its form
     terms: dict[int, tuple] = field(default_factory=dict)  # use index -> (norm term, PlanEntry)
     env: dict = field(default_factory=dict)  # the forward's saved values, once it has run
@@ -136,8 +137,11 @@ class StepProgram:
 
     # ---- running the step -------------------------------------------------------------------
 
-    def __call__(self, flat_args: list, max_grad_norm: float, strategy: str = "auto"):
-        step = _StepState(strategy)
+    def __call__(self, flat_args: list, max_grad_norm: float, strategy: str = "auto", safe: bool = False):
+        """`safe`: every norm term in float64 from values scaled per example, for a batch whose
+        norms came out NaN or infinite (a ghost norm's Gram products overflowed or cancelled below
+        zero); the norms and clip factors are returned in the usual dtype."""
+        step = _StepState(strategy, safe)
         forms = step.forms
         try:
             losses, env, slots, dz = self._forward_backward(flat_args, step)
@@ -159,14 +163,16 @@ class StepProgram:
             if self._in_backward is None:
                 self._choose_in_backward(forms, grads_by_node)
             merged = self._merged_shared_forms(forms)
-            norm_sq = losses.new_zeros(batch, dtype=torch.float32 if losses.dtype != torch.float64 else torch.float64)
+            dtype = torch.float32 if losses.dtype != torch.float64 else torch.float64
+            norm_sq = losses.new_zeros(batch, dtype=torch.float64 if safe else dtype)
             plan = []
             for comp in self.components:
                 with phase("norms", comp.params):
                     norm_sq = norm_sq + self._norm_sq(comp, step, plan, merged.get(id(comp)))
             with phase("norms"):
-                norms = norm_sq.clamp_min(0).sqrt()
+                norms = norm_sq.sqrt()  # every term is >= 0, or NaN (ghost_norm_sq)
                 clip = (max_grad_norm / (norms + EPS)).clamp(max=1.0)
+                norms, clip = norms.to(dtype), clip.to(dtype)
             clipped = self._clipped_sums(forms, env, clip, merged)
         self.plan = plan
         return losses.detach(), norms, clip, clipped
@@ -229,7 +235,7 @@ class StepProgram:
             for i, form in made.items():
                 if self._component_of[i].kind == "separate":
                     with phase("norms", self.uses[i].params):
-                        step.terms[i] = self._separate_norm_sq(i, form, step.strategy)
+                        step.terms[i] = self._separate_norm_sq(i, form, step.strategy, step.safe)
 
     def _node_forms(self, node: Node, env: dict, grads: list, batch: int) -> dict[int, Any]:
         """The forms of the uses at `node`, calling each rule once with all the operands it handles."""
@@ -316,22 +322,22 @@ class StepProgram:
                 merged[id(comp)] = concatenated(oriented)
         return merged
 
-    def _separate_norm_sq(self, i: int, form, strategy: str) -> tuple[torch.Tensor, PlanEntry]:
+    def _separate_norm_sq(self, i: int, form, strategy: str, safe: bool) -> tuple[torch.Tensor, PlanEntry]:
         """Use i's squared norm term (its component is "separate": the terms add), and the entry
         for the plan."""
         comp = self._component_of[i]
         if isinstance(form, LinearForm):
             chosen = choose_strategy([form], strategy, self.ctx.memory_budget)
-            return linear_forms_norm_sq([form], chosen), PlanEntry(self.uses[i], comp, chosen, cost_values([form]))
-        return materialized_norm_sq(form.grads), PlanEntry(self.uses[i], comp, self._materialized_label(i))
+            return linear_forms_norm_sq([form], chosen, safe), PlanEntry(self.uses[i], comp, chosen, cost_values([form]))
+        return materialized_norm_sq(form.grads, safe), PlanEntry(self.uses[i], comp, self._materialized_label(i))
 
     def _norm_sq(self, comp: Component, step: _StepState, plan: list, merged=None) -> torch.Tensor:
-        ids, forms, strategy = comp.ids, step.forms, step.strategy
+        ids, forms, strategy, safe = comp.ids, step.forms, step.strategy, step.safe
         budget = self.ctx.memory_budget
         if comp.kind == "separate":
             total = 0
             for i in ids:
-                term, entry = step.terms.pop(i) if i in step.terms else self._separate_norm_sq(i, forms[i], strategy)
+                term, entry = step.terms.pop(i) if i in step.terms else self._separate_norm_sq(i, forms[i], strategy, safe)
                 total = total + term
                 plan.append(entry)
             return total
@@ -339,15 +345,15 @@ class StepProgram:
             chosen = choose_strategy(merged, strategy, budget)
             costs = cost_values(merged)
             plan.extend(PlanEntry(self.uses[i], comp, chosen, costs) for i in ids)
-            return linear_forms_norm_sq(merged, chosen)
+            return linear_forms_norm_sq(merged, chosen, safe)
         oriented = self._oriented(comp, forms)
         if comp.kind == "shared":
             total = sum(f.materialize() for f in oriented)
             plan.extend(PlanEntry(self.uses[i], comp, self._materialized_label(i)) for i in ids)
-            return materialized_norm_sq(total)
+            return materialized_norm_sq(total, safe)
         per_param = self._per_example_param_grads(comp, ids, forms, step.env)
         plan.extend(PlanEntry(self.uses[i], comp, self._materialized_label(i)) for i in ids)
-        return sum(materialized_norm_sq(g) for g in per_param.values())
+        return sum(materialized_norm_sq(g, safe) for g in per_param.values())
 
     def _materialized_label(self, i: int) -> str:
         return "fallback" if self.uses[i].rule is fallback_rule() else "materialize"
@@ -391,12 +397,14 @@ class StepProgram:
             with phase("book-keeping", use.params):
                 in_value_space = forms[i].clipped_sum(clip)
                 if use.chain_kind == "identity":
-                    param_grads = [in_value_space.reshape(self.ctx.trainable[use.params[0]].meta["val"].shape)]
+                    shape = self.ctx.trainable[use.params[0]].meta["val"].shape
+                    # a sparse sum (nn.Embedding(sparse=True)) has the shape and cannot reshape
+                    param_grads = [in_value_space if in_value_space.shape == shape else in_value_space.reshape(shape)]
                 elif use.chain_kind == "transpose":
                     param_grads = [in_value_space.t()]
                 else:
                     params = [self.ctx.trainable[p] for p in use.params]
-                    param_grads = self._chain_vjp(use, env, params)(in_value_space)
+                    param_grads = self._chain_vjp(use, env, params)(_dense(in_value_space))
                 for key, g in zip(use.params, param_grads):
                     grads[key] = grads[key] + g if key in grads else g
         return grads
@@ -411,6 +419,10 @@ def _operand_axes(node: Node) -> dict[str, BatchAxis]:
             if isinstance(v, Node) and isinstance(v.meta.get("fxclip_batch_axis"), BatchAxis):
                 axes[name if v is value else f"{name}.{j}"] = v.meta["fxclip_batch_axis"]
     return axes
+
+
+def _dense(x: torch.Tensor) -> torch.Tensor:
+    return x.to_dense() if x.is_sparse else x
 
 
 def env_param(env: dict, node: Node) -> torch.Tensor:

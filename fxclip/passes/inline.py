@@ -9,6 +9,7 @@ import operator
 from typing import Callable
 
 import torch
+from torch._dispatch.python import enable_python_dispatcher
 from torch.fx import Graph, GraphModule, Node
 from torch.fx.experimental.proxy_tensor import make_fx
 from torch.fx.node import map_arg
@@ -41,8 +42,10 @@ def inline_trace(
     operand is not a tensor or the trace needs constants of its own."""
     if not all(isinstance(n.meta.get("val"), torch.Tensor) for n in operands):
         return False
-    # opt_einsum picks a contraction order from sizes, which would fix the batch size
-    with fake_mode, context(), torch.backends.opt_einsum.flags(enabled=False):
+    # opt_einsum picks a contraction order from sizes, which would fix the batch size. Under the
+    # Python dispatcher fake kernels take the symbolic batch: some C++ meta kernels cannot
+    # (aten._trilinear, which nn.Bilinear runs, fails an internal assert on a symbolic size).
+    with fake_mode, enable_python_dispatcher(), context(), torch.backends.opt_einsum.flags(enabled=False):
         sub = make_fx(fn)(*(n.meta["val"] for n in operands))
     if any(n.op == "get_attr" for n in sub.graph.nodes):
         return False

@@ -21,21 +21,23 @@ def _not_padding(index: torch.Tensor, padding_idx: int | None, dtype: torch.dtyp
     return (index != padding_idx).to(dtype)
 
 
-def _row_gather_form(call: OpCall, index_name: str, weight_name: str, padding_idx: int = -1) -> LinearForm:
+def _row_gather_form(call: OpCall, index_name: str, weight_name: str, padding_idx: int = -1, sparse: bool = False) -> LinearForm:
     """Rows of W [V, ...] gathered by index: G_i = Σ_t e_{x_it} g_itᵀ, LinearForm(L = one-hot(x),
     R = g), a row being d = W[0].numel() entries (1 for a vector W). Ghost compares tokens
     ([x_it = x_is], T²) and costs T²·d for g; materialize scatters T·d into a [V, d] gradient
-    per example. Positions holding `padding_idx` contribute nothing."""
+    per example. Positions holding `padding_idx` contribute nothing. `sparse`: the clipped sum
+    is a sparse COO tensor of the gathered rows."""
     weight = call[weight_name]
     index = call.examples(index_name).flatten(1).unsqueeze(1)  # [B, 1, T]
     g = call.grad_examples().reshape(index.shape[0], 1, index.shape[-1], -1)  # [B, 1, T, d]
-    return LinearForm(OneHot(index, weight.shape[0], _not_padding(index, padding_idx, g.dtype)), Dense(g), weight.shape)
+    one_hot = OneHot(index, weight.shape[0], _not_padding(index, padding_idx, g.dtype))
+    return LinearForm(one_hot, Dense(g), weight.shape, sparse=sparse)
 
 
 @register_rule(aten.embedding.default, params=("weight",))
 def embedding(call: OpCall):
-    """F.embedding(x, W, padding_idx): see `_row_gather_form`."""
-    return {"weight": _row_gather_form(call, "indices", "weight", call["padding_idx"])}
+    """F.embedding(x, W, padding_idx, sparse=...): see `_row_gather_form`."""
+    return {"weight": _row_gather_form(call, "indices", "weight", call["padding_idx"], call["sparse"])}
 
 
 @register_rule(aten.index_select.default, params=("self",), extra_check=lambda n: n.args[1] == 0)
@@ -99,4 +101,5 @@ def embedding_bag(call: OpCall):
         per_bag = scale.view(-1, bags, bag_length)
         scale = (per_bag / per_bag.sum(-1, keepdim=True).clamp_min(1)).flatten(1)
     g = g.unsqueeze(2).expand(-1, -1, bag_length, -1).reshape(g.shape[0], 1, bags * bag_length, g.shape[-1])
-    return {"weight": LinearForm(OneHot(index.unsqueeze(1), weight.shape[0], scale.unsqueeze(1)), Dense(g), weight.shape)}
+    one_hot = OneHot(index.unsqueeze(1), weight.shape[0], scale.unsqueeze(1))
+    return {"weight": LinearForm(one_hot, Dense(g), weight.shape, sparse=call["sparse"])}
