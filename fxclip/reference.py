@@ -4,6 +4,7 @@ no fxclip code involved but the two-line module that chains them."""
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from typing import Callable, Sequence
 
 import torch
@@ -72,7 +73,7 @@ def mixing_found(model, loss_fn, inputs, targets, batch_dims=None) -> str | None
     modes = [(m, m.training) for m in model.modules()]
     model.eval()
     try:
-        with torch.no_grad(), rng_forked(inputs):
+        with torch.no_grad(), rng_forked(inputs), _attention_fast_path(False):
             try:
                 together = loss_fn(model(*inputs), targets)
                 if not torch.equal(together, loss_fn(model(*inputs), targets)):
@@ -85,6 +86,18 @@ def mixing_found(model, loss_fn, inputs, targets, batch_dims=None) -> str | None
     finally:
         for m, training in modes:
             m.train(training)
+
+
+@contextmanager
+def _attention_fast_path(enabled: bool):
+    """nn.MultiheadAttention's and nn.TransformerEncoderLayer's fused inference kernels on or off:
+    off, eval mode runs the ops training runs (the fused ones check masks and devices of their own)."""
+    before = torch.backends.mha.get_fastpath_enabled()
+    torch.backends.mha.set_fastpath_enabled(enabled)
+    try:
+        yield
+    finally:
+        torch.backends.mha.set_fastpath_enabled(before)
 
 
 def _compare_with_parts(model, loss_fn, inputs, targets, batch_dims, together) -> str | None:

@@ -287,7 +287,7 @@ class TinyGPT(nn.Module):
     def forward(self, tokens):
         length = tokens.shape[1]
         h = self.embed(tokens) + self.pos[:length]
-        causal = nn.Transformer.generate_square_subsequent_mask(length, dtype=h.dtype)
+        causal = nn.Transformer.generate_square_subsequent_mask(length, device=h.device, dtype=h.dtype)
         for block in self.blocks:
             h = block(h, src_mask=causal, is_causal=True)
         return F.linear(self.norm(h), self.embed.weight)

@@ -8,7 +8,7 @@ import torch
 import torch.utils._pytree as pytree
 
 import fxclip
-from fxclip.reference import clipped_sum, per_example_grads
+from fxclip.reference import any_per_example_grads, clipped_sum
 
 
 # The conformance tests (test_rules_table.py, test_zoo.py) run on this device:
@@ -50,7 +50,8 @@ def check_against_reference(t: fxclip.PrivateStep, inputs, targets, batch_dims=N
     for p in model.parameters():
         p.grad = None
     result = t.step(inputs, targets)
-    ref = per_example_grads(model, t.loss_fn, inputs, targets, batch_dims)
+    # torch.func cannot run cuDNN's recurrent kernels: those take the per-example loop
+    ref, _ = any_per_example_grads(model, t.loss_fn, inputs, targets, batch_dims)
     ref_norms, ref_clipped = clipped_sum(ref, t.max_grad_norm)
     assert relative_error(result.norms, ref_norms) <= rtol, (result.norms, ref_norms)
     # a parameter whose gradient is ~0 (a conv bias before a norm layer) is judged on the scale of
@@ -59,5 +60,6 @@ def check_against_reference(t: fxclip.PrivateStep, inputs, targets, batch_dims=N
     for name, p in model.named_parameters():
         if p.requires_grad:
             assert p.grad is not None, name
-            assert relative_error(p.grad, ref_clipped[name], scale) <= rtol, name
+            error = relative_error(p.grad, ref_clipped[name], scale)
+            assert error <= rtol, f"{name}: relative error {error:.3g}"
     return result

@@ -215,3 +215,19 @@ def test_every_decomposed_node_names_the_module():
     added = [n for n in decompose(gm, ctx).graph.nodes if n.name not in before]
     assert len(added) > 4 * STEPS
     assert all("rnn" in str(n.meta["nn_module_stack"]) and "val" in n.meta for n in added)
+
+
+def test_fused_gpu_cells_written_out_compute_the_cells():
+    """What nn.GRUCell and nn.LSTMCell run on a GPU after their matrix products (aten's fused
+    cells, which have no CPU kernel) is written out by decompose; the same values as the cells."""
+    from fxclip.passes.decompose import _gru_cell_unfused, _lstm_cell_unfused
+
+    torch.manual_seed(0)
+    x, h, c = torch.randn(3, 5, dtype=torch.float64), torch.randn(3, 4, dtype=torch.float64), torch.randn(3, 4, dtype=torch.float64)
+    gru, lstm = nn.GRUCell(5, 4).double(), nn.LSTMCell(5, 4).double()
+    h_gru, workspace = _gru_cell_unfused(x @ gru.weight_ih.T, h @ gru.weight_hh.T, h, gru.bias_ih, gru.bias_hh)
+    torch.testing.assert_close(h_gru, gru(x, h), rtol=1e-12, atol=1e-12)
+    assert workspace.shape == (3, 20)
+    h_lstm, c_lstm, _ = _lstm_cell_unfused(x @ lstm.weight_ih.T, h @ lstm.weight_hh.T, c, lstm.bias_ih, lstm.bias_hh)
+    for got, expected in zip((h_lstm, c_lstm), lstm(x, (h, c))):
+        torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-12)

@@ -257,3 +257,35 @@ def test_a_model_the_graph_path_cannot_follow_falls_back_saying_why(make, reason
     with pytest.warns(fxclip.FallbackWarning, match=reason):
         result = fxclip.transform(model, ce, max_grad_norm=0.5).step(x, y)
     assert_matches_the_loop(model, result, x, y, 0.5)
+
+
+class BoundedBatch(nn.Module):
+    """A kernel that bounds the batch (cuDNN's batch norm checks B <= 65535 on a GPU)."""
+
+    def __init__(self, bound):
+        super().__init__()
+        self.lin, self.bound = nn.Linear(4, 3), bound
+
+    def forward(self, x):
+        self.bound(x.shape[0])
+        return self.lin(x)
+
+
+def test_a_bound_on_the_batch_keeps_the_graph_path():
+    model = BoundedBatch(lambda b: torch._check(b <= 65535)).double()
+    t = fxclip.transform(model, ce, max_grad_norm=1.0)
+    x, y = torch.randn(5, 4, dtype=torch.float64), torch.tensor([0, 1, 2, 0, 1])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", fxclip.FallbackWarning)
+        result = t.step(x, y)
+    ref_norms, ref_sum = clipped_sum(naive_per_example_grads(model, ce, (x,), y), 1.0)
+    torch.testing.assert_close(result.norms, ref_norms)
+    for name, p in model.named_parameters():
+        torch.testing.assert_close(p.grad, ref_sum[name])
+
+
+def test_a_guard_that_is_no_bound_still_falls_back():
+    model = BoundedBatch(lambda b: torch._check(b != 4))  # B = 4 would take another branch
+    t = fxclip.transform(model, ce, max_grad_norm=1.0)
+    with pytest.warns(fxclip.FallbackWarning, match="Constraints violated"):
+        t.step(torch.randn(5, 4), torch.tensor([0, 1, 2, 0, 1]))

@@ -15,6 +15,7 @@ from torch._guards import detect_fake_mode
 from torch.autograd.function import BackwardCFunction
 from torch.utils.checkpoint import CheckpointFunction
 from torch.export import Dim
+from torch.utils._sympy.numbers import int_oo
 from torch.fx import GraphModule, Node
 from torch.nn.modules import module as _module_globals
 from torch.overrides import TorchFunctionMode
@@ -175,28 +176,61 @@ def _at_least_two(value, dim: int):
     )
 
 
-def capture(gm: GraphModule | None, ctx: Context) -> GraphModule:
-    """Guarantees: the returned graph computes per-example losses [B] from (params, buffers,
-    constants, inputs, targets) with B symbolic; `ctx.placeholders` names each graph input."""
-    reject_batch_statistics(ctx.model)
-    batch = Dim("batch")
-    inputs = tuple(_at_least_two(x, d) for x, d in zip(ctx.example_inputs, ctx.batch_dims))
-    targets = _at_least_two(ctx.example_targets, 0)
+def _export(ctx: Context, inputs: tuple, targets, batch, custom_backward) -> torch.export.ExportedProgram:
+    """torch.export of the model and loss with `batch` (a Dim) for every batch dim."""
     dynamic = (
         tuple(_tree_batch_dims(x, d, batch) for x, d in zip(inputs, ctx.batch_dims)),
         _tree_batch_dims(targets, 0, batch),
     )
+    # opt_einsum picks a contraction order from the operands' sizes, which would fix the batch
+    # size; without it an einsum of three or more operands contracts left to right
+    with warnings.catch_warnings(), torch.backends.opt_einsum.flags(enabled=False), _quiet(_FAKE_TENSOR_LOG), custom_backward:
+        # nn.RNN modules re-read their weights into `_flat_weights` on every call; harmless here
+        warnings.filterwarnings("ignore", message=r".*_flat_weights.*were assigned during export")
+        return torch.export.export(
+            ModelWithLoss(ctx.model, ctx.loss_fn), (inputs, targets), dynamic_shapes=dynamic, strict=False
+        )
+
+
+def _batch_range(ep: torch.export.ExportedProgram) -> tuple[int, int | None]:
+    """The range of the one symbol every batch dim of `ep`'s inputs has (Dim.DYNAMIC gives each
+    its own, unified only where ops relate them); ValueError if they are not one symbol."""
+    user = {spec.arg.name for spec in ep.graph_signature.input_specs if spec.kind.name == "USER_INPUT"}
+    symbols = {
+        sym
+        for n in ep.graph_module.graph.nodes if n.op == "placeholder" and n.name in user and isinstance(n.meta.get("val"), torch.Tensor)
+        for size in n.meta["val"].shape if isinstance(size, torch.SymInt)
+        for sym in size.node.expr.free_symbols
+    }
+    if len(symbols) != 1:
+        raise ValueError(f"the batch dims are {len(symbols)} symbols")
+    (symbol,) = symbols
+    bounds = ep.range_constraints[symbol]
+    return int(bounds.lower), (None if bounds.upper == int_oo else int(bounds.upper))
+
+
+def capture(gm: GraphModule | None, ctx: Context) -> GraphModule:
+    """Guarantees: the returned graph computes per-example losses [B] from (params, buffers,
+    constants, inputs, targets) with B symbolic; `ctx.placeholders` names each graph input."""
+    reject_batch_statistics(ctx.model)
+    inputs = tuple(_at_least_two(x, d) for x, d in zip(ctx.example_inputs, ctx.batch_dims))
+    targets = _at_least_two(ctx.example_targets, 0)
     _reject_backward_hooks(ctx.model)
     custom_backward = _CustomBackwards()
     try:
-        # opt_einsum picks a contraction order from the operands' sizes, which would fix the batch
-        # size; without it an einsum of three or more operands contracts left to right
-        with warnings.catch_warnings(), torch.backends.opt_einsum.flags(enabled=False), _quiet(_FAKE_TENSOR_LOG), custom_backward:
-            # nn.RNN modules re-read their weights into `_flat_weights` on every call; harmless here
-            warnings.filterwarnings("ignore", message=r".*_flat_weights.*were assigned during export")
-            ep = torch.export.export(
-                ModelWithLoss(ctx.model, ctx.loss_fn), (inputs, targets), dynamic_shapes=dynamic, strict=False
-            )
+        try:
+            ep = _export(ctx, inputs, targets, Dim("batch"), custom_backward)
+        except Exception as first:
+            if "Constraints violated" not in str(first):
+                raise
+            # A kernel may bound the batch (cuDNN's batch norm: B <= 65535), which a named Dim's
+            # unbounded range refuses: the range Dim.DYNAMIC infers, if a named Dim of that range
+            # then holds every guard (a guard such as B != 4 is not a range: refused as before)
+            try:
+                bounds = _batch_range(_export(ctx, inputs, targets, Dim.DYNAMIC, custom_backward))
+                ep = _export(ctx, inputs, targets, Dim("batch", min=bounds[0], max=bounds[1]), custom_backward)
+            except Exception:
+                raise first from None
     except Exception as e:  # torch.export raises many types; say what failed and keep the cause
         raise ExportFailed(
             f"torch.export could not capture the model with a symbolic batch size: {describe(e)}{_guard_detail(e)}"

@@ -216,8 +216,45 @@ def _weight_norm_unfused(v: torch.Tensor, g: torch.Tensor, dim: int = 0) -> torc
 # Ops whose fused kernel's derivative has no vmap batching rule (`_weight_norm_interface_backward`):
 # the per-example vjp through a parameter's chain (emit) would loop over the examples, one small
 # backward each, and the loop fixes the batch size when the step is traced for compilation (the
-# step then compiled once per bucket). They are written out as the unfused computation.
-UNFUSED: dict[Callable, Callable] = {aten._weight_norm.default: _weight_norm_unfused}
+# step then compiled once per bucket); and the fused recurrent cells of a GPU, whose biases no
+# rule covers. They are written out as the unfused computation.
+def _gru_cell_unfused(input_gates, hidden_gates, hx, input_bias=None, hidden_bias=None):
+    """aten._thnn_fused_gru_cell (what nn.GRUCell runs on a GPU, after its two matrix products)
+    as elementwise ops: (h', the [B, 5H] workspace, which only the fused backward reads)."""
+    input_gates = input_gates if input_bias is None else input_gates + input_bias
+    hidden_gates = hidden_gates if hidden_bias is None else hidden_gates + hidden_bias
+    i_r, i_z, i_n = input_gates.chunk(3, 1)
+    h_r, h_z, h_n = hidden_gates.chunk(3, 1)
+    reset, update = torch.sigmoid(i_r + h_r), torch.sigmoid(i_z + h_z)
+    new = torch.tanh(i_n + reset * h_n)
+    return new + update * (hx - new), torch.cat([reset, update, h_n, hx - new, new], 1)
+
+
+def _lstm_cell_unfused(input_gates, hidden_gates, cx, input_bias=None, hidden_bias=None):
+    """aten._thnn_fused_lstm_cell (nn.LSTMCell on a GPU) as elementwise ops: (h', c', workspace)."""
+    gates = input_gates + hidden_gates
+    gates = gates if input_bias is None else gates + input_bias
+    gates = gates if hidden_bias is None else gates + hidden_bias
+    i, f, g, o = gates.chunk(4, 1)
+    i, f, g, o = torch.sigmoid(i), torch.sigmoid(f), torch.tanh(g), torch.sigmoid(o)
+    cy = f * cx + i * g
+    return o * torch.tanh(cy), cy, torch.cat([i, f, g, o], 1)
+
+
+def _gru_cell_meta(input_gates, hidden_gates, hx, input_bias=None, hidden_bias=None):
+    return hx.new_empty(hx.shape), hx.new_empty(hx.shape[0], 5 * hx.shape[1])
+
+
+# torch.export records the fused cell of nn.GRUCell on a GPU; torch has no fake kernel for it
+if not torch._C._dispatch_has_kernel_for_dispatch_key("aten::_thnn_fused_gru_cell", "Meta"):
+    _ATEN_META = torch.library.Library("aten", "IMPL")
+    _ATEN_META.impl("_thnn_fused_gru_cell", _gru_cell_meta, "Meta")
+
+UNFUSED: dict[Callable, Callable] = {
+    aten._weight_norm.default: _weight_norm_unfused,
+    aten._thnn_fused_gru_cell.default: _gru_cell_unfused,
+    aten._thnn_fused_lstm_cell.default: _lstm_cell_unfused,
+}
 
 
 def _inline(gm: GraphModule, node: Node, fake_mode, fn: Callable) -> None:

@@ -292,7 +292,9 @@ class StepProgram:
         (then the chain is not a norm-preserving gather)."""
         param = self.ctx.trainable[use.params[0]]
         shape = param.meta["val"].shape
-        ids = torch.arange(int(torch.Size(shape).numel()), dtype=torch.float64).reshape(shape)
+        # on the device of the values the chain reads (an index on a GPU)
+        device = next((v.device for v in env.values() if isinstance(v, torch.Tensor)), None)
+        ids = torch.arange(int(torch.Size(shape).numel()), dtype=torch.float64, device=device).reshape(shape)
         values = self._replay(use, env, {param: ids}, skip_casts=True)
         flat = values.flatten()
         return flat if flat.unique().numel() == flat.numel() else None
