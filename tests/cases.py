@@ -351,6 +351,10 @@ CASES = [
     Case("linear_no_bias", lambda: nn.Linear(5, 3, bias=False), randn(4, 5)),
     Case("matmul_param_right", lambda: Lambda(lambda s, x: x @ s.w, w=P(5, 3)), randn(4, 5)),
     Case("matmul_param_left", lambda: Lambda(lambda s, x: s.w @ x, w=P(3, 4)), randn(4, 2)),
+    Case("matmul_vector_param_right", lambda: Lambda(lambda s, x: torch.softmax(x @ s.v, 1), v=P(4)), randn(3, 4)),
+    Case("matmul_vector_param_left", lambda: Lambda(lambda s, x: torch.tanh(s.v @ x), v=P(4)), randn(4, 3)),
+    Case("matmul_vector_param_seq_first", lambda: Lambda(lambda s, x: torch.tanh(x @ s.v).T, v=P(4)),
+         lambda b, g: (torch.randn(3, b, 4, generator=g, dtype=torch.float64),), (1,)),
     Case("mm", lambda: Lambda(lambda s, x: torch.mm(x, s.w), w=P(5, 3)), randn(5)),
     Case("bmm_param_right", lambda: Lambda(lambda s, x: torch.bmm(x.transpose(0, 1), s.w).transpose(0, 1), w=P(3, 4, 2)), randn(3, 4)),
     Case("bmm_param_left", lambda: Lambda(lambda s, x: torch.bmm(s.w, x.permute(1, 2, 0)).permute(2, 0, 1), w=P(3, 2, 4)), randn(3, 4)),
@@ -436,6 +440,8 @@ CASES = [
     Case("fallback_bilinear_seq_first", lambda: Lambda(lambda s, x: s.bil(x, x.flip(-1)).mean(0), bil=nn.Bilinear(4, 4, 3)),
          lambda b, g: (torch.randn(3, b, 4, generator=g, dtype=torch.float64),), (1,)),
     Case("fallback_complex_linear", lambda: Lambda(lambda s, x: s.lin(torch.complex(x[:, :4], x[:, 4:])).abs(), lin=nn.Linear(4, 3, dtype=torch.complex128)), randn(8)),
+    # a stack of matrices broadcast against the activation: [B, D] @ [k, D, E] -> [k, B, E]
+    Case("fallback_matmul_param_stack", lambda: Lambda(lambda s, x: (x @ s.w).transpose(0, 1), w=P(2, 4, 3)), randn(4)),
     Case("fallback_bilinear", lambda: Lambda(lambda s, x: s.bil(x, x.flip(-1)), bil=nn.Bilinear(4, 4, 3)), randn(4)),
 ]
 
