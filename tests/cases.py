@@ -385,6 +385,9 @@ CASES = [
     Case("index_rows_of_matrices", lambda: Lambda(lambda s, x, v: torch.tanh(s.w[x] @ v.unsqueeze(-1)).flatten(1), w=P(5, 3, 2)),
          lambda b, g: (torch.randint(0, 5, (b, 4), generator=g), torch.randn(b, 4, 2, generator=g, dtype=torch.float64)), (0, 0)),
     Case("embedding_bag_mean_padding", lambda: nn.EmbeddingBag(5, 4, mode="mean", padding_idx=0, dtype=torch.float64), tokens(5, 8)),
+    Case("embedding_bag_max_padding", lambda: nn.EmbeddingBag(5, 4, mode="max", padding_idx=0, dtype=torch.float64),
+         lambda b, g: (torch.randint(0, 5, (b, 4), generator=g).index_fill(0, torch.arange(1, min(b, 2)), 0),)),  # example 1: padding only
+    Case("embedding_bag_max_bags_per_example", lambda: Lambda(lambda s, x: s.bag(x.flatten(0, 1)).unflatten(0, (x.shape[0], -1)), bag=nn.EmbeddingBag(6, 3, mode="max", dtype=torch.float64)), lambda b, g: (torch.randint(0, 6, (b, 3, 2), generator=g),)),
     Case("embedding_bag_sum_weights", lambda: Lambda(lambda s, x, w: s.bag(x, per_sample_weights=w), bag=nn.EmbeddingBag(6, 3, mode="sum", dtype=torch.float64)),
          lambda b, g: (torch.randint(0, 6, (b, 5), generator=g), torch.randn(b, 5, generator=g, dtype=torch.float64)), (0, 0)),
     Case("embedding_bag_bags_per_example", lambda: Lambda(lambda s, x: s.bag(x.flatten(0, 1)).unflatten(0, (x.shape[0], -1)), bag=nn.EmbeddingBag(6, 3, dtype=torch.float64)), lambda b, g: (torch.randint(0, 6, (b, 3, 4), generator=g),)),
