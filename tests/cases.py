@@ -395,6 +395,8 @@ CASES = [
     # normalization
     Case("layer_norm", lambda: nn.Sequential(nn.Linear(4, 6), nn.LayerNorm(6)), randn(3, 4)),
     Case("group_norm", lambda: nn.Sequential(nn.Conv2d(2, 4, 3), nn.GroupNorm(2, 4)), conv_input(2, 2, 5)),
+    # channels last moved to dim 1: [B, L, C] -> [B, C, L] is not dense in any layout the kernel takes
+    Case("group_norm_moved_channels", lambda: Lambda(lambda s, x: s.norm(torch.tanh(x.movedim(-1, 1))), norm=nn.GroupNorm(3, 3)), randn(4, 3)),
     Case("instance_norm", lambda: nn.Sequential(nn.Conv1d(2, 3, 2), nn.InstanceNorm1d(3, affine=True)), conv_input(1, 2, 6)),
     Case("rms_norm", lambda: nn.Sequential(nn.Linear(4, 6), nn.RMSNorm(6)), randn(3, 4)),
     Case("batch_norm_eval", lambda: nn.Sequential(nn.Conv2d(2, 3, 2), nn.BatchNorm2d(3)).eval(), conv_input(2, 2, 4)),
