@@ -374,6 +374,9 @@ CASES = [
     Case("conv2d_reflect", conv(2, in_channels=2, out_channels=2, kernel_size=3, padding=1, padding_mode="reflect"), conv_input(2, 2, 5)),
     Case("conv_transpose1d_groups_dilation", lambda: nn.Sequential(nn.ConvTranspose1d(4, 6, 3, stride=2, groups=2, dilation=2), nn.Flatten(), nn.Tanh()), conv_input(1, 4, 5)),
     Case("conv_transpose2d_output_padding", lambda: nn.Sequential(nn.ConvTranspose2d(2, 3, 3, stride=2, padding=1, output_padding=1), nn.Flatten(), nn.Tanh()), conv_input(2, 2, 4)),
+    # output_padding at or above the stride (allowed below the dilation)
+    Case("conv_transpose1d_output_padding_over_stride", lambda: nn.Sequential(nn.ConvTranspose1d(2, 3, 2, padding=1, output_padding=1, dilation=2), nn.Flatten(), nn.Tanh()), conv_input(1, 2, 4)),
+    Case("conv_transpose2d_output_padding_over_stride", lambda: nn.Sequential(nn.ConvTranspose2d(4, 2, 2, stride=(2, 1), output_padding=(2, 1), dilation=(3, 2), groups=2), nn.Flatten(), nn.Tanh()), conv_input(2, 4, 3)),
     Case("conv_transpose2d_no_bias", lambda: nn.Sequential(nn.ConvTranspose2d(2, 3, (2, 3), stride=(1, 2), bias=False), nn.Flatten(), nn.Tanh()), conv_input(2, 2, 3)),
     Case("conv_transpose3d", lambda: nn.Sequential(nn.ConvTranspose3d(2, 2, 2, stride=2), nn.Flatten(), nn.Tanh()), conv_input(3, 2, 2)),
     Case("conv3d", conv(3, in_channels=2, out_channels=3, kernel_size=2, stride=(1, 2, 1), padding=1), conv_input(3, 2, 4)),
