@@ -1,0 +1,142 @@
+"""Random whole models (tests/model_gen.py) against the per-example loop, in float64.
+
+Each seed composes a model from the catalogue of blocks, picks the clipping bound between the
+examples' gradient norms (so some examples are clipped and some are not), runs one fxclip step
+and compares the norms, the losses and every clipped sum with one backward per example; frozen
+parameters must get no gradient. Some seeds also force each strategy, a few run compiled.
+
+A parameter use no rule covers takes the per-op fallback, and a model fxclip cannot capture the
+whole-model fallback: both are exact, so they pass the comparison, and a regression that sends
+a common block there would go unseen. So each fallback is traced to the block that takes it and
+must be of a kind listed below.
+"""
+
+import re
+import warnings
+
+import pytest
+import torch
+import torch.nn as nn
+
+import fxclip
+from fxclip.reference import clip_and_sum, naive_per_example_grads
+from helpers import relative_error
+from model_gen import COSTLY, RandomCase, generate
+
+# the kinds whose ops have no rule: nn.PReLU (aten._prelu_kernel) and nn.Bilinear
+# (aten._trilinear) take the per-op fallback, by torch.func on that op alone
+OP_FALLBACK_KINDS = {"prelu", "bilinear"}
+# no kind may send a whole model to the whole-model fallback
+WHOLE_MODEL_FALLBACK_KINDS: set[str] = set()
+
+DEFAULT_SEEDS = range(30)
+SLOW_SEEDS = range(30, 350)
+STRATEGY_SEEDS = range(0, 350, 5)  # these also force "ghost" and "materialize"
+
+
+def clip_bound(norms: torch.Tensor) -> float:
+    """A bound between the two middle norms: about half the examples are clipped."""
+    ordered = norms.sort().values
+    k = (len(ordered) - 1) // 2
+    return float((ordered[k] * ordered[k + 1]).sqrt())
+
+
+def check(case: RandomCase, strategies=("auto",), compile=False, rtol=1e-8) -> fxclip.PrivateStep:
+    """One step per strategy against the per-example loop; returns the transform."""
+    model = case.model
+    ref, ref_losses = naive_per_example_grads(model, case.loss_fn, case.inputs, case.targets, case.batch_dims, with_losses=True)
+    bound = clip_bound(clip_and_sum(ref, 1.0)[0])
+    ref_norms, ref_clip, ref_sums = clip_and_sum(ref, bound)
+    assert (ref_clip < 1).any() and (ref_clip == 1).any(), ref_norms
+    scale = max(float(g.abs().max()) for g in ref_sums.values())
+    t = fxclip.transform(model, case.loss_fn, bound, batch_dims=case.batch_dims, compile=compile)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", fxclip.FallbackWarning)
+        for strategy in strategies:
+            model.zero_grad(set_to_none=True)
+            t.strategy = strategy
+            result = t.step(case.inputs, case.targets)
+            assert relative_error(result.losses, ref_losses) <= rtol, (strategy, result.losses, ref_losses)
+            assert relative_error(result.norms, ref_norms) <= rtol, (strategy, result.norms, ref_norms)
+            for name, p in model.named_parameters():
+                if p.requires_grad:
+                    assert relative_error(p.grad, ref_sums[name], scale) <= rtol, (strategy, name)
+                else:
+                    assert p.grad is None, name
+    _check_fallbacks(case, t, [w for w in caught if issubclass(w.category, fxclip.FallbackWarning)])
+    if compile:  # a compile that fails warns and runs eagerly: the comparison alone would pass
+        assert t.compile and t._compiled, "the step did not run compiled"
+    return t
+
+
+def _check_fallbacks(case: RandomCase, t: fxclip.PrivateStep, whole_model: list) -> None:
+    for w in whole_model:
+        found = re.search(r"module '([^']+)'", str(w.message))
+        kind = case.kind_of(found.group(1)) if found else "?"
+        assert kind in WHOLE_MODEL_FALLBACK_KINDS, f"whole-model fallback in a {kind} block: {w.message}"
+    for ctx, _ in t._programs.values():
+        for use in ctx.fallbacks if ctx is not None else ():
+            kinds = {case.kind_of(name) for name in use.params}
+            assert kinds <= OP_FALLBACK_KINDS, f"per-op fallback for {use.params} ({kinds}) at {use.node.target}"
+
+
+# found by this test and fixed on another branch (robust, a6e0e22: decompose traces under the
+# Python dispatcher). Which seeds meet it is known only once a model is built, so they are told
+# apart at run time, not at collection (that would build every seed's model on every run); the
+# check must still fail there, so the fix shows up as a failure here (as a strict xfail would)
+BILINEAR_CRASH = (
+    "nn.Bilinear with an operand computed from a trainable parameter crashes in the decompose pass "
+    "(make_fx in passes/inline.py: torch's 'INTERNAL ASSERT FAILED ... dispatch_on_subclass called "
+    "with NO overloaded args'). Repro: lin, bil = nn.Linear(4, 4), nn.Bilinear(4, 4, 2); "
+    "forward(x) = bil(lin(x), lin(x)); transform(...).step(randn(3, 4), zeros(3, 2))"
+)
+
+
+def _bilinear_on_trainable_input(case: RandomCase) -> bool:
+    seen = []
+    hooks = [
+        m.register_forward_pre_hook(lambda m, args: seen.append(any(a.requires_grad for a in args)))
+        for m in case.model.modules() if isinstance(m, nn.Bilinear)
+    ]
+    try:
+        case.model(*case.inputs)
+    finally:
+        for h in hooks:
+            h.remove()
+    return any(seen)
+
+
+def _run(seed: int, compile=False, **options):
+    case = generate(seed, **options)
+    strategies = ("auto", "ghost", "materialize") if seed in STRATEGY_SEEDS else ("auto",)
+    if _bilinear_on_trainable_input(case):
+        with pytest.raises(RuntimeError, match="dispatch_on_subclass"):
+            check(case, strategies, compile=compile)
+        pytest.xfail(BILINEAR_CRASH)
+    try:
+        check(case, strategies, compile=compile)
+    except Exception as e:
+        e.add_note(case.describe())
+        raise
+
+
+@pytest.mark.parametrize("seed", DEFAULT_SEEDS)
+def test_random_model(seed):
+    _run(seed)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("seed", SLOW_SEEDS)
+def test_random_model_slow(seed):
+    _run(seed)
+
+
+# one model per kind of stem; the recurrent and attention layers cost the most to compile and
+# are covered eagerly
+COMPILED = [(1002, "image"), (1000, "tokens"), (1001, "sequence"), (1002, "features")]
+
+
+@pytest.mark.compile
+@pytest.mark.parametrize("seed, stem", COMPILED)
+def test_random_model_compiled(seed, stem):
+    _run(seed, compile=True, max_blocks=4, exclude=COSTLY, stems=(stem,))
