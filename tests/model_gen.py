@@ -80,6 +80,7 @@ class RandomCase:
     targets: Any
     batch_dims: tuple
     frozen: list[str]  # parameters set to requires_grad=False
+    drawn: tuple[str, ...]  # what was drawn (see ALL_DRAWS)
 
     def kind_of(self, path: str) -> str:
         """The catalogue kind of the innermost block that holds module or parameter `path`."""
@@ -114,6 +115,7 @@ class Gen:
         self.dims: list[int] = []
         self.blocks: list[tuple[Block, tuple, tuple]] = []  # (block, in shape, out shape)
         self.kind = "vec"  # of the trunk: "vec", "seq" or "img"
+        self.drawn: list[str] = []  # the builders, stem and head drawn (see ALL_DRAWS)
         self.exclude: frozenset = frozenset()  # builders not to draw
 
     # random draws
@@ -239,6 +241,8 @@ def scale_shift(g: Gen, x):
 
 
 def prelu(g: Gen, x):
+    if (x >= 0).all():  # after a positive activation its slope would get no gradient
+        raise Rejected
     channels = 1 if g.kind == "seq" else g.choice([1, x.shape[1]])  # PReLU's channels are dim 1
     return Block("prelu", f"PReLU({channels})", lambda s, x, xs: s.act(x), act=nn.PReLU(channels, init=g.r.uniform(0.05, 0.5)))
 
@@ -325,33 +329,46 @@ def multihead_attention(g: Gen, x):
         value_idx = key_idx if vdim == kdim else g.add_input(g.randn(*shape(vdim)), 0 if bf else 1)
     attn = nn.MultiheadAttention(d, **options)
     mask = torch.ones(t, t, dtype=torch.bool).triu(1) if causal else None
+    padding_idx = None
+    if g.flip(0.3):  # a key padding mask [B, S] (True: ignored), never masking a whole row
+        keys = g.inputs[key_idx].shape[1 if bf else 0] if cross else t
+        padding = torch.rand(g.batch, keys, generator=g.data) < 0.3
+        padding[:, 0] = False
+        padding_idx = g.add_input(padding, 0)
 
     def fn(s, x, xs):
         q = x if bf else x.transpose(0, 1)
         k = q if key_idx is None else xs[key_idx]
         v = q if value_idx is None else xs[value_idx]
-        out = s.attn(q, k, v, need_weights=need_weights, attn_mask=mask)[0]
+        key_padding_mask = None if padding_idx is None else xs[padding_idx]
+        out = s.attn(q, k, v, need_weights=need_weights, attn_mask=mask, key_padding_mask=key_padding_mask)[0]
         return out if bf else out.transpose(0, 1)
 
-    note = f"{'cross' if cross else 'self'} causal={causal} need_weights={need_weights} {options}"
+    note = f"{'cross' if cross else 'self'} causal={causal} key_padding={padding_idx is not None} need_weights={need_weights} {options}"
     return Block("multihead_attention", note, fn, attn=attn)
 
 
 def sdpa_attention(g: Gen, x):
-    """Hand-written attention on F.scaled_dot_product_attention: self, over a learned memory
-    expanded over the batch, or learned latent queries (the sequence becomes the queries')."""
+    """Hand-written attention on F.scaled_dot_product_attention: self (causal, or with a boolean
+    mask), across to a further input, over the sequence and a learned memory expanded over the
+    batch, or from learned latent queries (the sequence becomes the queries')."""
     t, d = x.shape[1], x.shape[2]
     heads = g.r.randint(1, 3)
     head_dim = g.r.randint(1, 4)
     inner = heads * head_dim
-    variant = g.choice(["self", "memory", "latents"])
+    variant = g.choice(["self", "cross", "memory", "latents"])
     causal = variant == "self" and g.flip(0.4)
     bias = g.flip(0.7)
-    members = dict(q=nn.Linear(d, inner, bias=bias), k=nn.Linear(d, inner, bias=bias), v=nn.Linear(d, inner, bias=bias), o=nn.Linear(inner, d, bias=g.flip()))
+    kv_width = g.width(2, 8) if variant == "cross" else d
+    members = dict(q=nn.Linear(d, inner, bias=bias), k=nn.Linear(kv_width, inner, bias=bias), v=nn.Linear(kv_width, inner, bias=bias), o=nn.Linear(inner, d, bias=g.flip()))
+    idx = g.add_input(g.randn(g.batch, g.r.randint(2, 5), kv_width), 0) if variant == "cross" else None
     if variant == "memory":
         members["memory"] = g.param(1, g.r.randint(2, 4), d, scale=1.0)
     if variant == "latents":
         members["latents"] = g.param(1, g.r.randint(1, 3), d, scale=1.0)
+    mask = None
+    if variant == "self" and not causal and g.flip(0.4):  # every query sees itself at least
+        mask = (torch.rand(t, t, generator=g.data) < 0.6) | torch.eye(t, dtype=torch.bool)
 
     def split(h):
         return h.unflatten(-1, (heads, head_dim)).transpose(1, 2)
@@ -359,11 +376,11 @@ def sdpa_attention(g: Gen, x):
     def fn(s, x, xs):
         b = x.shape[0]
         queries = s.latents.expand(b, -1, -1) if variant == "latents" else x
-        keys = torch.cat([x, s.memory.expand(b, -1, -1)], 1) if variant == "memory" else x
-        out = F.scaled_dot_product_attention(split(s.q(queries)), split(s.k(keys)), split(s.v(keys)), is_causal=causal)
+        keys = {"cross": lambda: xs[idx], "memory": lambda: torch.cat([x, s.memory.expand(b, -1, -1)], 1)}.get(variant, lambda: x)()
+        out = F.scaled_dot_product_attention(split(s.q(queries)), split(s.k(keys)), split(s.v(keys)), attn_mask=mask, is_causal=causal)
         return s.o(out.transpose(1, 2).flatten(2))
 
-    return Block("sdpa_attention", f"{variant} heads={heads}x{head_dim} causal={causal}", fn, **members)
+    return Block("sdpa_attention", f"{variant} heads={heads}x{head_dim} causal={causal} mask={mask is not None}", fn, **members)
 
 
 def transformer_layer(g: Gen, x):
@@ -559,6 +576,11 @@ def image_norm(g: Gen, x):
     variant = g.choice(["group", "instance", "batch"])
     affine = g.flip(0.8)
     if variant == "group":
+        if x.dim() >= 4 and not x.is_contiguous():
+            # torch 2.13's CPU backward for the affine parameters alone segfaults on a
+            # channels-last input (nn.GroupNorm(4, 4), randn(2, 6, 2, 4).movedim(-1, 1)); the
+            # per-example loop would take that path
+            raise Rejected
         groups = g.divisor(c)
         if c // groups * x[0, 0].numel() == 1:  # torch refuses to normalize one value (for a batch of one)
             raise Rejected
@@ -617,7 +639,7 @@ CATALOGUE: dict[str, list[tuple[Callable, float]]] = {
     "vec": [
         (linear, 3), (activation, 2), (dropout, 0.5), (feature_norm, 1), (gate, 1), (bilinear, 0.7),
         (weight_norm, 0.7), (transposed_use, 0.5), (scale_shift, 0.7), (prelu, 0.5), (residual, 1),
-        (shared, 0.7), (reuse, 0.5), (unflatten_seq, 0.8), (broadcast_time, 0.6), (unflatten_img, 0.6),
+        (shared, 0.7), (reuse, 0.5), (unflatten_seq, 0.8), (broadcast_time, 0.6), (unflatten_img, 1),
     ],
     "seq": [
         (linear, 2), (activation, 1.5), (dropout, 0.5), (feature_norm, 1), (gate, 0.7), (bilinear, 0.4),
@@ -627,7 +649,7 @@ CATALOGUE: dict[str, list[tuple[Callable, float]]] = {
         (attention_pool, 0.6), (pool_time, 1), (flatten, 0.5), (to_channels, 0.7),
     ],
     "img": [
-        (conv, 3), (conv_transpose, 1.2), (depthwise_separable, 0.6), (activation, 1.5), (dropout, 0.5),
+        (conv, 4), (conv_transpose, 2), (depthwise_separable, 1), (activation, 1), (dropout, 0.5),
         (image_norm, 1.2), (image_positions, 0.4), (scale_shift, 0.5), (squeeze_excite, 0.6), (prelu, 0.4),
         (residual, 0.8), (shared, 0.5), (reuse, 0.4), (spatial_pool, 0.6), (flatten_spatial, 0.7),
         (global_pool, 0.8), (flatten, 0.5),
@@ -658,7 +680,7 @@ def draw(g: Gen, x: torch.Tensor, among=None) -> tuple[Block, torch.Tensor, str]
     options = [(b, w) for b, w in CATALOGUE[g.kind] if (among is None or b in among) and b not in g.exclude]
     for _ in range(50):
         builder = g.r.choices([b for b, _ in options], [w for _, w in options])[0]
-        n_inputs = len(g.inputs)
+        n_inputs, n_drawn = len(g.inputs), len(g.drawn)
         try:
             block = builder(g, x)
             with torch.no_grad():
@@ -666,9 +688,10 @@ def draw(g: Gen, x: torch.Tensor, among=None) -> tuple[Block, torch.Tensor, str]
             after = KIND_AFTER.get(builder, g.kind)
             if not _fits(y, after):
                 raise Rejected
+            g.drawn.append(builder.__name__)
             return block, y, after
         except (Rejected, RuntimeError, ValueError):
-            del g.inputs[n_inputs:], g.dims[n_inputs:]
+            del g.inputs[n_inputs:], g.dims[n_inputs:], g.drawn[n_drawn:]
     raise AssertionError(f"no block fits a {g.kind} trunk of shape {tuple(x.shape)}")
 
 
@@ -682,6 +705,7 @@ def stem(g: Gen, variants=STEMS) -> tuple[Block, str]:
     """The first input, how the model takes it in, and the kind of trunk it makes."""
     b = g.batch
     variant = g.choice(variants)
+    g.drawn.append(f"stem:{variant}")
     if variant == "features":
         d = g.width()
         if g.flip(0.3):  # feature-major [D, B]: the batch in the last dim (given as -1 or 1)
@@ -731,12 +755,14 @@ def head(g: Gen, x: torch.Tensor, first: Block) -> tuple[Block, str]:
     """The last block and the loss it suits: "regression" (any output) or "classes" (the last
     dim holds logits). A token model may end in its own embedding, transposed (tied weights)."""
     if g.kind == "img":
+        g.drawn.append("head:linear")
         x_flat = x.flatten(1).shape[1]
         if x_flat > MAX_FLAT or g.flip(0.3):
             return Block("head", "global mean, Linear", lambda s, x, xs: s.lin(x.flatten(2).mean(-1)), lin=nn.Linear(x.shape[1], g.width(1, 4))), "regression"
         return Block("head", "flatten, Linear", lambda s, x, xs: s.lin(x.flatten(1)), lin=nn.Linear(x_flat, g.width(1, 4))), "regression"
     d = x.shape[-1]
     if g.kind == "seq" and hasattr(first, "emb") and g.flip(0.6):
+        g.drawn.append("head:tied")
         emb = first.emb
         vocab, e = emb.weight.shape
         if g.flip():  # F.linear with the embedding's weight, read from the stem
@@ -749,7 +775,9 @@ def head(g: Gen, x: torch.Tensor, first: Block) -> tuple[Block, str]:
         return block, "tokens"
     has_parameters = any(True for m in [first] + [b for b, _, _ in g.blocks] for _ in m.parameters())
     if g.flip(0.2) and has_parameters:
+        g.drawn.append("head:none")
         return Block("head", "none", lambda s, x, xs: x), "regression"
+    g.drawn.append("head:linear")
     k = g.width(1, 5)
     return Block("head", f"Linear({d}, {k})", lambda s, x, xs: s.lin(x), lin=nn.Linear(d, k)), ("classes" if k > 1 and g.flip(0.4) else "regression")
 
@@ -781,7 +809,7 @@ def generate(seed: int, max_blocks: int = 5, exclude=frozenset(), stems=STEMS) -
         loss_fn = PerExampleCrossEntropy()
         targets = torch.randint(0, out.shape[-1], out.shape[:-1], generator=g.data)
     dims = tuple(g.dims)
-    return RandomCase(seed, model, loss_fn, tuple(g.inputs), targets, dims, frozen)
+    return RandomCase(seed, model, loss_fn, tuple(g.inputs), targets, dims, frozen, tuple(g.drawn))
 
 
 def _freeze(g: Gen, model: nn.Module) -> list[str]:
@@ -797,3 +825,11 @@ def _freeze(g: Gen, model: nn.Module) -> list[str]:
     for name in frozen:
         params[name].requires_grad_(False)
     return sorted(frozen)
+
+
+# everything `generate` can draw: each builder by name, each stem and each kind of head
+ALL_DRAWS = (
+    {b.__name__ for entries in CATALOGUE.values() for b, _ in entries}
+    | {f"stem:{v}" for v in STEMS}
+    | {"head:linear", "head:tied", "head:none"}
+)

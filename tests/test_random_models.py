@@ -16,12 +16,11 @@ import warnings
 
 import pytest
 import torch
-import torch.nn as nn
 
 import fxclip
 from fxclip.reference import clip_and_sum, naive_per_example_grads
 from helpers import relative_error
-from model_gen import COSTLY, RandomCase, generate
+from model_gen import ALL_DRAWS, COSTLY, RandomCase, generate
 
 # the kinds whose ops have no rule: nn.PReLU (aten._prelu_kernel) and nn.Bilinear
 # (aten._trilinear) take the per-op fallback, by torch.func on that op alone
@@ -29,9 +28,29 @@ OP_FALLBACK_KINDS = {"prelu", "bilinear"}
 # no kind may send a whole model to the whole-model fallback
 WHOLE_MODEL_FALLBACK_KINDS: set[str] = set()
 
-DEFAULT_SEEDS = range(30)
-SLOW_SEEDS = range(30, 350)
+# the first seeds that together draw everything the generator can (ALL_DRAWS: every builder,
+# stem and head; test_default_seeds_draw_everything keeps it so), filled up with the next ones
+DEFAULT_SEEDS = [*range(24), 29, 33, 34, 35, 36, 52]
+SLOW_SEEDS = [s for s in range(350) if s not in DEFAULT_SEEDS]
 STRATEGY_SEEDS = range(0, 350, 5)  # these also force "ghost" and "materialize"
+
+# Seeds whose model meets a bug found here and fixed on another branch (robust, a6e0e22:
+# decompose traces under the Python dispatcher): strict, so the fix shows up here. A change to
+# the generator changes the models, and the sets are found again by running the seeds.
+BILINEAR_CRASH = (
+    "nn.Bilinear with an operand computed from a trainable parameter crashes in the decompose pass "
+    "(make_fx in passes/inline.py: torch's 'INTERNAL ASSERT FAILED ... dispatch_on_subclass called "
+    "with NO overloaded args'). Repro: lin, bil = nn.Linear(4, 4), nn.Bilinear(4, 4, 2); "
+    "forward(x) = bil(lin(x), lin(x)); transform(...).step(randn(3, 4), zeros(3, 2))"
+)
+KNOWN_FAILURES = {
+    seed: pytest.mark.xfail(strict=True, raises=RuntimeError, reason=BILINEAR_CRASH)
+    for seed in (9, 23, 31, 32, 46, 51, 70, 80, 105, 173, 175, 179, 182, 189, 202, 216, 246, 247, 249, 286, 301, 349)
+}
+
+
+def _seeds(seeds):
+    return [pytest.param(s, marks=KNOWN_FAILURES[s]) if s in KNOWN_FAILURES else s for s in seeds]
 
 
 def clip_bound(norms: torch.Tensor) -> float:
@@ -80,39 +99,9 @@ def _check_fallbacks(case: RandomCase, t: fxclip.PrivateStep, whole_model: list)
             assert kinds <= OP_FALLBACK_KINDS, f"per-op fallback for {use.params} ({kinds}) at {use.node.target}"
 
 
-# found by this test and fixed on another branch (robust, a6e0e22: decompose traces under the
-# Python dispatcher). Which seeds meet it is known only once a model is built, so they are told
-# apart at run time, not at collection (that would build every seed's model on every run); the
-# check must still fail there, so the fix shows up as a failure here (as a strict xfail would)
-BILINEAR_CRASH = (
-    "nn.Bilinear with an operand computed from a trainable parameter crashes in the decompose pass "
-    "(make_fx in passes/inline.py: torch's 'INTERNAL ASSERT FAILED ... dispatch_on_subclass called "
-    "with NO overloaded args'). Repro: lin, bil = nn.Linear(4, 4), nn.Bilinear(4, 4, 2); "
-    "forward(x) = bil(lin(x), lin(x)); transform(...).step(randn(3, 4), zeros(3, 2))"
-)
-
-
-def _bilinear_on_trainable_input(case: RandomCase) -> bool:
-    seen = []
-    hooks = [
-        m.register_forward_pre_hook(lambda m, args: seen.append(any(a.requires_grad for a in args)))
-        for m in case.model.modules() if isinstance(m, nn.Bilinear)
-    ]
-    try:
-        case.model(*case.inputs)
-    finally:
-        for h in hooks:
-            h.remove()
-    return any(seen)
-
-
 def _run(seed: int, compile=False, **options):
     case = generate(seed, **options)
     strategies = ("auto", "ghost", "materialize") if seed in STRATEGY_SEEDS else ("auto",)
-    if _bilinear_on_trainable_input(case):
-        with pytest.raises(RuntimeError, match="dispatch_on_subclass"):
-            check(case, strategies, compile=compile)
-        pytest.xfail(BILINEAR_CRASH)
     try:
         check(case, strategies, compile=compile)
     except Exception as e:
@@ -120,20 +109,32 @@ def _run(seed: int, compile=False, **options):
         raise
 
 
-@pytest.mark.parametrize("seed", DEFAULT_SEEDS)
+@pytest.mark.parametrize("seed", _seeds(DEFAULT_SEEDS))
 def test_random_model(seed):
     _run(seed)
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("seed", SLOW_SEEDS)
+@pytest.mark.parametrize("seed", _seeds(SLOW_SEEDS))
 def test_random_model_slow(seed):
     _run(seed)
 
 
-# one model per kind of stem; the recurrent and attention layers cost the most to compile and
-# are covered eagerly
-COMPILED = [(1002, "image"), (1000, "tokens"), (1001, "sequence"), (1002, "features")]
+def test_default_seeds_draw_everything():
+    drawn = set().union(*(generate(s).drawn for s in DEFAULT_SEEDS if s not in KNOWN_FAILURES))
+    assert drawn == ALL_DRAWS, f"no default seed draws {sorted(ALL_DRAWS - drawn)}"
+
+
+# a model for each of four stems (picked to draw convs, a tied head, attention, gates); the
+# recurrent and attention layers cost the most to compile and are covered eagerly. Each compile
+# takes 15-35 s on 2 cores, so the default suite compiles one (as test_compile.py does) and the
+# others run with -m slow
+COMPILED = [
+    (1000, "tokens"),
+    pytest.param(1021, "image", marks=pytest.mark.slow),
+    pytest.param(1001, "sequence", marks=pytest.mark.slow),
+    pytest.param(1066, "features", marks=pytest.mark.slow),
+]
 
 
 @pytest.mark.compile
