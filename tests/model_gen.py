@@ -29,20 +29,17 @@ from helpers import mean_loss, sum_loss
 MAX_WIDTH = 12
 MAX_CHANNELS = 8
 MAX_SPATIAL = {1: 10, 2: 6, 3: 4}  # per spatial dim, by number of spatial dims
-MAX_TIME = 6
+MAX_TIME = 6  # of an input sequence
+MAX_POSITIONS = MAX_TIME + 3  # of a trunk sequence (query tokens, flattened images)
 MAX_FLAT = 48  # a trunk flattened into a vector
 CONV_DIMS = {1: (nn.Conv1d, nn.ConvTranspose1d), 2: (nn.Conv2d, nn.ConvTranspose2d), 3: (nn.Conv3d, nn.ConvTranspose3d)}
-
-
-def _mish_like(x):
-    return x * torch.tanh(F.softplus(x))
 
 
 def _softmax_last(x):
     return F.softmax(x, -1)
 
 
-ACTIVATIONS = [torch.tanh, torch.sigmoid, F.gelu, F.silu, F.elu, F.softplus, F.leaky_relu, F.relu, F.hardtanh, _mish_like, _softmax_last]
+ACTIVATIONS = [torch.tanh, torch.sigmoid, F.gelu, F.silu, F.elu, F.softplus, F.leaky_relu, F.relu, F.hardtanh, F.mish, _softmax_last]
 
 
 class Block(nn.Module):
@@ -87,9 +84,6 @@ class RandomCase:
         owners = [(name, m.kind) for name, m in self.model.named_modules() if isinstance(m, Block)]
         found = [(name, kind) for name, kind in owners if path == name or path.startswith(name + ".")]
         return max(found, key=lambda nk: len(nk[0]))[1] if found else "?"
-
-    def kinds(self) -> set[str]:
-        return {m.kind for m in self.model.modules() if isinstance(m, Block)}
 
     def describe(self) -> str:
         lines = [f"seed {self.seed}: batch_dims={self.batch_dims}, inputs {[tuple(x.shape) for x in self.inputs]}"]
@@ -298,7 +292,7 @@ def positions(g: Gen, x):
 def query_tokens(g: Gen, x):
     """Learned tokens expanded over the batch and concatenated to the sequence (a class token)."""
     q = g.r.randint(1, 2)
-    if x.shape[1] + q > MAX_TIME + 2:
+    if x.shape[1] + q > MAX_POSITIONS:
         raise Rejected
     first = g.flip()
     def fn(s, x, xs):
@@ -621,7 +615,7 @@ def spatial_pool(g: Gen, x):
 
 def flatten_spatial(g: Gen, x):
     """img [C, *S] -> seq [prod S, C]."""
-    if x[0, 0].numel() > 2 * MAX_TIME:
+    if x[0, 0].numel() > MAX_POSITIONS:
         raise Rejected
     return Block("to_sequence", "flatten(2).transpose(1, 2)", lambda s, x, xs: x.flatten(2).transpose(1, 2))
 
@@ -669,7 +663,7 @@ def _fits(y: torch.Tensor, kind: str) -> bool:
         nd = y.dim() - 2
         return 1 <= nd <= 3 and y.shape[1] <= MAX_CHANNELS and all(1 <= s <= MAX_SPATIAL[nd] for s in y.shape[2:])
     if kind == "seq":
-        return y.dim() == 3 and 1 <= y.shape[1] <= MAX_TIME + 3 and y.shape[2] <= MAX_WIDTH
+        return y.dim() == 3 and 1 <= y.shape[1] <= MAX_POSITIONS and y.shape[2] <= MAX_WIDTH
     return y.dim() == 2 and y.shape[1] <= MAX_FLAT
 
 
