@@ -351,6 +351,10 @@ CASES = [
     Case("linear_no_bias", lambda: nn.Linear(5, 3, bias=False), randn(4, 5)),
     Case("matmul_param_right", lambda: Lambda(lambda s, x: x @ s.w, w=P(5, 3)), randn(4, 5)),
     Case("matmul_param_left", lambda: Lambda(lambda s, x: s.w @ x, w=P(3, 4)), randn(4, 2)),
+    Case("matmul_vector_param_right", lambda: Lambda(lambda s, x: torch.softmax(x @ s.v, 1), v=P(4)), randn(3, 4)),
+    Case("matmul_vector_param_left", lambda: Lambda(lambda s, x: torch.tanh(s.v @ x), v=P(4)), randn(4, 3)),
+    Case("matmul_vector_param_seq_first", lambda: Lambda(lambda s, x: torch.tanh(x @ s.v).T, v=P(4)),
+         lambda b, g: (torch.randn(3, b, 4, generator=g, dtype=torch.float64),), (1,)),
     Case("mm", lambda: Lambda(lambda s, x: torch.mm(x, s.w), w=P(5, 3)), randn(5)),
     Case("bmm_param_right", lambda: Lambda(lambda s, x: torch.bmm(x.transpose(0, 1), s.w).transpose(0, 1), w=P(3, 4, 2)), randn(3, 4)),
     Case("bmm_param_left", lambda: Lambda(lambda s, x: torch.bmm(s.w, x.permute(1, 2, 0)).permute(2, 0, 1), w=P(3, 2, 4)), randn(3, 4)),
@@ -370,6 +374,9 @@ CASES = [
     Case("conv2d_reflect", conv(2, in_channels=2, out_channels=2, kernel_size=3, padding=1, padding_mode="reflect"), conv_input(2, 2, 5)),
     Case("conv_transpose1d_groups_dilation", lambda: nn.Sequential(nn.ConvTranspose1d(4, 6, 3, stride=2, groups=2, dilation=2), nn.Flatten(), nn.Tanh()), conv_input(1, 4, 5)),
     Case("conv_transpose2d_output_padding", lambda: nn.Sequential(nn.ConvTranspose2d(2, 3, 3, stride=2, padding=1, output_padding=1), nn.Flatten(), nn.Tanh()), conv_input(2, 2, 4)),
+    # output_padding at or above the stride (allowed below the dilation)
+    Case("conv_transpose1d_output_padding_over_stride", lambda: nn.Sequential(nn.ConvTranspose1d(2, 3, 2, padding=1, output_padding=1, dilation=2), nn.Flatten(), nn.Tanh()), conv_input(1, 2, 4)),
+    Case("conv_transpose2d_output_padding_over_stride", lambda: nn.Sequential(nn.ConvTranspose2d(4, 2, 2, stride=(2, 1), output_padding=(2, 1), dilation=(3, 2), groups=2), nn.Flatten(), nn.Tanh()), conv_input(2, 4, 3)),
     Case("conv_transpose2d_no_bias", lambda: nn.Sequential(nn.ConvTranspose2d(2, 3, (2, 3), stride=(1, 2), bias=False), nn.Flatten(), nn.Tanh()), conv_input(2, 2, 3)),
     Case("conv_transpose3d", lambda: nn.Sequential(nn.ConvTranspose3d(2, 2, 2, stride=2), nn.Flatten(), nn.Tanh()), conv_input(3, 2, 2)),
     Case("conv3d", conv(3, in_channels=2, out_channels=3, kernel_size=2, stride=(1, 2, 1), padding=1), conv_input(3, 2, 4)),
@@ -381,6 +388,9 @@ CASES = [
     Case("index_rows_of_matrices", lambda: Lambda(lambda s, x, v: torch.tanh(s.w[x] @ v.unsqueeze(-1)).flatten(1), w=P(5, 3, 2)),
          lambda b, g: (torch.randint(0, 5, (b, 4), generator=g), torch.randn(b, 4, 2, generator=g, dtype=torch.float64)), (0, 0)),
     Case("embedding_bag_mean_padding", lambda: nn.EmbeddingBag(5, 4, mode="mean", padding_idx=0, dtype=torch.float64), tokens(5, 8)),
+    Case("embedding_bag_max_padding", lambda: nn.EmbeddingBag(5, 4, mode="max", padding_idx=0, dtype=torch.float64),
+         lambda b, g: (torch.randint(0, 5, (b, 4), generator=g).index_fill(0, torch.arange(1, min(b, 2)), 0),)),  # example 1: padding only
+    Case("embedding_bag_max_bags_per_example", lambda: Lambda(lambda s, x: s.bag(x.flatten(0, 1)).unflatten(0, (x.shape[0], -1)), bag=nn.EmbeddingBag(6, 3, mode="max", dtype=torch.float64)), lambda b, g: (torch.randint(0, 6, (b, 3, 2), generator=g),)),
     Case("embedding_bag_sum_weights", lambda: Lambda(lambda s, x, w: s.bag(x, per_sample_weights=w), bag=nn.EmbeddingBag(6, 3, mode="sum", dtype=torch.float64)),
          lambda b, g: (torch.randint(0, 6, (b, 5), generator=g), torch.randn(b, 5, generator=g, dtype=torch.float64)), (0, 0)),
     Case("embedding_bag_bags_per_example", lambda: Lambda(lambda s, x: s.bag(x.flatten(0, 1)).unflatten(0, (x.shape[0], -1)), bag=nn.EmbeddingBag(6, 3, dtype=torch.float64)), lambda b, g: (torch.randint(0, 6, (b, 3, 4), generator=g),)),
@@ -388,6 +398,8 @@ CASES = [
     # normalization
     Case("layer_norm", lambda: nn.Sequential(nn.Linear(4, 6), nn.LayerNorm(6)), randn(3, 4)),
     Case("group_norm", lambda: nn.Sequential(nn.Conv2d(2, 4, 3), nn.GroupNorm(2, 4)), conv_input(2, 2, 5)),
+    # channels last moved to dim 1: [B, L, C] -> [B, C, L] is not dense in any layout the kernel takes
+    Case("group_norm_moved_channels", lambda: Lambda(lambda s, x: s.norm(torch.tanh(x.movedim(-1, 1))), norm=nn.GroupNorm(3, 3)), randn(4, 3)),
     Case("instance_norm", lambda: nn.Sequential(nn.Conv1d(2, 3, 2), nn.InstanceNorm1d(3, affine=True)), conv_input(1, 2, 6)),
     Case("rms_norm", lambda: nn.Sequential(nn.Linear(4, 6), nn.RMSNorm(6)), randn(3, 4)),
     Case("batch_norm_eval", lambda: nn.Sequential(nn.Conv2d(2, 3, 2), nn.BatchNorm2d(3)).eval(), conv_input(2, 2, 4)),
@@ -436,6 +448,8 @@ CASES = [
     Case("fallback_bilinear_seq_first", lambda: Lambda(lambda s, x: s.bil(x, x.flip(-1)).mean(0), bil=nn.Bilinear(4, 4, 3)),
          lambda b, g: (torch.randn(3, b, 4, generator=g, dtype=torch.float64),), (1,)),
     Case("fallback_complex_linear", lambda: Lambda(lambda s, x: s.lin(torch.complex(x[:, :4], x[:, 4:])).abs(), lin=nn.Linear(4, 3, dtype=torch.complex128)), randn(8)),
+    # a stack of matrices broadcast against the activation: [B, D] @ [k, D, E] -> [k, B, E]
+    Case("fallback_matmul_param_stack", lambda: Lambda(lambda s, x: (x @ s.w).transpose(0, 1), w=P(2, 4, 3)), randn(4)),
     Case("fallback_bilinear", lambda: Lambda(lambda s, x: s.bil(x, x.flip(-1)), bil=nn.Bilinear(4, 4, 3)), randn(4)),
 ]
 

@@ -65,15 +65,27 @@ def test_uncapturable_model_gets_exact_clipped_gradients_and_a_warning():
         t.step(x, y)
 
 
+class BagsByOffsets(nn.Module):
+    """One bag per example, given as flat tokens and offsets computed from the batch size."""
+
+    def __init__(self):
+        super().__init__()
+        self.bag, self.head = nn.EmbeddingBag(10, 4), nn.Linear(4, 3)
+
+    def forward(self, x):
+        return self.head(self.bag(x.flatten(), torch.arange(x.shape[0]) * x.shape[1]))
+
+
 @pytest.mark.parametrize("options", [{}, {"max_physical_batch_size": 2, "compile": True}], ids=["eager", "chunks_compiled"])
 def test_op_no_rule_covers_takes_the_fallback(options):
-    # the embedding_bag rule covers modes sum and mean; mode max is found when the rule first runs
-    # (inside the step program, or its trace under compile), after capture succeeded
+    # the embedding_bag rule covers bags of one row of a 2-D input each; other offsets are found
+    # when the rule first runs (inside the step program, or its trace under compile), after
+    # capture succeeded
     torch.manual_seed(0)
-    model = nn.Sequential(nn.EmbeddingBag(10, 4, mode="max"), nn.Linear(4, 3)).double()
+    model = BagsByOffsets().double()
     x, y = torch.randint(0, 10, (5, 3)), torch.randint(0, 3, (5,))
     t = fxclip.transform(model, ce, max_grad_norm=0.3, **options)
-    with pytest.warns(fxclip.FallbackWarning, match="(?s)mode='max'.*whole-model fallback"):
+    with pytest.warns(fxclip.FallbackWarning, match="(?s)offsets other than.*whole-model fallback"):
         result = t.step(x, y)
     assert_matches_the_loop(model, result, x, y, 0.3)
     assert t.fallbacks[0].startswith("the whole model (")

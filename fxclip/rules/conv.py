@@ -153,13 +153,15 @@ def _weight_grad_kernel(grad: torch.Tensor, x: torch.Tensor, weight_shape, strid
     return conv_weight_grad(grad, x, weight_shape[1], list(weight_shape[2:]), _per_dim(stride, nd), padding, dilation)
 
 
-def _conv_weight_form(call: OpCall, out_rows, in_rows, weight_shape, groups: int) -> LinearForm:
+def _conv_weight_form(call: OpCall, out_rows, in_rows, weight_shape, groups: int, padding=None) -> LinearForm:
     """The weight's form for a convolution that maps `in_rows` [N, C_in, *S] to outputs whose
     gradient is `out_rows` [N, C_out, *out] with a weight of `weight_shape` [C_out, C_in/groups,
-    *kernel] (stride, padding and dilation read from the call): L = out_rows per position, R = the
-    patches of in_rows, or per-example gradients / the clipped sum from the weight-gradient kernel."""
+    *kernel] (stride, dilation and, unless given, padding read from the call): L = out_rows per
+    position, R = the patches of in_rows, or per-example gradients / the clipped sum from the
+    weight-gradient kernel."""
     batch = call.batch_size
-    stride, padding, dilation = call["stride"], call["padding"], call["dilation"]
+    stride, dilation = call["stride"], call["dilation"]
+    padding = call["padding"] if padding is None else padding
     g = out_rows.reshape(out_rows.shape[0], groups, out_rows.shape[1] // groups, -1).transpose(-1, -2)
     g = _example_positions(g, call)  # [B, G, T, C_out/G]
     kernel = weight_shape[2:]
@@ -221,20 +223,38 @@ def conv(call: OpCall):
 CONV_TRANSPOSE_OPS = [aten.conv_transpose1d.default, aten.conv_transpose2d.input, aten.conv_transpose3d.input]
 
 
+def _adjoint_input(call: OpCall) -> tuple[torch.Tensor, list[int]]:
+    """(g, padding) for the convolution whose weight gradient is the transposed conv's. That
+    convolution reads g at i·s - p + κ·d for x's positions i. output_padding makes g longer at
+    the end; while it is below the stride the convolution's output size drops the extra, but
+    output_padding may reach the dilation, and then the convolution would have positions past x's
+    end: g is then padded by p and cut to what x's positions read (padding 0)."""
+    x, g = call["input"], call.grad
+    nd = x.dim() - 2
+    stride, padding, dilation = (_per_dim(call[name], nd) for name in ("stride", "padding", "dilation"))
+    if all(op < s for op, s in zip(_per_dim(call["output_padding"], nd), stride)):
+        return g, padding
+    g = F.pad(g, [p for before_after in reversed(padding) for p in (before_after, before_after)])
+    for i, k in enumerate(call["weight"].shape[2:]):
+        g = g.narrow(2 + i, 0, (x.shape[2 + i] - 1) * stride[i] + dilation[i] * (k - 1) + 1)
+    return g, [0] * nd
+
+
 @register_rule(CONV_TRANSPOSE_OPS, params=("weight", "bias"), extra_check=_batch_in_dim0)
 def conv_transpose(call: OpCall):
     """z = conv_transpose(x, W) + b, W [C_in, C_out/groups, *kernel]: the adjoint of the
     convolution u ↦ conv(u, W) from C_out to C_in channels with the same stride, padding,
     dilation and groups, so ⟨z, g⟩ = ⟨x, conv(g, W)⟩ and the weight gradient is that
-    convolution's with g as its input and x as its output gradient (output_padding only makes g
-    longer at the end, which that convolution's output size drops).
+    convolution's with g as its input and x as its output gradient (see `_adjoint_input` for
+    output_padding).
 
     weight: the conv rule's form with the roles swapped: L = x per position (T = input
     positions), R = the patches of g; same costs with T = input positions.
     bias:   Σ over output positions of g."""
     forms = {}
     if "weight" in call.param_names:
-        forms["weight"] = _conv_weight_form(call, call["input"], call.grad, call["weight"].shape, call["groups"])
+        g, padding = _adjoint_input(call)
+        forms["weight"] = _conv_weight_form(call, call["input"], g, call["weight"].shape, call["groups"], padding)
     if "bias" in call.param_names:
         forms["bias"] = _conv_bias_form(call)
     return forms

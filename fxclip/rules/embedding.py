@@ -71,15 +71,33 @@ def _bag_length(call: OpCall) -> int:
         and offsets.args[0] == 0
         and isinstance(offsets.args[2], int)
     )
-    if not consecutive or call["mode"] not in (0, 1) or call["include_last_offset"]:
+    if not consecutive or call["include_last_offset"]:
         raise NotCovered(
-            f"{where(call.node)}: fxclip computes per-example gradients of embedding_bag in mode "
-            "'sum' or 'mean' on 2-D input (one row of tokens per bag, without offsets); this call "
-            f"has mode={('sum', 'mean', 'max')[call['mode']]!r}"
-            f"{'' if consecutive else ' and offsets other than arange(0, numel, T)'}. Use mode='sum' or 'mean' "
-            "with a [batch, tokens] input, or register a rule for aten.embedding_bag."
+            f"{where(call.node)}: fxclip computes per-example gradients of embedding_bag on 2-D "
+            "input (one row of tokens per bag, without offsets); this call has offsets other than "
+            "arange(0, numel, T). Use a [batch, tokens] input, or register a rule for aten.embedding_bag."
         )
     return offsets.args[2]
+
+
+def _max_bag_form(call: OpCall) -> LinearForm:
+    """Mode max: output entry (bag b, column d) is W[m_bd, d], m_bd the row that attains the max
+    (torch's max_indices output), and nothing for a bag of padding only (bag_size 0), so
+    G_i = Σ_(bags b of i) Σ_d g_bd e_(m_bd) e_dᵀ: one position per (bag, column),
+    LinearForm(L = one-hot(m) scaled by g, R = one-hot(d)). Ghost compares T = bags·d positions
+    (T² per example); materialize scatters them into a [V, d] gradient."""
+    weight = call["weight"]
+    _, _, bag_size, max_indices = call.output
+    columns = max_indices.shape[-1]
+    rows = call.output_axis.split(max_indices, call.batch_size).flatten(1).unsqueeze(1)  # [B, 1, bags·d]
+    nonempty = call.output_axis.split((bag_size > 0).unsqueeze(-1).expand_as(max_indices), call.batch_size)
+    g = call.grad_examples() * nonempty
+    column = torch.arange(rows.shape[-1], device=rows.device).remainder(columns).expand_as(rows)
+    return LinearForm(
+        OneHot(rows, weight.shape[0], g.flatten(1).unsqueeze(1)),
+        OneHot(column, columns, torch.ones_like(g.flatten(1).unsqueeze(1))),
+        weight.shape,
+    )
 
 
 @register_rule([aten.embedding_bag.default, aten.embedding_bag.padding_idx], params=("weight",))
@@ -88,9 +106,12 @@ def embedding_bag(call: OpCall):
     Σ_t a_bt W[x_bt], a = per_sample_weights (else 1), 0 at padding, divided in mean mode by the
     bag's count of other tokens. G_i = Σ_(bags b of i) Σ_t a_bt e_(x_bt) g_bᵀ: `_row_gather_form`'s
     identity with weights a and each bag's output gradient repeated over its T tokens (cost as
-    for an embedding of T tokens per bag). Other modes and layouts are NotCovered (the whole-model fallback takes them)."""
+    for an embedding of T tokens per bag). Mode max: see `_max_bag_form`. Other layouts are
+    NotCovered (the whole-model fallback takes them)."""
     weight = call["weight"]
     bag_length = _bag_length(call)
+    if call["mode"] == 2:
+        return {"weight": _max_bag_form(call)}
     index = call.examples("indices").flatten(1)  # [B, bags·T]
     g = call.grad_examples().flatten(1, -2)  # [B, bags, d]
     bags = g.shape[1]

@@ -46,23 +46,42 @@ def _product_form(call: OpCall, x_name: str, param_name: str, param_on_right: bo
     return form.transposed()
 
 
-def _two_dim_param(node) -> bool:
-    """matmul: the rule covers a 2-D parameter times an activation of at least 2 dims."""
-    a, b = (arg.meta["val"] for arg in node.args[:2])
-    return a.dim() >= 2 and b.dim() >= 2 and (a.dim() == 2 or b.dim() == 2)
+def _vector_form(call: OpCall, x_name: str, param_name: str, param_on_right: bool) -> LinearForm:
+    """z = x @ v with a vector v [D] (z_t = x_t · v; v @ x likewise with x's last two dims
+    swapped): G_v = Σ_t g_t x_t, the linear identity for v as a one-row matrix, LinearForm(L = g
+    as a column, R = x)."""
+    x = call[x_name]
+    if param_on_right:
+        rows = call.examples(x_name)
+    else:
+        rows = moved_axis(call.axes[x_name], x.dim()).split(x.transpose(-1, -2), call.batch_size)
+    g = call.grad_examples().unsqueeze(-1)
+    return LinearForm(Dense(positions(g)), Dense(positions(rows)), call[param_name].shape)
+
+
+def _matrix_or_vector_param(node) -> bool:
+    """matmul: the rule covers a 1-D or 2-D parameter operand (the one without a batch axis) times
+    an activation of at least 2 dims; a stack of matrices (3-D or more) broadcast against the
+    activation is left to the fallback."""
+    a, b = node.args[:2]
+    for param, x in ((a, b), (b, a)):
+        if param.meta["fxclip_batch_axis"] is None and x.meta["fxclip_batch_axis"] is not None:
+            return param.meta["val"].dim() <= 2 and x.meta["val"].dim() >= 2
+    return False
 
 
 @register_rule(aten.mm.default, params=("self", "mat2"))
-@register_rule(aten.matmul.default, params=("self", "other"), extra_check=_two_dim_param)
+@register_rule(aten.matmul.default, params=("self", "other"), extra_check=_matrix_or_vector_param)
 def matmul(call: OpCall):
-    """z = x @ V or V @ x with a 2-D parameter V: the linear identity (see `linear`)."""
+    """z = x @ V or V @ x with a 2-D parameter V: the linear identity (see `linear`); a 1-D V
+    (x @ v: attention pooling's scores) as in `_vector_form`."""
     first = "self"
     second = "mat2" if "mat2" in call.arguments else "other"
     forms = {}
-    if second in call.param_names:
-        forms[second] = _product_form(call, first, second, param_on_right=True)
-    if first in call.param_names:
-        forms[first] = _product_form(call, second, first, param_on_right=False)
+    for name, x_name, on_right in ((second, first, True), (first, second, False)):
+        if name in call.param_names:
+            product = _vector_form if call[name].dim() == 1 else _product_form
+            forms[name] = product(call, x_name, name, param_on_right=on_right)
     return forms
 
 

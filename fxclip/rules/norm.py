@@ -15,6 +15,7 @@ import math
 
 import torch
 import torch.nn.functional as F
+from torch._prims_common import suggest_memory_format
 
 from ..forms import PerExampleGrad, accumulation_dtype
 from ._util import per_example_sum_to
@@ -60,7 +61,10 @@ def group_norm(call: OpCall):
     """F.group_norm: x̂ normalized per example over each group of channels; per-channel w, b."""
     x, groups = call["input"], call["num_groups"]
     n, c = x.shape[:2]
-    _, mean, rstd = aten.native_group_norm(x, call["weight"], call["bias"], n, c, math.prod(x.shape[2:]), groups, call["eps"])
+    # the kernel wants x dense in its suggested layout, which aten.group_norm makes it before the
+    # call (a [B, L, C] input moved to [B, C, L] is neither): the same copy as the forward's
+    dense = x.contiguous(memory_format=suggest_memory_format(x))
+    _, mean, rstd = aten.native_group_norm(dense, call["weight"], call["bias"], n, c, math.prod(x.shape[2:]), groups, call["eps"])
     grouped = x.reshape(n, groups, -1).to(accumulation_dtype(x.dtype))
     xhat = ((grouped - mean.unsqueeze(-1)) * rstd.unsqueeze(-1)).reshape(x.shape)
     return _affine_forms(call, xhat, _channel_shape(call))
