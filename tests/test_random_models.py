@@ -34,25 +34,6 @@ DEFAULT_SEEDS = [*range(24), 29, 33, 34, 35, 36, 52]
 SLOW_SEEDS = [s for s in range(350) if s not in DEFAULT_SEEDS]
 STRATEGY_SEEDS = range(0, 350, 5)  # these also force "ghost" and "materialize"
 
-# Seeds whose model meets a bug found here and fixed on another branch (robust, a6e0e22:
-# decompose traces under the Python dispatcher): strict, so the fix shows up here. A change to
-# the generator changes the models, and the sets are found again by running the seeds.
-BILINEAR_CRASH = (
-    "nn.Bilinear with an operand computed from a trainable parameter crashes in the decompose pass "
-    "(make_fx in passes/inline.py: torch's 'INTERNAL ASSERT FAILED ... dispatch_on_subclass called "
-    "with NO overloaded args'). Repro: lin, bil = nn.Linear(4, 4), nn.Bilinear(4, 4, 2); "
-    "forward(x) = bil(lin(x), lin(x)); transform(...).step(randn(3, 4), zeros(3, 2))"
-)
-KNOWN_FAILURES = {
-    seed: pytest.mark.xfail(strict=True, raises=RuntimeError, reason=BILINEAR_CRASH)
-    for seed in (9, 23, 31, 32, 46, 51, 70, 80, 105, 173, 175, 179, 182, 189, 202, 216, 246, 247, 249, 286, 301, 349)
-}
-
-
-def _seeds(seeds):
-    return [pytest.param(s, marks=KNOWN_FAILURES[s]) if s in KNOWN_FAILURES else s for s in seeds]
-
-
 def clip_bound(norms: torch.Tensor) -> float:
     """A bound between the two middle norms: about half the examples are clipped."""
     ordered = norms.sort().values
@@ -109,19 +90,19 @@ def _run(seed: int, compile=False, **options):
         raise
 
 
-@pytest.mark.parametrize("seed", _seeds(DEFAULT_SEEDS))
+@pytest.mark.parametrize("seed", DEFAULT_SEEDS)
 def test_random_model(seed):
     _run(seed)
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("seed", _seeds(SLOW_SEEDS))
+@pytest.mark.parametrize("seed", SLOW_SEEDS)
 def test_random_model_slow(seed):
     _run(seed)
 
 
 def test_default_seeds_draw_everything():
-    drawn = set().union(*(generate(s).drawn for s in DEFAULT_SEEDS if s not in KNOWN_FAILURES))
+    drawn = set().union(*(generate(s).drawn for s in DEFAULT_SEEDS))
     assert drawn == ALL_DRAWS, f"no default seed draws {sorted(ALL_DRAWS - drawn)}"
 
 
