@@ -16,6 +16,8 @@
 # Dry run on a CPU: FXCLIP_GPU_CHECK_DEVICE=cpu bash scripts/gpu_check.sh /tmp/out (small models,
 # tiny Hugging Face configs, a test subset; budget 1500 s).
 # The commit measured: FXCLIP_COMMIT, else `git rev-parse HEAD`, else the file COMMIT.
+# A rerun of some jobs: FXCLIP_GPU_CHECK_ONLY="hf_gpt2-float32 gpt-128" (parts of job names),
+# FXCLIP_GPU_CHECK_MAX_HF Hugging Face jobs at once (default 3).
 set -u
 OUT=${1:?usage: bash scripts/gpu_check.sh OUT_DIR}
 mkdir -p "$OUT"
@@ -68,7 +70,7 @@ TESTK="matches_reference or within_1e4 or per_example_kernel"
 TESTS_PID=$!
 
 # the benchmark: its own deadline 25 s before the budget's end leaves time for the report
-stage bench $(( $(left) - 20 )) "$WORK/bench.log" "$PY" -m fxclip.bench.gpu run "$WORK" "$OUT" --device "$DEVICE" --deadline $(( $(left) - 35 )) $QUICK
+stage bench $(( $(left) - 20 )) "$WORK/bench.log" "$PY" -m fxclip.bench.gpu run "$WORK" "$OUT" --device "$DEVICE" --deadline $(( $(left) - 35 )) $QUICK ${FXCLIP_GPU_CHECK_ONLY:+--only $FXCLIP_GPU_CHECK_ONLY} ${FXCLIP_GPU_CHECK_MAX_HF:+--max-hf $FXCLIP_GPU_CHECK_MAX_HF}
 cat "$WORK/bench.log" >> "$LOG"
 stage report 20 "$WORK/report.log" "$PY" -m fxclip.bench.gpu report "$OUT" --device "$DEVICE"
 wait "$TESTS_PID"

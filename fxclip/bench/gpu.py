@@ -28,13 +28,14 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Sequence
 
 import torch
 
 ROW_KEYS = ("model", "batch", "dtype", "method", "ms", "vs_floor", "speedup_over_naive", "peak_mb", "correct")
 ROWS = "rows.jsonl"
 
-ZOO_METHODS_128 = ["floor", "floor_compiled", "fxclip", "fxclip_compiled", "fxclip_compiled_graphs", "naive", "vmap",
+ZOO_METHODS_128 = ["floor", "floor_compiled", "fxclip", "fxclip_compiled", "fxclip_compiled_nographs", "naive", "vmap",
                    "vmap_compiled", "opacus_hooks", "opacus_ghost"]
 ZOO_METHODS_1024 = ["floor", "floor_compiled", "fxclip", "fxclip_compiled", "fxclip_compiled_mpbs256", "vmap",
                     "vmap_compiled", "opacus_hooks", "opacus_ghost"]
@@ -219,11 +220,12 @@ def run_job(job: dict, out_dir: Path, work_dir: Path, device: torch.device) -> N
 # ---- all jobs, in parallel, within a deadline ------------------------------------------------------
 
 def run_all(work_dir: Path, out_dir: Path, deadline: float, quick: bool, device: str, workers: int,
-            max_hf: int, log) -> None:
-    """Runs `jobs(quick)` as subprocesses, `workers` at a time (at most `max_hf` Hugging Face jobs:
-    their steps hold GBs), until `deadline` (time.time()); a job still running then is killed.
-    Writes each job's duration, exit status and output tail to `log`."""
-    pending = jobs(quick)
+            max_hf: int, log, only: Sequence[str] = ()) -> None:
+    """Runs `jobs(quick)` (those whose names contain one of `only`, if given) as subprocesses,
+    `workers` at a time (at most `max_hf` Hugging Face jobs: their steps hold GBs), until
+    `deadline` (time.time()); a job still running then is killed. Writes each job's duration,
+    exit status and output tail to `log`."""
+    pending = [j for j in jobs(quick) if not only or any(part in job_name(j) for part in only)]
     running: dict[str, tuple] = {}
     work_dir.mkdir(parents=True, exist_ok=True)
 
@@ -349,6 +351,7 @@ def main(argv=None) -> int:
     run.add_argument("--device", default="cuda")
     run.add_argument("--workers", type=int, default=8)  # 16 cores: two compile threads each
     run.add_argument("--max-hf", type=int, default=3)
+    run.add_argument("--only", nargs="*", default=[], help="run only the jobs whose names contain one of these")
     job = sub.add_parser("job")
     job.add_argument("job")
     job.add_argument("work_dir", type=Path)
@@ -362,7 +365,7 @@ def main(argv=None) -> int:
         def log(text: str) -> None:
             print(text, flush=True)
 
-        run_all(args.work_dir, args.out_dir, time.time() + args.deadline, args.quick, args.device, args.workers, args.max_hf, log)
+        run_all(args.work_dir, args.out_dir, time.time() + args.deadline, args.quick, args.device, args.workers, args.max_hf, log, args.only)
     elif args.command == "job":
         run_job(json.loads(args.job), args.out_dir, args.work_dir, torch.device(args.device))
     else:
