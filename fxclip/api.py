@@ -11,6 +11,7 @@ from typing import Callable, Sequence
 import torch
 import torch.utils._pytree as pytree
 
+from .batch import select_examples
 from .capture_key import capture_key, key_change
 from .checks import check_bool, check_integer, check_number
 from .errors import ExampleMixingError, FxclipError, NotCovered, VerificationError, describe
@@ -18,7 +19,7 @@ from .passes import Context, StepProgram, run_passes
 from .passes.capture import ExportFailed, reject_batch_statistics
 from .passes.compile import BATCH_MODES, CompiledStep, CompileFailed
 from .passes.emit import EPS
-from .reference import mixing_found, rng_forked, select_examples
+from .reference import mixing_found, rng_forked
 from .whole_model import FallbackWarning, WholeModelStep
 
 STRATEGIES = ("auto", "ghost", "materialize")
@@ -392,8 +393,11 @@ class PrivateStep:
 
     def _chunks(self, inputs, targets, batch: int):
         """(inputs, targets) of each physical batch: slices of at most max_physical_batch_size
-        examples along each input's batch dim and the targets' dim 0."""
-        size = self.max_physical_batch_size or batch
+        examples (and at most the capture's batch limit) along each input's batch dim and the
+        targets' dim 0."""
+        ctx, _ = self._programs[self._last_key]
+        limit = ctx.batch_limit if ctx is not None and ctx.batch_limit else batch
+        size = min(self.max_physical_batch_size or batch, limit)
         if size >= batch:
             yield inputs, targets
             return

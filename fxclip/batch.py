@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.utils._pytree as pytree
 
 
 @dataclass(frozen=True)
@@ -27,3 +28,10 @@ class BatchAxis:
         """[B] per-example values -> [size], one per entry of dim `dim` (which holds the batch)."""
         outer = size // (batch_size * self.inner)
         return values.view(1, batch_size, 1).expand(outer, batch_size, self.inner).reshape(size)
+
+
+def select_examples(inputs: tuple, targets, dims, start: int, n: int) -> tuple:
+    """(inputs, targets) of examples start..start+n-1: each input narrowed along its batch dim,
+    the targets along dim 0."""
+    sub_targets = pytree.tree_map(lambda t: t.narrow(0, start, n) if isinstance(t, torch.Tensor) else t, targets)
+    return tuple(x.narrow(d, start, n) for x, d in zip(inputs, dims)), sub_targets

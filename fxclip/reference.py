@@ -11,15 +11,9 @@ import torch
 import torch.utils._pytree as pytree
 from torch.func import functional_call, grad, grad_and_value, vmap
 
+from .batch import select_examples
 from .errors import ExampleMixingError, FxclipError, describe
 from .passes.capture import ModelWithLoss
-
-
-def select_examples(inputs: tuple, targets, dims, start: int, n: int) -> tuple:
-    """(inputs, targets) of examples start..start+n-1: each input narrowed along its batch dim,
-    the targets along dim 0."""
-    sub_targets = pytree.tree_map(lambda t: t.narrow(0, start, n) if isinstance(t, torch.Tensor) else t, targets)
-    return tuple(x.narrow(d, start, n) for x, d in zip(inputs, dims)), sub_targets
 
 
 def _target_dims(targets):

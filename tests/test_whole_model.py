@@ -247,7 +247,7 @@ class TwoViews(nn.Module):
 
 
 class Prototypes(nn.Module):
-    """torch.cdist's size checks guard the batch to 2..25 in export."""
+    """torch.cdist picks its algorithm by size: export guards the batch to at most 25."""
 
     def __init__(self):
         super().__init__()
@@ -259,8 +259,8 @@ class Prototypes(nn.Module):
 
 @pytest.mark.parametrize(
     "make, reason",
-    [(TwoViews, "cannot tell where the batch is"), (Prototypes, "satisfy the generated guard 2 <=")],
-    ids=["batch_concatenated_with_itself", "guard_named"],
+    [(TwoViews, "cannot tell where the batch is"), (lambda: BoundedBatch(lambda b: torch._check(b != 4)), "Constraints violated")],
+    ids=["batch_concatenated_with_itself", "guard_not_a_bound"],
 )
 def test_a_model_the_graph_path_cannot_follow_falls_back_saying_why(make, reason):
     torch.manual_seed(0)
@@ -296,8 +296,14 @@ def test_a_bound_on_the_batch_keeps_the_graph_path():
         torch.testing.assert_close(p.grad, ref_sum[name])
 
 
-def test_a_guard_that_is_no_bound_still_falls_back():
-    model = BoundedBatch(lambda b: torch._check(b != 4))  # B = 4 would take another branch
-    t = fxclip.transform(model, ce, max_grad_norm=1.0)
-    with pytest.warns(fxclip.FallbackWarning, match="Constraints violated"):
-        t.step(torch.randn(5, 4), torch.tensor([0, 1, 2, 0, 1]))
+@pytest.mark.parametrize("batch", [6, 60])
+def test_a_batch_over_the_graphs_bound_runs_in_chunks_it_holds(batch):
+    torch.manual_seed(0)
+    model = Prototypes().double()
+    x, y = torch.randn(batch, 4, dtype=torch.float64), torch.randint(0, 3, (batch,))
+    t = fxclip.transform(model, ce, max_grad_norm=0.5)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", fxclip.FallbackWarning)
+        result = t.step(x, y)
+    assert t.program.ctx.batch_limit == 25
+    assert_matches_the_loop(model, result, x, y, 0.5)

@@ -15,11 +15,12 @@ from torch._guards import detect_fake_mode
 from torch.autograd.function import BackwardCFunction
 from torch.utils.checkpoint import CheckpointFunction
 from torch.export import Dim
-from torch.utils._sympy.numbers import int_oo
 from torch.fx import GraphModule, Node
 from torch.nn.modules import module as _module_globals
 from torch.overrides import TorchFunctionMode
+from torch.utils._sympy.numbers import int_oo
 
+from ..batch import select_examples
 from ..errors import CaptureError, ExampleMixingError, FxclipError, NotCovered, describe
 from .analyze import where
 from .context import Context
@@ -223,12 +224,18 @@ def capture(gm: GraphModule | None, ctx: Context) -> GraphModule:
         except Exception as first:
             if "Constraints violated" not in str(first):
                 raise
-            # A kernel may bound the batch (cuDNN's batch norm: B <= 65535), which a named Dim's
-            # unbounded range refuses: the range Dim.DYNAMIC infers, if a named Dim of that range
-            # then holds every guard (a guard such as B != 4 is not a range: refused as before)
+            # A kernel may bound the batch (cuDNN's batch norm: B <= 65535; torch.cdist picks
+            # its algorithm by size), which a named Dim's unbounded range refuses. On two of the
+            # examples, the smallest batch captured: the bound Dim.DYNAMIC infers, if a named Dim
+            # up to it then holds every guard (a guard such as B != 4 is no bound: refused as
+            # before). Larger batches run in chunks that the graph holds (PrivateStep).
+            two = select_examples(inputs, targets, ctx.batch_dims, 0, 2)
             try:
-                bounds = _batch_range(_export(ctx, inputs, targets, Dim.DYNAMIC, custom_backward))
-                ep = _export(ctx, inputs, targets, Dim("batch", min=bounds[0], max=bounds[1]), custom_backward)
+                low, high = _batch_range(_export(ctx, *two, Dim.DYNAMIC, custom_backward))
+                if low > 2 or high is None:
+                    raise ValueError(f"the batch's range {low}..{high} is no upper bound")
+                ep = _export(ctx, *two, Dim("batch", max=high), custom_backward)
+                ctx.batch_limit = high
             except Exception:
                 raise first from None
     except Exception as e:  # torch.export raises many types; say what failed and keep the cause

@@ -45,6 +45,7 @@ class Context:
     exported: Any = None  # torch.export.ExportedProgram
     placeholders: list = field(default_factory=list)  # (kind, key) for each graph input
     batch_symbol: Any = None
+    batch_limit: Optional[int] = None  # the largest batch the graph holds (a kernel's bound), if any
     # analyze
     trainable: dict[str, Node] = field(default_factory=dict)  # FQN -> placeholder
     uses: list[ParamUse] = field(default_factory=list)

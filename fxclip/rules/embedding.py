@@ -89,8 +89,9 @@ def _max_bag_form(call: OpCall) -> LinearForm:
     weight = call["weight"]
     _, _, bag_size, max_indices = call.output
     columns = max_indices.shape[-1]
-    rows = call.output_axis.split(max_indices, call.batch_size).flatten(1).unsqueeze(1)  # [B, 1, bags·d]
     nonempty = call.output_axis.split((bag_size > 0).unsqueeze(-1).expand_as(max_indices), call.batch_size)
+    # an empty bag's max index is no row (-1 on a GPU): row 0 with a gradient of 0 instead
+    rows = call.output_axis.split(max_indices, call.batch_size).where(nonempty, 0).flatten(1).unsqueeze(1)  # [B, 1, bags·d]
     g = call.grad_examples() * nonempty
     column = torch.arange(rows.shape[-1], device=rows.device).remainder(columns).expand_as(rows)
     return LinearForm(
