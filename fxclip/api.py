@@ -18,7 +18,6 @@ from .errors import ExampleMixingError, FxclipError, NotCovered, VerificationErr
 from .passes import Context, StepProgram, run_passes
 from .passes.capture import ExportFailed, reject_batch_statistics
 from .passes.compile import BATCH_MODES, CompiledStep, CompileFailed
-from .passes.emit import EPS
 from .reference import mixing_found, rng_forked
 from .whole_model import FallbackWarning, WholeModelStep
 
@@ -31,7 +30,7 @@ class StepResult:
 
     losses: torch.Tensor
     norms: torch.Tensor  # ‖∇θ L_i‖ over all trainable parameters, before clipping
-    clip_factors: torch.Tensor  # min(1, C / (norm + 1e-6))
+    clip_factors: torch.Tensor  # min(1, C / (norm + clipping.EPS))
 
     @property
     def batch_size(self) -> int:
@@ -234,7 +233,7 @@ class PrivateStep:
     @property
     def fallbacks(self) -> list[str]:
         """'<param> in <op> (<module>)' for each parameter use that no rule covers (fallback)."""
-        from .passes.analyze import where
+        from .provenance import where
 
         found = []
         for ctx, program in self._programs.values():
@@ -317,7 +316,6 @@ class PrivateStep:
                 example_inputs=inputs,
                 example_targets=targets,
                 batch_dims=dims,
-                strategy=self.strategy,
                 memory_budget=self.memory_budget,
             )
             try:
@@ -450,7 +448,7 @@ class PrivateStep:
         sub_inputs, sub_targets = select_examples(inputs, targets, dims, 0, k)
         _, norms, _, grads = program(self._flat_args(ctx, sub_inputs, sub_targets), self.max_grad_norm, self.strategy)
         ref, _ = any_per_example_grads(self.model, self.loss_fn, sub_inputs, sub_targets, dims)
-        ref_norms, ref_clipped = clipped_sum(ref, self.max_grad_norm, EPS)
+        ref_norms, ref_clipped = clipped_sum(ref, self.max_grad_norm)
         tol = 1e-6 if norms.dtype == torch.float64 else 1e-3
         scale = ref_norms.abs().max().clamp(min=1e-12)
         if ((norms - ref_norms).abs() > tol * scale).any():

@@ -135,7 +135,8 @@ def load_mnist1d(seed: int = 0) -> Dataset:
     `mnist1d.data.make_dataset` reseeds Python's and NumPy's global generators; their states are
     restored afterwards. The data itself is the package's fixed seed-42 version, as published.
     """
-    from mnist1d.data import get_dataset_args, make_dataset as mnist1d_make_dataset
+    from mnist1d.data import get_dataset_args
+    from mnist1d.data import make_dataset as mnist1d_make_dataset
 
     py_state, np_state = random.getstate(), np.random.get_state()
     try:

@@ -19,7 +19,7 @@ import torch
 
 from .errors import FxclipError
 from .forms import MEMORY_COST
-from .passes.analyze import module_of
+from .provenance import module_of
 
 _PACKAGE_ROOT = Path(__file__).resolve().parent.parent
 

@@ -26,8 +26,8 @@ from torch.fx.experimental.proxy_tensor import make_fx
 from torch.fx.node import map_arg
 
 from .errors import FxclipError
-from .passes.analyze import module_of
 from .passes.emit import PHASES, phase
+from .provenance import module_of
 
 # fill colours by phase (inputs and outputs are white)
 COLOURS = {

@@ -12,8 +12,9 @@ import torch.utils._pytree as pytree
 from torch.func import functional_call, grad, grad_and_value, vmap
 
 from .batch import select_examples
+from .clipping import clip_factors
 from .errors import ExampleMixingError, FxclipError, describe
-from .passes.capture import ModelWithLoss
+from .loss import ModelWithLoss
 
 
 def _target_dims(targets):
@@ -225,18 +226,18 @@ def any_per_example_grads(model, loss_fn, inputs, targets, batch_dims=None, with
         return naive_per_example_grads(model, loss_fn, inputs, targets, batch_dims, with_losses), "per-example loop"
 
 
-def clip_and_sum(grads: dict[str, torch.Tensor], max_grad_norm: float, eps: float = 1e-6):
-    """(norms ‖g_i‖ [B], clip factors min(1, C/(‖g_i‖+eps)) [B], {name: Σ_i clip_i g_i}) from
+def clip_and_sum(grads: dict[str, torch.Tensor], max_grad_norm: float):
+    """(norms ‖g_i‖ [B], clip factors [B] (`clipping.clip_factors`), {name: Σ_i clip_i g_i}) from
     per-example gradients."""
     flat = torch.cat([g.reshape(g.shape[0], -1) for g in grads.values()], dim=1)
     norms = flat.norm(dim=1)
-    clip = (max_grad_norm / (norms + eps)).clamp(max=1.0)
+    clip = clip_factors(norms, max_grad_norm)
     return norms, clip, {k: torch.tensordot(clip.to(g.dtype), g, dims=1) for k, g in grads.items()}
 
 
-def clipped_sum(grads: dict[str, torch.Tensor], max_grad_norm: float, eps: float = 1e-6):
-    """(norms [B], {name: Σ_i min(1, C/(‖g_i‖+eps)) g_i}) from per-example gradients."""
-    norms, _, sums = clip_and_sum(grads, max_grad_norm, eps)
+def clipped_sum(grads: dict[str, torch.Tensor], max_grad_norm: float):
+    """(norms [B], {name: Σ_i clip_i g_i}) from per-example gradients."""
+    norms, _, sums = clip_and_sum(grads, max_grad_norm)
     return norms, sums
 
 

@@ -30,6 +30,7 @@ import fxclip
 from fxclip import zoo
 from fxclip.accounting import ACCOUNTANTS, check_delta, check_epsilon, epsilon_spent, noise_multiplier_for_epsilon
 from fxclip.checks import check_integer, check_number
+from fxclip.clipping import clip_factors
 from fxclip.data import BUILTIN_DATASETS, Dataset, load_dataset
 from fxclip.errors import describe
 from fxclip.optim import PrivateOptimizer
@@ -332,7 +333,7 @@ def naive_clipped_grad_sum(model: nn.Module, x: torch.Tensor, y: torch.Tensor, m
     for xi, yi in zip(x.split(1), y.split(1)):
         grads = torch.autograd.grad(per_example_cross_entropy(model(xi), yi).sum(), params)
         norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))
-        factor = (max_grad_norm / (norm + 1e-6)).clamp(max=1.0)
+        factor = clip_factors(norm, max_grad_norm)
         for p, g in zip(params, grads):
             p.grad = factor * g if p.grad is None else p.grad + factor * g
 

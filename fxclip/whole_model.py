@@ -16,8 +16,7 @@ from __future__ import annotations
 import torch
 
 from .errors import ExampleMixingError, FxclipError, describe
-from .passes.capture import loss_shape_error
-from .passes.emit import EPS
+from .loss import loss_shape_error
 from .reference import any_per_example_grads, clip_and_sum, gradient_mixing_found, mixing_found, naive_per_example_grads
 
 
@@ -71,7 +70,7 @@ class WholeModelStep:
         losses = losses.detach()
         if first:
             self._check_gradients_add_up(inputs, targets, grads)
-        norms, clip, clipped = clip_and_sum(grads, max_grad_norm, EPS)
+        norms, clip, clipped = clip_and_sum(grads, max_grad_norm)
         return losses, norms, clip, clipped
 
     def _check_examples_independent(self, inputs: tuple, targets) -> None:

@@ -17,7 +17,6 @@ import torch
 
 from ..api import transform
 from ..errors import describe
-from ..passes.emit import EPS
 from ..reference import any_per_example_grads, clipped_sum, naive_per_example_grads, per_example_grads
 
 
@@ -71,7 +70,7 @@ def naive(model, loss_fn, max_grad_norm, inputs, targets) -> Method:
 
     def step():
         grads = naive_per_example_grads(model, loss_fn, inputs, targets)
-        out["grads"] = clipped_sum(grads, max_grad_norm, EPS)[1]
+        out["grads"] = clipped_sum(grads, max_grad_norm)[1]
 
     return Method(step, lambda: out["grads"])
 
@@ -81,7 +80,7 @@ def vmap_grad(model, loss_fn, max_grad_norm, inputs, targets, compiled: bool = F
     and sum; the whole function under torch.compile when compiled."""
 
     def clipped(inputs, targets):
-        return clipped_sum(per_example_grads(model, loss_fn, inputs, targets), max_grad_norm, EPS)[1]
+        return clipped_sum(per_example_grads(model, loss_fn, inputs, targets), max_grad_norm)[1]
 
     fn = torch.compile(clipped) if compiled else clipped
     out = {}
@@ -196,4 +195,4 @@ DEFAULT_METHODS = [m for m in METHODS if m not in (
 def reference_clipped_sum(model, loss_fn, max_grad_norm, inputs, targets) -> dict[str, torch.Tensor]:
     """Σ_i c_i g_i by torch.func (fxclip.reference), the check every method must pass; by the
     per-example loop for models torch.func cannot run (cuDNN's LSTM under vmap)."""
-    return clipped_sum(any_per_example_grads(model, loss_fn, inputs, targets)[0], max_grad_norm, EPS)[1]
+    return clipped_sum(any_per_example_grads(model, loss_fn, inputs, targets)[0], max_grad_norm)[1]

@@ -22,8 +22,7 @@ from typing import Callable, ContextManager, Optional, Sequence
 
 import torch
 
-from ..zoo import ZOO
-from ..zoo import PerExampleCrossEntropy
+from ..zoo import ZOO, PerExampleCrossEntropy
 from .methods import FLOOR, METHODS, NAIVE, MethodUnavailable, reference_clipped_sum
 
 CHECK_RTOL = 1e-3  # float32 clipped sums, relative to the largest entry of the reference

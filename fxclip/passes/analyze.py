@@ -1,4 +1,4 @@
-"""Pass 3, analyze: where each tensor's batch axis is, which ops would mix examples, and which
+"""analyze: where each tensor's batch axis is, which ops would mix examples, and which
 operands carry trainable parameters (followed through views, slices, casts and any other
 parameter-only computation)."""
 
@@ -13,7 +13,8 @@ from torch.fx import GraphModule, Node
 
 from ..batch import BatchAxis
 from ..errors import ExampleMixingError, FxclipError, NotCovered
-from ..rules.registry import argument_nodes
+from ..provenance import where
+from ..schema import argument_nodes
 from .context import Context, ParamUse
 
 aten = torch.ops.aten
@@ -60,27 +61,6 @@ ARANGES = {aten.arange.default, aten.arange.start, aten.arange.start_step}
 # Ops that keep every entry's value and the batch dim's order: a view of torch.arange over the batch
 # still holds each example's own position.
 POSITION_PRESERVING = RESHAPES | IDENTITY_OPS | {aten.expand.default, aten.slice.Tensor}
-
-
-def module_of(node: Node) -> tuple[str, str]:
-    """(path, class name) of the innermost user module a node came from ("<root>" for the model
-    itself), or ("", "") when the node has no module stack."""
-    stack = node.meta.get("nn_module_stack") or {}
-    if not stack:
-        return "", ""
-    path, cls = list(stack.values())[-1]
-    path = path.removeprefix("L['self'].").removeprefix("model.").removeprefix("model")
-    cls = getattr(cls, "__name__", str(cls).split(".")[-1].rstrip("'>"))
-    return path or "<root>", cls
-
-
-def where(node: Node) -> str:
-    """The module path and source line a node came from, for error messages."""
-    path, cls = module_of(node)
-    path = f"module '{path}' ({cls})" if path else ""
-    lines = (node.meta.get("stack_trace") or "").strip().splitlines()
-    code = lines[-1].strip() if lines else ""
-    return ", ".join(p for p in (path, f"op {node.target}", code and f"code: {code}") if p)
 
 
 class _BatchLocator:
@@ -277,8 +257,7 @@ def analyze(gm: GraphModule, ctx: Context) -> GraphModule:
     params = dict(ctx.model.named_parameters())
     inputs = [n for n, (kind, _) in zip(placeholders, ctx.placeholders) if kind == "input"]
     input_vals = [n.meta["val"] for n in inputs]
-    ctx.batch_symbol = input_vals[0].shape[ctx.batch_dims[0]].node.expr  # the first model input
-    locator = _BatchLocator(ctx.batch_symbol)
+    locator = _BatchLocator(input_vals[0].shape[ctx.batch_dims[0]].node.expr)  # the first model input's batch
     trainable: dict[str, Node] = {}
     for node, (kind, key) in zip(placeholders, ctx.placeholders):
         if kind == "param" and params[key].requires_grad:

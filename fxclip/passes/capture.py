@@ -1,9 +1,8 @@
-"""Pass 1, capture: the model and its loss as one torch.export graph with a symbolic batch."""
+"""capture: the model and its loss as one torch.export graph with a symbolic batch."""
 
 from __future__ import annotations
 
 import logging
-import re
 import sys
 import warnings
 from contextlib import contextmanager
@@ -13,16 +12,17 @@ import torch
 import torch.utils._pytree as pytree
 from torch._guards import detect_fake_mode
 from torch.autograd.function import BackwardCFunction
-from torch.utils.checkpoint import CheckpointFunction
 from torch.export import Dim
 from torch.fx import GraphModule, Node
 from torch.nn.modules import module as _module_globals
 from torch.overrides import TorchFunctionMode
 from torch.utils._sympy.numbers import int_oo
+from torch.utils.checkpoint import CheckpointFunction
 
 from ..batch import select_examples
 from ..errors import CaptureError, ExampleMixingError, FxclipError, NotCovered, describe
-from .analyze import where
+from ..loss import ModelWithLoss, is_batch_size, loss_shape_error
+from ..provenance import where
 from .context import Context
 from .inline import inline_trace
 
@@ -31,18 +31,6 @@ REGIONS = (torch.ops.higher_order.wrap_with_set_grad_enabled, torch.ops.higher_o
 
 class ExportFailed(CaptureError, NotCovered):
     """torch.export could not capture the model."""
-
-
-class ModelWithLoss(torch.nn.Module):
-    """model(*inputs) then loss_fn(output, targets): one graph that ends in per-example losses."""
-
-    def __init__(self, model: torch.nn.Module, loss_fn):
-        super().__init__()
-        self.model = model
-        self.loss_fn = loss_fn
-
-    def forward(self, inputs: tuple, targets):
-        return self.loss_fn(self.model(*inputs), targets)
 
 
 def reject_batch_statistics(model: torch.nn.Module) -> None:
@@ -307,31 +295,7 @@ def _check_loss_shape(gm: GraphModule) -> None:
     result = out[0] if len(out) == 1 else tuple(out)
     val = result.meta.get("val") if isinstance(result, Node) else result
     # the batch size itself, not a multiple of it (per-token losses flattened to [B·T])
-    if not isinstance(val, torch.Tensor) or val.dim() != 1 or not _is_batch_size(val.shape[0]) or not val.is_floating_point():
+    if not isinstance(val, torch.Tensor) or val.dim() != 1 or not is_batch_size(val.shape[0]) or not val.is_floating_point():
         raise loss_shape_error(val)
 
 
-def _is_batch_size(size) -> bool:
-    return isinstance(size, torch.SymInt) and size.node.expr.is_Symbol
-
-
-def loss_shape_error(loss) -> CaptureError:
-    """The error for a loss_fn whose result `loss` is not one floating-point loss per example."""
-    if isinstance(loss, torch.Tensor) and loss.dim() == 1 and not loss.is_floating_point():
-        return CaptureError(
-            f"loss_fn must return real floating-point losses, one per example; it returned {loss.dtype} "
-            "values. Integer results (argmax, comparisons) have no gradient: compute the loss from the "
-            "model's output with differentiable ops, e.g. F.cross_entropy(out, y, reduction='none')."
-        )
-    if isinstance(loss, torch.Tensor):  # B for the symbolic batch of a captured graph
-        sizes = ("B" if _is_batch_size(s) else re.sub(r"\bs\d+\b", "B", str(s)) for s in loss.shape)
-        what = f"shape [{', '.join(sizes)}]"
-    elif isinstance(loss, tuple):
-        what = f"a tuple of {len(loss)} values (return the loss alone; keep other outputs out of loss_fn)"
-    else:
-        what = "None" if loss is None else f"a {type(loss).__name__}"
-    return CaptureError(
-        f"loss_fn must return one loss per example, a tensor of shape [B]; it returned {what}. "
-        "Use reduction='none' (e.g. F.cross_entropy(out, y, reduction='none')) and, for sequence "
-        "or pixel losses, sum or average over every dim but the batch."
-    )

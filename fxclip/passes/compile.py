@@ -1,6 +1,6 @@
-"""Stage 6 (optional), compile: the whole private step as one fx graph, compiled by inductor.
+"""compile (optional, after the passes): the whole private step as one fx graph, compiled by inductor.
 
-`StepProgram.__call__` (pass 5) is Python around a forward graph: one `torch.autograd.grad`, the
+`StepProgram.__call__` (from emit) is Python around a forward graph: one `torch.autograd.grad`, the
 rules' forms, norms, clip factors and book-keeping contractions. `make_fx` traces all of it —
 through autograd into explicit backward aten ops — into ONE fx graph, the *step graph*
 (`CompiledStep.step_graph`, also what a user inspects), whose batch size is a symbol. Repeated

@@ -39,12 +39,10 @@ class Context:
     example_inputs: tuple
     example_targets: Any
     batch_dims: tuple[int, ...]
-    strategy: str = "auto"
     memory_budget: Optional[float] = None
     # capture
-    exported: Any = None  # torch.export.ExportedProgram
+    exported: Optional[torch.export.ExportedProgram] = None
     placeholders: list = field(default_factory=list)  # (kind, key) for each graph input
-    batch_symbol: Any = None
     batch_limit: Optional[int] = None  # the largest batch the graph holds (a kernel's bound), if any
     # analyze
     trainable: dict[str, Node] = field(default_factory=dict)  # FQN -> placeholder

@@ -1,4 +1,4 @@
-"""Pass 3, decompose: fused recurrent ops, and composite ops no rule covers, become the
+"""decompose: fused recurrent ops, and composite ops no rule covers, become the
 parameter-using primitives they are made of.
 
 torch.export keeps `aten.lstm`, `aten.gru`, `aten.rnn_tanh`, `aten.rnn_relu` (nn.LSTM, nn.GRU,
@@ -29,8 +29,8 @@ from torch.fx import Graph, GraphModule, Node
 from torch.fx.node import map_arg
 
 from ..errors import NotCovered
+from ..provenance import where
 from ..rules.registry import RULES
-from .analyze import where
 from .context import Context
 from .inline import SOURCE_META, inline_trace, replace_node
 

@@ -1,4 +1,4 @@
-"""Pass 5, emit: the private step program.
+"""emit: the private step program.
 
 One forward (the captured graph, also returning what the rules read), one backward to the
 outputs of the parameter-using ops (never to the weights), each rule's forms, the per-example
@@ -23,21 +23,14 @@ from torch.fx import GraphModule, Node
 from torch.fx.node import map_arg
 
 from ..batch import BatchAxis
-from ..forms import (
-    LinearForm,
-    PerExampleGrad,
-    choose_strategy,
-    concatenated,
-    cost_values,
-    linear_forms_norm_sq,
-    materialized_norm_sq,
-)
+from ..clipping import clip_factors
 from ..errors import NotCovered
-from ..rules.registry import OpCall, argument_nodes, bind_arguments, fallback_rule
-from .analyze import CAST_OPS, where
+from ..forms import LinearForm, PerExampleGrad, choose_strategy, concatenated, cost_values, linear_forms_norm_sq, materialized_norm_sq
+from ..provenance import where
+from ..rules.registry import OpCall, fallback_rule
+from ..schema import argument_nodes, bind_arguments
+from .analyze import CAST_OPS
 from .context import Context, ParamUse
-
-EPS = 1e-6  # the clip factor is min(1, C / (norm + EPS))
 
 PHASES = ("forward", "backward", "norms", "book-keeping")
 
@@ -171,7 +164,7 @@ class StepProgram:
                     norm_sq = norm_sq + self._norm_sq(comp, step, plan, merged.get(id(comp)))
             with phase("norms"):
                 norms = norm_sq.sqrt()  # every term is >= 0, or NaN (ghost_norm_sq)
-                clip = (max_grad_norm / (norms + EPS)).clamp(max=1.0)
+                clip = clip_factors(norms, max_grad_norm)
                 norms, clip = norms.to(dtype), clip.to(dtype)
             clipped = self._clipped_sums(forms, env, clip, merged)
         self.plan = plan

@@ -1,4 +1,4 @@
-"""Pass 2, functionalize: in-place ops become out-of-place, so every op's output stays the value
+"""functionalize: in-place ops become out-of-place, so every op's output stays the value
 the rules need (a ReLU(inplace=True) after a conv would otherwise overwrite the conv's output),
 and a write into a view of a tensor (`out[:, t] = h` into a buffer the forward allocated) becomes
 a scatter into a new value of that tensor, which every later reader reads."""
@@ -14,8 +14,8 @@ from torch.fx.experimental.proxy_tensor import make_fx
 from torch.fx.node import map_arg
 
 from ..errors import FxclipError, NotCovered, describe
-from ..rules.registry import argument_nodes
-from .analyze import where
+from ..provenance import where
+from ..schema import argument_nodes
 from .context import Context
 from .inline import SOURCE_META
 

@@ -15,7 +15,7 @@ from torch.fx.experimental.proxy_tensor import make_fx
 from torch.fx.node import map_arg
 
 from ..errors import FxclipError
-from .analyze import where
+from ..provenance import where
 
 # metadata a new node inherits from the node it replaces (error messages name the module)
 SOURCE_META = ("nn_module_stack", "stack_trace", "source_fn_stack", "from_node")

@@ -1,4 +1,4 @@
-"""Pass 4, match: each parameter operand finds its rule; the rest go to the fallback."""
+"""match: each parameter operand finds its rule; the rest go to the fallback."""
 
 from __future__ import annotations
 
@@ -6,8 +6,9 @@ import torch
 from torch.fx import GraphModule, Node
 
 from ..errors import NotCovered
-from ..rules.registry import argument_nodes, fallback_rule, find_rule
-from .analyze import where
+from ..provenance import where
+from ..rules.registry import fallback_rule, find_rule
+from ..schema import argument_nodes
 from .context import Context
 
 

@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import torch
-
 from torch.fx import Node
 
 from ..errors import NotCovered
 from ..forms import Dense, LinearForm, OneHot
-from ..passes.analyze import where
-from .registry import OpCall, argument_nodes, register_rule
+from ..provenance import where
+from ..schema import argument_nodes
+from .registry import OpCall, register_rule
 
 aten = torch.ops.aten
 

@@ -64,7 +64,7 @@ def _example_by_example(call: OpCall, op_of_params, xs: dict) -> list[torch.Tens
                 g = _one_example_layout(grads_out[i], call.output_axis)
                 per_example.append(torch.autograd.grad(out, params, g, allow_unused=True))
     except RuntimeError as e:
-        from ..passes.analyze import where
+        from ..provenance import where
 
         raise FxclipError(
             f"{where(call.node)}: no fxclip rule covers the custom op {call.node.target}, and the "
