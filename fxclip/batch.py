@@ -1,4 +1,4 @@
-"""Where the batch lives in a tensor.
+"""Where the batch lives in a tensor, and a batch in pieces.
 
 A tensor's batch axis is not always dim 0 and not always a whole dim: MultiheadAttention
 reshapes (T, B, E) into (T*B, E), and heads are folded in as (B*H, T, d). `BatchAxis(dim, inner)`
@@ -8,9 +8,12 @@ says that `shape[dim] == outer * B * inner` in row-major order, which covers all
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 import torch.utils._pytree as pytree
+
+from .clipping import StepOutput
 
 
 @dataclass(frozen=True)
@@ -35,3 +38,18 @@ def select_examples(inputs: tuple, targets, dims, start: int, n: int) -> tuple:
     the targets along dim 0."""
     sub_targets = pytree.tree_map(lambda t: t.narrow(0, start, n) if isinstance(t, torch.Tensor) else t, targets)
     return tuple(x.narrow(d, start, n) for x, d in zip(inputs, dims)), sub_targets
+
+
+def run_in_chunks(run: Callable[[tuple, object], StepOutput], inputs: tuple, targets, dims, batch: int, size: int) -> StepOutput:
+    """`run(inputs, targets)` on physical batches of at most `size` examples (slices along each
+    input's batch dim and the targets' dim 0), combined as one batch's result: per-example
+    vectors concatenated, clipped sums added (exact: clipping is per example)."""
+    if size >= batch:
+        return run(inputs, targets)
+    outputs = [run(*select_examples(inputs, targets, dims, start, min(size, batch - start))) for start in range(0, batch, size)]
+    losses, norms, clip = (torch.cat([out[j] for out in outputs]) for j in range(3))
+    grads = dict(outputs[0].grads)
+    for out in outputs[1:]:
+        for key, g in out.grads.items():
+            grads[key] = grads[key] + g if key in grads else g
+    return StepOutput(losses, norms, clip, grads)

@@ -9,6 +9,7 @@ the chosen strategy needs. Fallbacks and shared parameters are marked and listed
 
 from __future__ import annotations
 
+import copy
 import itertools
 import math
 from dataclasses import dataclass, field
@@ -132,23 +133,22 @@ def _use_row(entry, strategy_requested: str) -> UseRow:
 def explain(step, inputs=None, targets=None) -> Explanation:
     """The plan of `step` (a `PrivateStep`): from a dry run on (inputs, targets) when given (no
     gradients are written), else from the last `step()`."""
-    from .graph_view import bound_program
-
     if inputs is not None:
-        program, args = bound_program(step, inputs, targets)
-        losses, *_ = program(args, step.max_grad_norm, step.strategy)
-        batch = losses.shape[0]
+        bound = step.bind(inputs, targets)
+        program = copy.copy(bound.program)  # the dry run records its own plan on the copy
+        batch = program(bound.flat_args, step.max_grad_norm, step.strategy).losses.shape[0]
+        plan = program.plan
     else:
-        if step._last_key not in step._programs:
+        if not any(capture.completed for capture in step.captures):
             raise FxclipError(
                 "explain() has no plan yet: run t.step(inputs, targets) first, or pass a batch, "
                 "t.explain(inputs, targets), to plan it without writing gradients"
             )
-        program = step.program
+        plan = step.program.plan
         batch = None
     by_param: dict[str, list[UseRow]] = {}
     counted, extra = set(), 0
-    for entry in program.plan:
+    for entry in plan:
         row = _use_row(entry, step.strategy)
         for p in entry.use.params:
             by_param.setdefault(p, []).append(row)

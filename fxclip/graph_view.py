@@ -43,17 +43,6 @@ VIEW_OPS = {
 }
 
 
-def bound_program(step, inputs, targets):
-    """(StepProgram, flat arguments) of `step` for this batch, capturing it if needed; checks the
-    batch as `step.step` does."""
-    inputs = inputs if isinstance(inputs, tuple) else (inputs,)
-    step._check_inputs(inputs, targets)
-    ctx, program = step._program(inputs, targets)
-    if ctx is None:  # the whole-model fallback
-        raise program.no_graph_error()
-    return program, step._flat_args(ctx, inputs, targets)
-
-
 class _ForwardKeepingModulePaths(torch.fx.Interpreter):
     """Runs the captured forward node by node, so a tracer under `preserve_node_meta` copies each
     node's module stack onto what it records; tags it all as the forward phase."""
@@ -220,19 +209,19 @@ def _quote(text: str, escaped: bool = False) -> str:
 def step_graph(step, inputs, targets) -> StepGraph:
     """Trace one step of `step` (a `PrivateStep`) on this batch into a `StepGraph`. Pure: no
     gradients are written and the step's own plan is left as it was."""
-    program, args = bound_program(step, inputs, targets)
+    bound = step.bind(inputs, targets)
+    program = bound.program
     traced = copy.copy(program)  # the trace records its own plan on the copy
     traced.forward = lambda *a: _ForwardKeepingModulePaths(program.forward).run(*a)
 
     def one_step(*flat_args):
-        losses, norms, clip, grads = traced(list(flat_args), step.max_grad_norm, step.strategy)
-        return losses, norms, clip, grads
+        return tuple(traced(list(flat_args), step.max_grad_norm, step.strategy))
 
     with fx_traceback.preserve_node_meta():
-        gm = make_fx(one_step)(*args)
+        gm = make_fx(one_step)(*bound.flat_args)
     gm.graph.eliminate_dead_code()
     gm.recompile()
-    return StepGraph(gm, _input_names(program.ctx.placeholders, inputs))
+    return StepGraph(gm, _input_names(bound.placeholders, inputs))
 
 
 def _input_names(placeholders, inputs) -> list[tuple[str, str]]:

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 
 import fxclip
 from fxclip import zoo
-from fxclip.api import STRATEGIES
+from fxclip.options import STRATEGIES
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64, "int64": torch.int64}
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import torch
 
+from .clipping import StepOutput
 from .errors import ExampleMixingError, FxclipError, describe
 from .loss import loss_shape_error
 from .reference import any_per_example_grads, clip_and_sum, gradient_mixing_found, mixing_found, naive_per_example_grads
@@ -26,9 +27,14 @@ class FallbackWarning(UserWarning):
 
 
 class WholeModelStep:
-    """`__call__(inputs, targets, max_grad_norm)` -> (losses, norms, clip factors, {name: clipped
-    gradient sum}) for one batch, like the fast path's step program. `method` is "torch.func" or
-    "per-example loop" once a step has run; `reason` is why the graph path does not cover the model."""
+    """`__call__(inputs, targets, max_grad_norm)` -> StepOutput for one batch, called like the graph
+    path's `captures.GraphStep` (every per-example gradient is materialized, so its `strategy` and
+    `safe` do not apply). `method` is "torch.func" or "per-example loop" once a step has run;
+    `reason` is why the graph path does not cover the model."""
+
+    batch_limit = None
+    verifiable = False  # it is the reference's own method
+    compiled = None  # never compiled
 
     def __init__(self, model: torch.nn.Module, loss_fn, batch_dims, reason: str):
         self.model, self.batch_dims, self.reason = model, tuple(batch_dims), reason
@@ -42,14 +48,25 @@ class WholeModelStep:
 
         self.loss_fn = per_example_loss
 
-    def no_graph_error(self) -> FxclipError:
-        """What explain(), graph() and `PrivateStep.program` raise for a model on this path."""
+    @property
+    def fallbacks(self) -> list[str]:
+        return [f"the whole model ({self.reason.splitlines()[0]})"]
+
+    @property
+    def program(self):
+        """There is none: what `PrivateStep.program`, explain() and graph() raise on this path."""
+        raise self._no_graph()
+
+    def bind(self, inputs: tuple, targets, params=None):
+        raise self._no_graph()
+
+    def _no_graph(self) -> FxclipError:
         return FxclipError(
             "the model's step takes the whole-model fallback, which has no graph or plan to show. "
             f"Why: {self.reason}"
         )
 
-    def __call__(self, inputs: tuple, targets, max_grad_norm: float):
+    def __call__(self, inputs: tuple, targets, max_grad_norm: float, strategy: str = "auto", safe: bool = False, params=None) -> StepOutput:
         first = self.method is None
         if first:
             self._check_examples_independent(inputs, targets)
@@ -70,8 +87,7 @@ class WholeModelStep:
         losses = losses.detach()
         if first:
             self._check_gradients_add_up(inputs, targets, grads)
-        norms, clip, clipped = clip_and_sum(grads, max_grad_norm)
-        return losses, norms, clip, clipped
+        return StepOutput(losses, *clip_and_sum(grads, max_grad_norm))
 
     def _check_examples_independent(self, inputs: tuple, targets) -> None:
         """This path runs examples one at a time, so a model that mixes them (a roll or a mean

@@ -5,9 +5,9 @@ the ones a CUDA trace runs, but autograd cannot run over them without a CUDA run
 asks the accelerator for streams: torch 2.13+cpu has none; 2.11+cu130 without a GPU fails on its
 primary context). So the step is traced in two stages:
 
-1. `CompiledStep._trace` with the device-dependent graph passes for CUDA (row gathers stay
+1. `CompiledStep.trace` with the device-dependent graph passes for CUDA (row gathers stay
    fused), on CPU fake tensors: forward, autograd's backward and the rules into aten ops;
-2. that graph re-traced (make_fx under the Python dispatcher, as `_trace` does) on fake CUDA
+2. that graph re-traced (make_fx under the Python dispatcher, as `trace` does) on fake CUDA
    tensors with the same symbolic batch: every op runs its CUDA fake kernel, and a guard that
    fixes the batch raises `BatchSpecializedError` as it does in a real CUDA trace.
 
@@ -67,11 +67,8 @@ def cuda_step_graph(private: fxclip.PrivateStep, inputs, targets) -> tuple[Graph
     """The compiled step of `private` (which has run a step on this batch) as traced for CUDA:
     (the step graph inductor would get, stage 2's graph of CUDA fake tensors). Raises
     BatchSpecializedError if either stage fixed the batch."""
-    ctx, program = private.program.ctx, private.program
-    args = private._flat_args(ctx, inputs, targets)
-    step = CompiledStep(program, args, [k for k, _ in ctx.placeholders], ctx.batch_dims, 1.0, strategy=private.strategy)
-    batch = step._batch_size(args)
-    gm, fakes = step._trace(None, torch.ones(batch), list(args), device=CUDA)
+    bound = private.bind(inputs, targets)
+    gm, fakes = CompiledStep(bound, 1.0, strategy=private.strategy).trace(bound.flat_args, device=CUDA)
     # stage 2 decomposes some ops further (constant_pad_nd): it runs on a copy
     return gm, retrace_on_cuda(copy.deepcopy(gm), fakes)
 

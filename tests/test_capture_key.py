@@ -7,7 +7,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import fxclip
-from fxclip import api
+from fxclip import captures
 
 from helpers import check_against_reference
 
@@ -74,7 +74,7 @@ def test_a_change_between_steps_captures_again(change):
     if edit:
         edit(model)
     check_against_reference(t, x, y)
-    assert len(t._programs) == 2
+    assert len(t.captures) == 2
 
 
 def test_a_submodule_switched_to_batch_statistics_is_refused_at_the_next_step():
@@ -88,7 +88,7 @@ def test_a_submodule_switched_to_batch_statistics_is_refused_at_the_next_step():
 
 
 def test_frequent_captures_warn_with_what_changed(monkeypatch):
-    monkeypatch.setattr(api, "RECAPTURE_WARNING", 2)
+    monkeypatch.setattr(captures, "RECAPTURE_WARNING", 2)
     model = Tagger().double()
     t = fxclip.transform(model, weighted, max_grad_norm=0.5)
     for step in range(2):
@@ -107,4 +107,4 @@ def test_a_first_step_that_fails_on_the_batch_leaves_no_capture_behind():
         t.step(torch.randn(5, 5), torch.zeros(5, dtype=torch.long))
     assert model.weight.grad is None
     t.step(torch.randn(5, 4), torch.zeros(5, dtype=torch.long))
-    assert t.fallbacks == [] and len(t._programs) == 1
+    assert t.fallbacks == [] and len(t.captures) == 1

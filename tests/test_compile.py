@@ -25,6 +25,12 @@ def _pair(name: str):
     )
 
 
+def _compiled(t: fxclip.PrivateStep):
+    """The CompiledStep of `t`'s one capture."""
+    (capture,) = t.captures
+    return capture.step.compiled
+
+
 def _assert_steps_agree(name: str, sizes) -> fxclip.PrivateStep:
     eager_model, eager, compiled_model, compiled = _pair(name)
     gen = torch.Generator().manual_seed(1)
@@ -46,8 +52,8 @@ def _assert_steps_agree(name: str, sizes) -> fxclip.PrivateStep:
 def test_compiled_step_matches_eager_and_compiles_once_for_all_batch_sizes():
     # Poisson sampling gives a new batch size every step; 1 is padded to 2 (padding rows get clip 0)
     compiled = _assert_steps_agree("mlp", [16, 23, 1, 40])
-    assert compiled._compiled[compiled._last_key].compiles == 1
-    graph = compiled._compiled[compiled._last_key].step_graph
+    assert _compiled(compiled).compiles == 1
+    graph = _compiled(compiled).step_graph
     ops = {n.target for n in graph.graph.nodes if n.op == "call_function"}
     assert torch.ops.aten.tanh_backward.default in ops  # the backward is in the one step graph
 
@@ -64,7 +70,7 @@ def test_a_batch_in_another_layout_is_made_dense_not_refused():
         torch.testing.assert_close(got.norms, want.norms, rtol=1e-4, atol=1e-5)
     for p, q in zip(eager_model.parameters(), compiled_model.parameters()):
         torch.testing.assert_close(q.grad, p.grad, rtol=1e-4, atol=1e-5)
-    assert compiled._compiled[compiled._last_key].compiles == 1
+    assert _compiled(compiled).compiles == 1
 
 
 @pytest.mark.compile
@@ -72,7 +78,7 @@ def test_a_batch_in_another_layout_is_made_dense_not_refused():
 @pytest.mark.parametrize("name", [n for n in ZOO if n != "mlp"])
 def test_compiled_step_matches_eager_on_zoo(name):
     compiled = _assert_steps_agree(name, [12, 7])
-    assert compiled._compiled[compiled._last_key].compiles == 1
+    assert _compiled(compiled).compiles == 1
 
 
 @pytest.mark.compile
@@ -83,16 +89,16 @@ def test_buckets_pad_with_rows_that_change_nothing():
     private = fxclip.transform(model, LOSS, 1.0)
     inputs, targets = ZOO["mlp"].make_batch(17, torch.Generator().manual_seed(2))
     private.step(inputs, targets)
-    ctx = private.program.ctx
-    args = private._flat_args(ctx, inputs, targets)
+    bound = private.bind(inputs, targets)
+    args = bound.flat_args
     want = private.program(args, 1.0)
-    step = CompiledStep(private.program, args, [k for k, _ in ctx.placeholders], ctx.batch_dims, 1.0, batch_mode="buckets")
+    step = CompiledStep(bound, 1.0, batch_mode="buckets")
     got = step(args)  # 17 examples run as a bucket of 18
     assert got[0].shape == (17,)
     torch.testing.assert_close(got[1], want[1], rtol=1e-4, atol=1e-5)
     for key in want[3]:
         torch.testing.assert_close(got[3][key], want[3][key], rtol=1e-4, atol=1e-5)
-    step(private._flat_args(ctx, inputs, targets))  # the same bucket again: no new compile
+    step(private.bind(inputs, targets).flat_args)  # the same bucket again: no new compile
     assert step.compiles == 1
 
 
@@ -172,10 +178,8 @@ def test_a_padded_conv_traces_its_padding_as_one_op_with_the_batch_symbolic():
     private = fxclip.transform(model, LOSS, 1.0)
     inputs, targets = torch.randn(6, 2, 6, 6), torch.randint(0, 3, (6,))
     private.step(inputs, targets)
-    ctx = private.program.ctx
-    args = private._flat_args(ctx, inputs, targets)
-    step = CompiledStep(private.program, args, [k for k, _ in ctx.placeholders], ctx.batch_dims, 1.0)
-    graph, _ = step._trace(None, torch.ones(6), list(args))  # raises if the batch got fixed
+    bound = private.bind(inputs, targets)
+    graph, _ = CompiledStep(bound, 1.0).trace(bound.flat_args)  # raises if the batch got fixed
     targets = [n.target for n in graph.graph.nodes]
     assert torch.ops.aten.constant_pad_nd.default in targets
     assert torch.ops.aten.cat.default not in targets
@@ -198,7 +202,7 @@ def test_a_trace_that_fixes_the_batch_falls_back_to_buckets(monkeypatch):
     monkeypatch.setattr(compile_pass, "_check_batch_symbolic", specialized)
     with pytest.warns(UserWarning, match="buckets"):
         compiled = _assert_steps_agree("mlp", [17])
-    assert compiled._compiled[compiled._last_key].batch_mode == "buckets"
+    assert _compiled(compiled).batch_mode == "buckets"
 
 
 class Lerp(torch.nn.Module):
@@ -254,7 +258,7 @@ def test_a_trace_that_fails_with_a_symbolic_batch_falls_back_to_buckets(monkeypa
     with pytest.warns(UserWarning, match="symbolic batch failed.*buckets"):
         t, got = _lerp_steps(compile=True)
     _assert_same_steps(got, want)
-    assert t._compiled[t._last_key].batch_mode == "buckets"
+    assert _compiled(t).batch_mode == "buckets"
 
 
 @pytest.mark.compile
@@ -292,7 +296,7 @@ def test_a_step_without_targets_compiles_once():
     _, want = _steps(Triplet, loss_fn, batch)
     t, got = _steps(Triplet, loss_fn, batch, compile=True)
     _assert_same_steps(got, want)
-    assert t._compiled[t._last_key].compiles == 1
+    assert _compiled(t).compiles == 1
 
 
 def test_a_step_that_cannot_be_compiled_runs_eagerly(monkeypatch):
@@ -304,22 +308,22 @@ def test_a_step_that_cannot_be_compiled_runs_eagerly(monkeypatch):
     with pytest.warns(UserWarning, match="C\\+\\+ compile error.*runs eagerly"):
         t, got = _lerp_steps(compile=True)
     _assert_same_steps(got, want)
-    assert t.compile is False
+    (capture,) = t.captures
+    assert capture.step.compile_failed and capture.step.compiled is None
 
 
 def _traced_step(model, inputs, targets, **options):
     """(eager program, CompiledStep, the traced step graph with a symbolic batch): no compilation."""
     private = fxclip.transform(model, LOSS, 1.0, **options)
     private.step(inputs, targets)
-    ctx, program = private.program.ctx, private.program
-    args = private._flat_args(ctx, inputs, targets)
-    step = CompiledStep(program, args, [k for k, _ in ctx.placeholders], ctx.batch_dims, 1.0, strategy=private.strategy)
-    graph, _ = step._trace(None, torch.full((targets.shape[0],), 1.0), args)  # raises if the batch got fixed
+    bound = private.bind(inputs, targets)
+    step = CompiledStep(bound, 1.0, strategy=private.strategy)
+    graph, _ = step.trace(bound.flat_args)  # raises if the batch got fixed
     return private, step, graph
 
 
 def _assert_graph_computes_step(private, step, graph, inputs, targets):
-    args = private._flat_args(private.program.ctx, inputs, targets)
+    args = private.bind(inputs, targets).flat_args
     want = private.program(args, 1.0, private.strategy)
     got = graph(torch.full((targets.shape[0],), 1.0), *args)
     torch.testing.assert_close(got[1], want[1], rtol=1e-4, atol=1e-6)

@@ -73,10 +73,8 @@ def test_a_cpu_trace_unfuses_the_row_gathers_the_cuda_trace_keeps():
     torch.manual_seed(0)
     inputs, y = ZOO["bow"].make_batch(6, torch.Generator().manual_seed(0))
     private = _private(ZOO["bow"].factory(), LOSS, inputs, y)
-    ctx = private.program.ctx
-    args = private._flat_args(ctx, inputs, y)
-    step = CompiledStep(private.program, args, [k for k, _ in ctx.placeholders], ctx.batch_dims, 1.0)
-    graph, _ = step._trace(None, torch.ones(6), list(args))
+    bound = private.bind(inputs, y)
+    graph, _ = CompiledStep(bound, 1.0).trace(bound.flat_args)
     assert ops.gather_rows.default in targets(graph) and aten.embedding.default not in targets(graph)
 
 

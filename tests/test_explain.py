@@ -108,6 +108,16 @@ def test_explain_before_any_step_says_what_to_do_and_dry_run_writes_nothing():
     assert "MiB for the batch of 6" in str(explanation)
 
 
+def test_inspecting_a_batch_leaves_the_last_steps_program_as_it_was():
+    t, inputs, targets = stepped("mlp")
+    program, plan = t.program, list(t.program.plan)
+    t.strategy = "materialize"  # what a dry run records would differ
+    assert {u.strategy for r in t.explain(inputs, targets).rows for u in r.uses} == {"materialize"}
+    t.graph(inputs, targets)
+    assert t.program is program and t.program.plan == plan
+    assert {u.strategy for r in t.explain().rows for u in r.uses} == {e.strategy for e in plan} != {"materialize"}
+
+
 def test_formulas_are_sympy_and_match_their_values():
     t, _, _ = stepped("bow")
     use = t.explain().row("embed.weight").uses[0]
@@ -130,9 +140,7 @@ def mnist_graph():
 def test_step_graph_computes_the_step(mnist_graph):
     t, inputs, targets, graph = mnist_graph
     program = t.program
-    from fxclip.graph_view import bound_program
-
-    _, args = bound_program(t, inputs, targets)
+    args = t.bind(inputs, targets).flat_args
     losses, norms, clip, grads = program(args, t.max_grad_norm, t.strategy)
     g_losses, g_norms, g_clip, g_grads = graph.gm(*args)
     torch.testing.assert_close(g_norms, norms)

@@ -139,7 +139,7 @@ def test_physical_batch_size_must_be_a_positive_int(bad):
 
 def test_physical_batch_size_takes_a_numpy_int():
     t = fxclip.transform(nn.Linear(2, 2), lambda out, y: out.sum(1), 1.0, max_physical_batch_size=np.int64(3))
-    assert t.max_physical_batch_size == 3 and type(t.max_physical_batch_size) is int
+    assert t.options.max_physical_batch_size == 3 and type(t.options.max_physical_batch_size) is int
     t.step(torch.randn(7, 2), torch.zeros(7))
 
 

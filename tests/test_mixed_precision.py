@@ -184,7 +184,8 @@ def test_autocast_region_inside_the_model_keeps_its_casts():
     x, y = torch.randn(BATCH, 6, generator=torch.Generator().manual_seed(3)), torch.randint(0, 3, (BATCH,))
     t = fxclip.transform(model, loss_fn, max_grad_norm=0.1)
     result = t.step((x,), y)
-    captured = t.program.ctx.exported.graph_module.graph.nodes
+    (capture,) = t.captures
+    captured = capture.step.exported.graph_module.graph.nodes
     to_bf16 = [n for n in captured if n.kwargs.get("dtype") is torch.bfloat16 or torch.bfloat16 in n.args]
     assert to_bf16, "the region's casts to bfloat16 are not in the graph"
     ref_norms, _ = clipped_sum(per_example_grads(model, loss_fn, (x,), y), 0.1)

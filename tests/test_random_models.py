@@ -18,6 +18,7 @@ import pytest
 import torch
 
 import fxclip
+from fxclip.captures import GraphStep
 from fxclip.reference import clip_and_sum, naive_per_example_grads
 from helpers import relative_error
 from model_gen import ALL_DRAWS, COSTLY, RandomCase, generate
@@ -65,7 +66,7 @@ def check(case: RandomCase, strategies=("auto",), compile=False, rtol=1e-8) -> f
                     assert p.grad is None, name
     _check_fallbacks(case, t, [w for w in caught if issubclass(w.category, fxclip.FallbackWarning)])
     if compile:  # a compile that fails warns and runs eagerly: the comparison alone would pass
-        assert t.compile and t._compiled, "the step did not run compiled"
+        assert all(c.step.compiled is not None for c in t.captures), "the step did not run compiled"
     return t
 
 
@@ -74,8 +75,8 @@ def _check_fallbacks(case: RandomCase, t: fxclip.PrivateStep, whole_model: list)
         found = re.search(r"module '([^']+)'", str(w.message))
         kind = case.kind_of(found.group(1)) if found else "?"
         assert kind in WHOLE_MODEL_FALLBACK_KINDS, f"whole-model fallback in a {kind} block: {w.message}"
-    for ctx, _ in t._programs.values():
-        for use in ctx.fallbacks if ctx is not None else ():
+    for capture in t.captures:
+        for use in capture.step.fallback_uses if isinstance(capture.step, GraphStep) else ():
             kinds = {case.kind_of(name) for name in use.params}
             assert kinds <= OP_FALLBACK_KINDS, f"per-op fallback for {use.params} ({kinds}) at {use.node.target}"
 

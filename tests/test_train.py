@@ -232,4 +232,5 @@ def test_compiled_step_does_not_recompile_for_poisson_batch_sizes(digits):
         t.step(digits.x_train[indices], digits.y_train[indices])
         sizes.add(len(indices))
     assert len(sizes) >= 5  # the batch size really varied
-    assert t._compiled[t._last_key].compiles == 1
+    (capture,) = t.captures
+    assert capture.step.compiled.compiles == 1

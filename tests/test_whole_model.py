@@ -305,5 +305,6 @@ def test_a_batch_over_the_graphs_bound_runs_in_chunks_it_holds(batch):
     with warnings.catch_warnings():
         warnings.simplefilter("error", fxclip.FallbackWarning)
         result = t.step(x, y)
-    assert t.program.ctx.batch_limit == 25
+    (capture,) = t.captures
+    assert capture.step.batch_limit == 25
     assert_matches_the_loop(model, result, x, y, 0.5)

@@ -174,7 +174,7 @@ def compare_batch_modes(model_name: str, batch: int, steps: int, seed: int = 0) 
     sizes around `batch` (the same sizes for both): compilations, total time (compilation
     included) and the median step time."""
     from ..api import transform
-    from ..passes.compile import BATCH_MODES, CompiledStep
+    from ..passes.compile import BATCH_MODES
 
     gen = torch.Generator().manual_seed(seed)
     sizes = torch.poisson(torch.full((steps,), float(batch)), generator=gen).long().clamp(min=2).tolist()
@@ -182,23 +182,20 @@ def compare_batch_modes(model_name: str, batch: int, steps: int, seed: int = 0) 
     results = []
     for mode in BATCH_MODES:
         model, inputs, targets = setup(model_name, max(sizes), torch.device("cpu"))
-        private = transform(model, loss_fn, 1.0)
-        private.step(inputs, targets)  # captures the program
-        program, ctx = private.program, private.program.ctx
-        kinds = [k for k, _ in ctx.placeholders]
-        compiled, times = None, []
+        private = transform(model, loss_fn, 1.0, compile=mode)
+        private.bind(inputs, targets)  # captures the program
+        (capture,) = private.captures
+        compiles = lambda: 0 if capture.step.compiled is None else capture.step.compiled.compiles  # noqa: E731
+        times = []
         total = time.perf_counter()
         for size in sizes:
-            args = private._flat_args(ctx, tuple(x[:size] for x in inputs), targets[:size])
-            if compiled is None:
-                compiled = CompiledStep(program, args, kinds, ctx.batch_dims, 1.0, batch_mode=mode)
-            before = compiled.compiles
+            before = compiles()
             start = time.perf_counter()
-            compiled(args)
-            if compiled.compiles == before:  # step time without compilation
+            private.step(tuple(x[:size] for x in inputs), targets[:size])
+            if compiles() == before:  # step time without compilation
                 times.append(time.perf_counter() - start)
         results.append({
-            "model": model_name, "batch_mode": mode, "sizes": sizes, "compiles": compiled.compiles,
+            "model": model_name, "batch_mode": mode, "sizes": sizes, "compiles": compiles(),
             "total_seconds": time.perf_counter() - total,
             "median_step_seconds": statistics.median(times) if times else None,
         })

@@ -263,6 +263,17 @@ def capture(gm: GraphModule | None, ctx: Context) -> GraphModule:
     return ep.graph_module
 
 
+def graph_inputs(placeholders: list, model: torch.nn.Module, constants: dict, inputs: tuple, targets, params: dict | None = None) -> list:
+    """The values of the captured graph's inputs, in order, for `placeholders` (`ctx.placeholders`):
+    the model's parameters and buffers and the captured constants by name, then the leaves of
+    (inputs, targets). `params`: the model's named parameters, when the caller has them."""
+    params = dict(model.named_parameters()) if params is None else params
+    buffers = dict(model.named_buffers()) if any(kind == "buffer" for kind, _ in placeholders) else {}
+    user = iter(pytree.tree_leaves((inputs, targets)))
+    values = {"param": params, "buffer": buffers, "constant": constants}
+    return [next(user) if kind == "input" else values[kind][key] for kind, key in placeholders]
+
+
 def _inline_regions(gm: GraphModule) -> None:
     """torch.export wraps what the model runs under torch.no_grad() (or enable_grad) and
     torch.autocast(...) into higher-order ops over a submodule. Each becomes the submodule's ops,

@@ -54,8 +54,10 @@ from torch.fx import GraphModule
 from torch.fx.experimental.proxy_tensor import make_fx
 from torch.fx.experimental.symbolic_shapes import DimDynamic, ShapeEnv, StatelessSymbolicContext
 
+from ..clipping import StepOutput
 from ..errors import FxclipError, describe
 from ..ops import gather_rows
+from .emit import BoundStep
 
 BATCH_MODES = ("dynamic", "buckets")
 
@@ -101,22 +103,18 @@ def bucket_size(batch: int) -> int:
 
 
 class CompiledStep:
-    """The private step of `program` as one compiled graph.
+    """The private step of a bound program (`passes.program.BoundStep`) as one compiled graph.
 
     `__call__(flat_args, max_grad_norm=None)` returns what `program(flat_args, max_grad_norm,
-    strategy)` returns (C from the constructor unless given) —
-    (losses, norms, clip factors, {parameter: clipped gradient sum}) — to float32 tolerance.
-    `flat_args` are laid out as the program's graph inputs; `kinds[j]` is "input" for the user's
-    inputs and targets (batch along `batch_dims`, targets along dim 0). `compiles` counts
-    inductor compilations: one for "dynamic", one per bucket used for "buckets". `options` are
-    inductor settings applied on top of INDUCTOR_OPTIONS."""
+    strategy)` returns — a StepOutput — to float32 tolerance (C from the constructor unless
+    given). `flat_args` are laid out as `bound.flat_args`: the user's inputs and targets are
+    batched (inputs along `bound.batch_dims`, targets along dim 0). `compiles` counts inductor
+    compilations: one for "dynamic", one per bucket used for "buckets". `options` are inductor
+    settings applied on top of INDUCTOR_OPTIONS."""
 
     def __init__(
         self,
-        program: Callable,
-        flat_args: Sequence,
-        kinds: Sequence[str],
-        batch_dims: Sequence[int],
+        bound: BoundStep,
         max_grad_norm: float,
         strategy: str = "auto",
         batch_mode: str = "dynamic",
@@ -125,15 +123,16 @@ class CompiledStep:
     ):
         if batch_mode not in BATCH_MODES:
             raise FxclipError(f"batch_mode must be one of {BATCH_MODES}, got {batch_mode!r}")
+        flat_args = bound.flat_args
         if cuda_graphs is None:
             cuda_graphs = _device(flat_args).type == "cuda"
         if cuda_graphs and _device(flat_args).type != "cuda":
             raise FxclipError(
                 f"cuda_graphs=True needs the model and the batch on a CUDA device; they are on {_device(flat_args)}"
             )
-        user = [j for j, k in enumerate(kinds) if k == "input"]
-        self._user_batch_dims = _user_dims(flat_args, user, batch_dims)
-        self.program = program
+        user = [j for j, (kind, _) in enumerate(bound.placeholders) if kind == "input"]
+        self._user_batch_dims = _user_dims(flat_args, user, bound.batch_dims)
+        self.program = bound.program
         self.strategy = strategy
         self.max_grad_norm = float(max_grad_norm)
         self.batch_mode = batch_mode
@@ -142,8 +141,7 @@ class CompiledStep:
         self.graphs = _StepGraphs(self._user_batch_dims) if cuda_graphs else None
         # An eager call fixes what the program caches on its first call (footprints, plan) and
         # the order of the gradients it returns.
-        _, _, _, grads = program(list(flat_args), self.max_grad_norm, strategy)
-        self.param_keys = list(grads)
+        self.param_keys = list(self.program(list(flat_args), self.max_grad_norm, strategy).grads)
         self._graphs: dict[int | None, GraphModule] = {}
         self._compiled: dict[tuple, Callable] = {}  # by (bucket or None, input signature)
         self._bounds_made: dict[tuple, torch.Tensor] = {}  # by (that key, batch size), for C
@@ -158,7 +156,15 @@ class CompiledStep:
             raise FxclipError("the step graph is traced on the first compiled step; run step() first")
         return self._graphs[None]
 
-    def __call__(self, flat_args: Sequence, max_grad_norm: float | None = None):
+    def trace(self, flat_args: Sequence, device: torch.device | None = None) -> tuple[GraphModule, list]:
+        """The step graph for these arguments traced with a symbolic batch, without compiling
+        (what inductor would get): (graph with inputs (bounds, *flat_args), the fake inputs it was
+        traced on). `device` picks the device-dependent graph passes (default: the arguments')."""
+        args = [_dense(a) for a in flat_args]
+        bounds = torch.full((self._batch_size(args),), self.max_grad_norm, dtype=_norm_dtype(args), device=_device(args))
+        return self._trace(None, bounds, args, device)
+
+    def __call__(self, flat_args: Sequence, max_grad_norm: float | None = None) -> StepOutput:
         batch = self._batch_size(flat_args)
         # a CUDA graph is recorded per batch size: padded to buckets, a few of them serve every size
         padded = bucket_size(batch) if self.batch_mode == "buckets" or self.graphs is not None else max(batch, 2)
@@ -183,7 +189,7 @@ class CompiledStep:
         with torch.no_grad():
             outs = fn(bounds, *args) if self.graphs is None else self.graphs(key, fn, bounds, args)
         losses, norms, clip = outs[:3] if padded == batch else (t[:batch] for t in outs[:3])
-        return losses, norms, clip, dict(zip(self.param_keys, outs[3:]))
+        return StepOutput(losses, norms, clip, dict(zip(self.param_keys, outs[3:])))
 
     def _bounds(self, key: tuple, batch: int, padded: int, args: list) -> torch.Tensor:
         """The per-example clipping bounds: C for the batch's rows, 0 for padding rows (clip

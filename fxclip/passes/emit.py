@@ -23,7 +23,7 @@ from torch.fx import GraphModule, Node
 from torch.fx.node import map_arg
 
 from ..batch import BatchAxis
-from ..clipping import clip_factors
+from ..clipping import StepOutput, clip_factors
 from ..errors import NotCovered
 from ..forms import LinearForm, PerExampleGrad, choose_strategy, concatenated, cost_values, linear_forms_norm_sq, materialized_norm_sq
 from ..provenance import where
@@ -99,8 +99,8 @@ def _components(uses: list[ParamUse]) -> list[Component]:
 
 
 class StepProgram:
-    """Computes (losses, norms, clip factors, clipped gradient sums) for a batch; pure: it reads
-    parameters and writes nothing."""
+    """Computes a StepOutput (losses, norms, clip factors, clipped gradient sums) for a batch;
+    pure: it reads parameters and writes nothing."""
 
     def __init__(self, gm: GraphModule, ctx: Context):
         self.ctx = ctx
@@ -130,7 +130,7 @@ class StepProgram:
 
     # ---- running the step -------------------------------------------------------------------
 
-    def __call__(self, flat_args: list, max_grad_norm: float, strategy: str = "auto", safe: bool = False):
+    def __call__(self, flat_args: list, max_grad_norm: float, strategy: str = "auto", safe: bool = False) -> StepOutput:
         """`safe`: every norm term in float64 from values scaled per example, for a batch whose
         norms came out NaN or infinite (a ghost norm's Gram products overflowed or cancelled below
         zero); the norms and clip factors are returned in the usual dtype."""
@@ -168,7 +168,7 @@ class StepProgram:
                 norms, clip = norms.to(dtype), clip.to(dtype)
             clipped = self._clipped_sums(forms, env, clip, merged)
         self.plan = plan
-        return losses.detach(), norms, clip, clipped
+        return StepOutput(losses.detach(), norms, clip, clipped)
 
     def _forward_backward(self, flat_args: list, step: _StepState):
         """The forward, then one backward to the outputs of the parameter-using ops, whose hooks
@@ -403,6 +403,18 @@ class StepProgram:
                 for key, g in zip(use.params, param_grads):
                     grads[key] = grads[key] + g if key in grads else g
         return grads
+
+
+class BoundStep(NamedTuple):
+    """A capture's program and its graph inputs for one batch (`PrivateStep.bind`): `flat_args`
+    in the order of `placeholders`, whose (kind, key) is ("param" | "buffer" | "constant", name)
+    for the model's state and ("input", None) for each leaf of the inputs, then of the targets;
+    `batch_dims` gives each input's batch dim (the targets' is 0)."""
+
+    program: StepProgram
+    flat_args: list
+    placeholders: list
+    batch_dims: tuple[int, ...]
 
 
 def _operand_axes(node: Node) -> dict[str, BatchAxis]:

@@ -1,0 +1,57 @@
+"""The options of a private step (`fxclip.transform`'s keywords), validated in one place."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+from .checks import check_bool, check_integer, check_number
+from .errors import FxclipError
+from .passes.compile import BATCH_MODES
+
+STRATEGIES = ("auto", "ghost", "materialize")
+
+
+@dataclass(frozen=True)
+class StepOptions:
+    """Every option of `transform` (see its docstring), checked when made: a bad value raises
+    FxclipError saying what is allowed. Change one with `dataclasses.replace`, which checks again."""
+
+    max_grad_norm: float
+    batch_dims: tuple[int, ...] | None = None
+    strategy: str = "auto"
+    verify: bool = False
+    memory_budget: float | None = None
+    compile: bool | str = False
+    max_physical_batch_size: int | None = None
+    cuda_graphs: bool | None = None
+
+    def __post_init__(self):
+        set_ = lambda name, value: object.__setattr__(self, name, value)  # noqa: E731  (frozen)
+        set_("max_grad_norm", check_number("max_grad_norm", self.max_grad_norm, above=0, hint="It is the clip bound C.", error=FxclipError))
+        if self.strategy not in STRATEGIES:
+            raise FxclipError(f"strategy must be one of {STRATEGIES}, got {self.strategy!r}")
+        if not isinstance(self.compile, bool) and self.compile not in BATCH_MODES:
+            raise FxclipError(f"compile must be True, False or a batch mode {BATCH_MODES}, got {self.compile!r}")
+        if self.cuda_graphs is not None and not isinstance(self.cuda_graphs, bool):
+            raise FxclipError(f"cuda_graphs must be None (on CUDA when compiled), True or False, got {self.cuda_graphs!r}")
+        if self.cuda_graphs and not self.compile:
+            raise FxclipError("cuda_graphs=True replays the compiled step: pass compile=True (or a batch mode) too")
+        if self.max_physical_batch_size is not None:
+            set_("max_physical_batch_size", check_integer(
+                "max_physical_batch_size", self.max_physical_batch_size, at_least=1,
+                hint="Or None: each batch in one piece.", error=FxclipError,
+            ))
+        dims = self.batch_dims
+        if dims is not None:
+            if not isinstance(dims, Sequence) or isinstance(dims, str) or not all(isinstance(d, int) and not isinstance(d, bool) for d in dims):
+                raise FxclipError(f"batch_dims must be a sequence of ints, one per model input (e.g. (1,)), got {dims!r}")
+            set_("batch_dims", tuple(dims))
+        if self.memory_budget is not None:
+            set_("memory_budget", check_number("memory_budget", self.memory_budget, above=0, hint="It counts elements per example.", error=FxclipError))
+        check_bool("verify", self.verify, error=FxclipError)
+
+    @property
+    def batch_mode(self) -> str:
+        """How a compiled step handles changing batch sizes (passes/compile.py)."""
+        return self.compile if isinstance(self.compile, str) else "dynamic"
