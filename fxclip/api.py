@@ -19,7 +19,7 @@ from .errors import FxclipError
 from .options import StepOptions
 from .passes import StepProgram
 from .passes.capture import reject_batch_statistics
-from .passes.emit import BoundStep
+from .passes.program import BoundStep
 from .verify import verify_step
 
 

@@ -23,7 +23,7 @@ from .options import StepOptions
 from .passes import Context, StepProgram, run_passes
 from .passes.capture import ExportFailed, graph_inputs
 from .passes.compile import CompiledStep, CompileFailed
-from .passes.emit import BoundStep
+from .passes.program import BoundStep
 from .provenance import where
 from .reference import mixing_found
 from .whole_model import FallbackWarning, WholeModelStep

@@ -9,7 +9,6 @@ the chosen strategy needs. Fallbacks and shared parameters are marked and listed
 
 from __future__ import annotations
 
-import copy
 import itertools
 import math
 from dataclasses import dataclass, field
@@ -20,6 +19,7 @@ import torch
 
 from .errors import FxclipError
 from .forms import MEMORY_COST
+from .passes.program import run
 from .provenance import module_of
 
 _PACKAGE_ROOT = Path(__file__).resolve().parent.parent
@@ -135,9 +135,8 @@ def explain(step, inputs=None, targets=None) -> Explanation:
     gradients are written), else from the last `step()`."""
     if inputs is not None:
         bound = step.bind(inputs, targets)
-        program = copy.copy(bound.program)  # the dry run records its own plan on the copy
-        batch = program(bound.flat_args, step.max_grad_norm, step.strategy).losses.shape[0]
-        plan = program.plan
+        output, plan = run(bound.program.step_plan, bound.flat_args, step.max_grad_norm, step.strategy)
+        batch = output.losses.shape[0]
     else:
         if not any(capture.completed for capture in step.captures):
             raise FxclipError(

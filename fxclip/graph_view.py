@@ -11,7 +11,7 @@ graphviz DOT text (always), `StepGraph.render(path)` an SVG or PNG (needs graphv
 
 from __future__ import annotations
 
-import copy
+import dataclasses
 import shutil
 import subprocess
 from dataclasses import dataclass
@@ -27,6 +27,7 @@ from torch.fx.node import map_arg
 
 from .errors import FxclipError
 from .passes.emit import PHASES, phase
+from .passes.program import run
 from .provenance import module_of
 
 # fill colours by phase (inputs and outputs are white)
@@ -210,12 +211,12 @@ def step_graph(step, inputs, targets) -> StepGraph:
     """Trace one step of `step` (a `PrivateStep`) on this batch into a `StepGraph`. Pure: no
     gradients are written and the step's own plan is left as it was."""
     bound = step.bind(inputs, targets)
-    program = bound.program
-    traced = copy.copy(program)  # the trace records its own plan on the copy
-    traced.forward = lambda *a: _ForwardKeepingModulePaths(program.forward).run(*a)
+    forward = bound.program.forward
+    plan = dataclasses.replace(bound.program.step_plan, forward=lambda *a: _ForwardKeepingModulePaths(forward).run(*a))
 
     def one_step(*flat_args):
-        return tuple(traced(list(flat_args), step.max_grad_norm, step.strategy))
+        output, _ = run(plan, list(flat_args), step.max_grad_norm, step.strategy)
+        return tuple(output)
 
     with fx_traceback.preserve_node_meta():
         gm = make_fx(one_step)(*bound.flat_args)

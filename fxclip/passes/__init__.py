@@ -9,19 +9,21 @@ from .analyze import analyze
 from .capture import capture
 from .context import Context, ParamUse
 from .decompose import decompose
-from .emit import StepProgram, emit
+from .emit import StepPlan, emit
 from .functionalize import functionalize
 from .match import match
+from .program import StepProgram
 
 PASSES = [capture, functionalize, decompose, analyze, match, emit]
 
 
 def run_passes(ctx: Context) -> StepProgram:
+    """The passes in order on `ctx`; the program that runs emit's plan."""
     gm: GraphModule | None = None
     for p in PASSES:
         gm = p(gm, ctx)
         gm.graph.lint()
-    return ctx.program
+    return StepProgram(ctx.plan)
 
 
-__all__ = ["PASSES", "Context", "ParamUse", "StepProgram", "run_passes"]
+__all__ = ["PASSES", "Context", "ParamUse", "StepPlan", "StepProgram", "run_passes"]

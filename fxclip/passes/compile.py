@@ -1,6 +1,6 @@
 """compile (optional, after the passes): the whole private step as one fx graph, compiled by inductor.
 
-`StepProgram.__call__` (from emit) is Python around a forward graph: one `torch.autograd.grad`, the
+`passes.program.run` is Python around a forward graph: one `torch.autograd.grad`, the
 rules' forms, norms, clip factors and book-keeping contractions. `make_fx` traces all of it —
 through autograd into explicit backward aten ops — into ONE fx graph, the *step graph*
 (`CompiledStep.step_graph`, also what a user inspects), whose batch size is a symbol. Repeated
@@ -57,7 +57,7 @@ from torch.fx.experimental.symbolic_shapes import DimDynamic, ShapeEnv, Stateles
 from ..clipping import StepOutput
 from ..errors import FxclipError, describe
 from ..ops import gather_rows
-from .emit import BoundStep
+from .program import BoundStep
 
 BATCH_MODES = ("dynamic", "buckets")
 
@@ -110,7 +110,7 @@ class CompiledStep:
     given). `flat_args` are laid out as `bound.flat_args`: the user's inputs and targets are
     batched (inputs along `bound.batch_dims`, targets along dim 0). `compiles` counts inductor
     compilations: one for "dynamic", one per bucket used for "buckets". `options` are inductor
-    settings applied on top of INDUCTOR_OPTIONS."""
+    settings applied on top of INDUCTOR_OPTIONS. Nothing runs until the first call."""
 
     def __init__(
         self,
@@ -139,9 +139,7 @@ class CompiledStep:
         self.options = {**INDUCTOR_OPTIONS, **(options or {})}
         self.compiles = 0
         self.graphs = _StepGraphs(self._user_batch_dims) if cuda_graphs else None
-        # An eager call fixes what the program caches on its first call (footprints, plan) and
-        # the order of the gradients it returns.
-        self.param_keys = list(self.program(list(flat_args), self.max_grad_norm, strategy).grads)
+        self.param_keys = list(bound.program.step_plan.grad_keys)  # the order of the graph's gradient outputs
         self._graphs: dict[int | None, GraphModule] = {}
         self._compiled: dict[tuple, Callable] = {}  # by (bucket or None, input signature)
         self._bounds_made: dict[tuple, torch.Tensor] = {}  # by (that key, batch size), for C

@@ -50,4 +50,4 @@ class Context:
     # match
     fallbacks: list[ParamUse] = field(default_factory=list)
     # emit
-    program: Any = None
+    plan: Any = None  # passes.emit.StepPlan
