@@ -10,7 +10,7 @@ from typing import Iterator
 
 import torch
 
-from fxclip.accounting import check_sampling_rate
+from fxclip.dp.accounting import check_sampling_rate
 from fxclip.checks import check_integer
 
 

@@ -28,13 +28,13 @@ from tqdm.auto import tqdm
 
 import fxclip
 from fxclip import zoo
-from fxclip.accounting import ACCOUNTANTS, check_delta, check_epsilon, epsilon_spent, noise_multiplier_for_epsilon
+from fxclip.dp.accounting import ACCOUNTANTS, check_delta, check_epsilon, epsilon_spent, noise_multiplier_for_epsilon
 from fxclip.checks import check_integer, check_number
 from fxclip.clipping import clip_factors
-from fxclip.data import BUILTIN_DATASETS, Dataset, load_dataset
+from fxclip.dp.data import BUILTIN_DATASETS, Dataset, load_dataset
 from fxclip.errors import describe
-from fxclip.optim import PrivateOptimizer
-from fxclip.sampling import PoissonBatchSampler
+from fxclip.dp.optim import PrivateOptimizer
+from fxclip.dp.sampling import PoissonBatchSampler
 
 OPTIMIZERS = {"sgd": torch.optim.SGD, "adam": torch.optim.Adam, "adamw": torch.optim.AdamW}
 

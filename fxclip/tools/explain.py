@@ -17,9 +17,9 @@ from pathlib import Path
 import sympy
 import torch
 
-from .errors import FxclipError
-from .forms import MEMORY_COST
-from .provenance import module_of
+from fxclip.errors import FxclipError
+from fxclip.forms import MEMORY_COST
+from fxclip.provenance import module_of
 
 _PACKAGE_ROOT = Path(__file__).resolve().parent.parent
 

@@ -25,9 +25,9 @@ from torch.fx import GraphModule, Node
 from torch.fx.experimental.proxy_tensor import make_fx
 from torch.fx.node import map_arg
 
-from .errors import FxclipError
-from .passes.emit import PHASES, phase
-from .provenance import module_of
+from fxclip.errors import FxclipError
+from fxclip.passes.emit import PHASES, phase
+from fxclip.provenance import module_of
 
 # fill colours by phase (inputs and outputs are white)
 COLOURS = {

@@ -18,7 +18,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
-from .errors import describe
+from fxclip.errors import describe
 
 
 class _LiveTensorBytes(TorchDispatchMode):
@@ -83,7 +83,7 @@ def step_memory(
     Each method runs once untimed first (capture, lazy state)."""
     from .bench.methods import METHODS as BENCH_METHODS
     from .bench.methods import MethodUnavailable
-    from .zoo import ZOO, PerExampleCrossEntropy
+    from fxclip.zoo import ZOO, PerExampleCrossEntropy
 
     entry = ZOO[name]
     inputs, targets = entry.make_batch(batch, torch.Generator().manual_seed(0))

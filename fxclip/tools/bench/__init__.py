@@ -24,8 +24,8 @@ from pathlib import Path
 
 import torch
 
-from ..errors import FxclipError
-from ..zoo import ZOO
+from fxclip.errors import FxclipError
+from fxclip.zoo import ZOO
 from .methods import COMPILED, DEFAULT_METHODS, METHODS
 from .report import write_outputs
 from .runner import compare_batch_modes, run_benchmark

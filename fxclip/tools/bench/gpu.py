@@ -49,7 +49,7 @@ def jobs(quick: bool) -> list[dict]:
     mode) first, since each compiles for minutes (run_all starts at most max_hf at once, so the
     zoo at B=128, the paper's setting, fills the other workers from the start), then the zoo at
     B=1024 (memory)."""
-    from ..zoo import ZOO
+    from fxclip.zoo import ZOO
 
     if quick:  # a CPU dry run: every code path once, small
         return (
@@ -117,7 +117,7 @@ def run_hf_job(job: dict, device: torch.device, lock) -> list[dict]:
     import statistics
 
     from ..memory import peak_memory
-    from ..reference import clipped_sum, naive_per_example_grads
+    from fxclip.reference import clipped_sum, naive_per_example_grads
     from .hf import HF_MODELS, HF_TINY
     from .runner import _first_line, _sync
 
@@ -181,7 +181,7 @@ def _hf_method(name: str, model, loss_fn, data, reuse=None):
     gradient work, `grads()` returns the clipped sum it wrote (None for the floor). With `reuse`
     (an earlier step of the floor or fxclip), the new step runs the same model and transform (and
     compiled step) on `data`; a peer wraps `model`, a fresh copy, again."""
-    from ..api import transform
+    from fxclip.api import transform
     from .methods import METHODS, _param_grads, _zero
 
     inputs, targets = data

@@ -14,7 +14,7 @@ import sys
 
 import torch
 
-from ..zoo import PerExampleCrossEntropy
+from fxclip.zoo import PerExampleCrossEntropy
 from .methods import METHODS
 
 

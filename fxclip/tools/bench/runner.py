@@ -22,7 +22,7 @@ from typing import Callable, ContextManager, Optional, Sequence
 
 import torch
 
-from ..zoo import ZOO, PerExampleCrossEntropy
+from fxclip.zoo import ZOO, PerExampleCrossEntropy
 from .methods import FLOOR, METHODS, NAIVE, MethodUnavailable, reference_clipped_sum
 
 CHECK_RTOL = 1e-3  # float32 clipped sums, relative to the largest entry of the reference
@@ -173,8 +173,8 @@ def compare_batch_modes(model_name: str, batch: int, steps: int, seed: int = 0) 
     """fxclip compiled with a dynamic batch vs padded buckets, on `steps` Poisson-sampled batch
     sizes around `batch` (the same sizes for both): compilations, total time (compilation
     included) and the median step time."""
-    from ..api import transform
-    from ..passes.compile import BATCH_MODES, CompiledStep
+    from fxclip.api import transform
+    from fxclip.passes.compile import BATCH_MODES, CompiledStep
 
     gen = torch.Generator().manual_seed(seed)
     sizes = torch.poisson(torch.full((steps,), float(batch)), generator=gen).long().clamp(min=2).tolist()
