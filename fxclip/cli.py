@@ -15,6 +15,7 @@ SUBCOMMANDS: dict[str, str] = {
     "train": "fxclip.train",
     "bench": "fxclip.bench",
     "inspect": "fxclip.inspect_cmd",
+    "memory": "fxclip.tools.memory_cmd",
 }
 
 

@@ -6,6 +6,8 @@ is not counted). On CUDA it is `torch.cuda.max_memory_allocated` minus what was 
 the call. On the CPU, where PyTorch keeps no allocator statistics, every tensor an op returns is
 tracked by a `TorchDispatchMode` (by storage, so views count once) until it is freed; scratch
 memory an op frees before returning is not seen, for either method compared.
+
+The `fxclip memory` command (`memory_cmd`) measures one step per method with it.
 """
 
 from __future__ import annotations
@@ -18,7 +20,6 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
-from fxclip.errors import describe
 
 
 class _LiveTensorBytes(TorchDispatchMode):
@@ -66,71 +67,3 @@ def peak_memory(fn: Callable[[], object], device: str | torch.device = "cpu") ->
     with tracker:
         fn()
     return tracker.peak
-
-
-# ---- peak memory of one training step, per method, at a large batch ------------------------------
-
-# label here -> the benchmark's method (fxclip.bench.methods), so both measure the same steps
-METHODS = {"nonprivate": "floor", "fxclip": "fxclip", "opacus": "opacus_hooks"}
-
-
-def step_memory(
-    name: str, batch: int = 1024, device: str = "cpu", max_grad_norm: float = 1.0, physical_batch: int | None = None
-) -> dict[str, int]:
-    """Peak bytes of one gradient step of zoo model `name` at `batch`, per method in METHODS, each
-    on its own copy of the model (Opacus only when installed and able to run it), plus
-    "fxclip/<physical_batch>": fxclip with `max_physical_batch_size=physical_batch`, if given.
-    Each method runs once untimed first (capture, lazy state)."""
-    from .bench.methods import METHODS as BENCH_METHODS
-    from .bench.methods import MethodUnavailable
-    from fxclip.zoo import ZOO, PerExampleCrossEntropy
-
-    entry = ZOO[name]
-    inputs, targets = entry.make_batch(batch, torch.Generator().manual_seed(0))
-    inputs, targets = tuple(x.to(device) for x in inputs), targets.to(device)
-    runs = {label: (method_name, {}) for label, method_name in METHODS.items()}
-    if physical_batch is not None:
-        runs[f"fxclip/{physical_batch}"] = ("fxclip", {"max_physical_batch_size": physical_batch})
-    result = {}
-    for label, (method_name, options) in runs.items():
-        torch.manual_seed(0)
-        model = entry.factory().to(device)
-        try:
-            method = BENCH_METHODS[method_name](model, PerExampleCrossEntropy(), max_grad_norm, inputs, targets, **options)
-            method.step()
-        except (MethodUnavailable, RuntimeError, AttributeError) as e:
-            if label != "opacus":  # a peer that cannot run this model is reported, not fatal
-                raise
-            print(f"opacus skipped on {name} ({device}): {describe(e)}")
-            continue
-        result[label] = peak_memory(method.step, device)
-    return result
-
-
-def main(argv=None) -> None:
-    """`python -m fxclip.memory [--batch 1024] [--device cpu] [--models mnist_cnn transformer]
-    [--physical-batch N]`: a table of peak step memory (MiB) per method and its ratio to the
-    non-private step (with --physical-batch, also fxclip with max_physical_batch_size=N)."""
-    import argparse
-    import json
-
-    parser = argparse.ArgumentParser(description=main.__doc__)
-    parser.add_argument("--batch", type=int, default=1024)
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--models", nargs="+", default=["mnist_cnn", "transformer"])
-    parser.add_argument("--physical-batch", type=int, help="also fxclip with max_physical_batch_size=N")
-    parser.add_argument("--json", help="also write the numbers (bytes) to this file")
-    args = parser.parse_args(argv)
-    rows = {name: step_memory(name, args.batch, args.device, physical_batch=args.physical_batch) for name in args.models}
-    print(f"peak step memory at B={args.batch} on {args.device} (MiB; ratio to non-private)")
-    for name, mem in rows.items():
-        floor = mem["nonprivate"]
-        cells = "  ".join(f"{m} {b / 2**20:8.1f} ({b / floor:4.2f}x)" for m, b in mem.items())
-        print(f"{name:12s} {cells}")
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"batch": args.batch, "device": args.device, "bytes": rows}, f, indent=1)
-
-
-if __name__ == "__main__":
-    main()

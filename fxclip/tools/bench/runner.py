@@ -23,6 +23,8 @@ from typing import Callable, ContextManager, Optional, Sequence
 import torch
 
 from fxclip.zoo import ZOO, PerExampleCrossEntropy
+
+from ..memory import peak_memory
 from .methods import FLOOR, METHODS, NAIVE, MethodUnavailable, reference_clipped_sum
 
 CHECK_RTOL = 1e-3  # float32 clipped sums, relative to the largest entry of the reference
@@ -134,8 +136,6 @@ def _peak_bytes(model_name: str, batch: int, method: str, device: torch.device, 
     """On a GPU, torch.cuda.max_memory_allocated around one step; on the CPU, the peak resident
     set of one step in a fresh process (fxclip.bench.peak), above what it held before the step."""
     if device.type == "cuda":
-        from ..memory import peak_memory
-
         return peak_memory(ready.step, device)
     cmd = [sys.executable, "-m", "fxclip.bench.peak", model_name, str(batch), method]
     # glibc maps every block of a page or more on its own and hands it back to the OS when freed,
