@@ -26,6 +26,7 @@ import torch
 
 from fxclip.errors import FxclipError
 from fxclip.zoo import ZOO
+
 from .methods import COMPILED, DEFAULT_METHODS, METHODS
 from .report import write_outputs
 from .runner import compare_batch_modes, run_benchmark

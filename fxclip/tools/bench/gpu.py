@@ -1,9 +1,9 @@
 """The GPU check's benchmark (scripts/gpu_check.sh): every zoo model at two batch sizes and
 real-width Hugging Face models, run as jobs in parallel processes within a deadline.
 
-    python -m fxclip.bench.gpu run WORK_DIR OUT_DIR --deadline SECONDS [--quick] [--device cuda]
-    python -m fxclip.bench.gpu job JOB_JSON WORK_DIR OUT_DIR          (one job; run starts these)
-    python -m fxclip.bench.gpu report OUT_DIR                         (benchmark.json, benchmark.md)
+    python -m fxclip.tools.bench.gpu run WORK_DIR OUT_DIR --deadline SECONDS [--quick] [--device cuda]
+    python -m fxclip.tools.bench.gpu job JOB_JSON WORK_DIR OUT_DIR          (one job; run starts these)
+    python -m fxclip.tools.bench.gpu report OUT_DIR                         (benchmark.json, benchmark.md)
 
 Compiling is most of a job's time (tens of seconds per graph on a cold cache) and uses the CPU,
 timing uses the GPU: each job builds, compiles and checks all its methods by itself, then takes
@@ -261,7 +261,7 @@ def run_all(work_dir: Path, out_dir: Path, deadline: float, quick: bool, device:
             name = job_name(job)
             path = work_dir / f"{name}.log"
             env = {**os.environ, "TORCHINDUCTOR_COMPILE_THREADS": "4" if job["kind"] == "hf" else "2"}
-            cmd = [sys.executable, "-m", "fxclip.bench.gpu", "job", json.dumps(job), str(work_dir), str(out_dir), "--device", device]
+            cmd = [sys.executable, "-m", "fxclip.tools.bench.gpu", "job", json.dumps(job), str(work_dir), str(out_dir), "--device", device]
             with open(path, "w") as f:
                 proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env=env, start_new_session=True)
             running[name] = (proc, time.time(), path, job)
@@ -339,7 +339,7 @@ def machine_meta(device: str) -> dict:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m fxclip.bench.gpu", description=__doc__,
+    parser = argparse.ArgumentParser(prog="python -m fxclip.tools.bench.gpu", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
     run = sub.add_parser("run")

@@ -134,10 +134,10 @@ def run_cells(
 
 def _peak_bytes(model_name: str, batch: int, method: str, device: torch.device, ready) -> Optional[int]:
     """On a GPU, torch.cuda.max_memory_allocated around one step; on the CPU, the peak resident
-    set of one step in a fresh process (fxclip.bench.peak), above what it held before the step."""
+    set of one step in a fresh process (fxclip.tools.bench.peak), above what it held before the step."""
     if device.type == "cuda":
         return peak_memory(ready.step, device)
-    cmd = [sys.executable, "-m", "fxclip.bench.peak", model_name, str(batch), method]
+    cmd = [sys.executable, "-m", "fxclip.tools.bench.peak", model_name, str(batch), method]
     # glibc maps every block of a page or more on its own and hands it back to the OS when freed,
     # so the measured step cannot silently reuse heap that the warm-up step left resident (with
     # a 64 KiB threshold the compiled GRU step's peak read 37, 30 and -0.1 MB in three runs; with
