@@ -21,7 +21,7 @@ from fxclip.errors import FxclipError
 from fxclip.forms import MEMORY_COST
 from fxclip.provenance import module_of
 
-_PACKAGE_ROOT = Path(__file__).resolve().parent.parent
+_PACKAGE_ROOT = Path(__file__).resolve().parents[2]  # the directory that holds fxclip/
 
 
 def short_source(source: str) -> str:
