@@ -1,6 +1,6 @@
-"""fxclip.memory, the documented path of `fxclip.tools.memory.peak_memory` and the `fxclip memory`
-command (`fxclip.tools.memory_cmd`): `python -m fxclip.memory ...` is `fxclip memory ...`."""
-from .tools.memory_cmd import peak_memory, step_memory  # noqa: F401
+"""fxclip.memory, the documented path of `fxclip.tools.memory_cmd` (step_memory, and peak_memory from
+`fxclip.tools.memory`): `python -m fxclip.memory ...` runs `fxclip memory ...`."""
+from .tools.memory_cmd import *  # noqa: F401,F403
 
 if __name__ == "__main__":
     import sys
