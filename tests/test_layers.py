@@ -10,7 +10,8 @@
   `fxclip train` job: it also calls the public API (`fxclip.transform`) on zoo models and clips its
   naive baseline with `fxclip.clipping`;
 - nothing in fxclip imports a shim (the documented re-export paths are for users);
-- no import cycle among modules, nor among units (a subpackage, or a module of the root or of tools).
+- no import cycle among modules, nor among units (a subpackage, or a module of the root or of tools);
+- README.md's Layout section names every module.
 """
 
 import ast
@@ -132,3 +133,10 @@ def test_documented_paths_reexport_the_moved_modules(shim):
 def test_python_dash_m_entry_points_run(module):
     done = subprocess.run([sys.executable, "-m", module, "--help"], capture_output=True, text=True, timeout=300)
     assert done.returncode == 0 and "usage:" in done.stdout, done.stderr
+
+
+def test_the_readme_layout_names_every_module():
+    layout = (PACKAGE.parent / "README.md").read_text().split("## Layout")[1]
+    named = {word for quoted in layout.split("`")[1::2] for word in quoted.replace("/", " ").replace(".", " ").split()}
+    missing = [name for name, path in MODULES.items() if path.stem not in named | {"__init__", "__main__"}]
+    assert not missing, f"README.md's Layout section does not name {missing}"
