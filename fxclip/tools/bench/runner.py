@@ -139,9 +139,8 @@ def _peak_bytes(model_name: str, batch: int, method: str, device: torch.device, 
         return peak_memory(ready.step, device)
     cmd = [sys.executable, "-m", "fxclip.tools.bench.peak", model_name, str(batch), method]
     # glibc maps every block of a page or more on its own and hands it back to the OS when freed,
-    # so the measured step cannot silently reuse heap that the warm-up step left resident (with
-    # a 64 KiB threshold the compiled GRU step's peak read 37, 30 and -0.1 MB in three runs; with
-    # a page, 49.0 and 49.4 MB)
+    # so the measured step cannot silently reuse heap that the warm-up step left resident
+    # (docs/benchmarks.md, "Settings in the code")
     env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "4096", "MALLOC_TRIM_THRESHOLD_": "0"}
     done = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if done.returncode != 0:
