@@ -194,7 +194,7 @@ class PrivateStep:
         ops that use it, the rule and its source, the strategy, the cost formulas and their values,
         the extra memory. From a dry run on (inputs, targets) if given (no gradients are written),
         else from the last step. See `fxclip.explain`."""
-        from .explain import explain
+        from .tools.explain import explain
 
         return explain(self, inputs, targets)
 
@@ -202,7 +202,7 @@ class PrivateStep:
     def graph(self, inputs, targets):
         """One step on this batch traced into a `fxclip.graph_view.StepGraph` (readable code with
         `.code()`, graphviz DOT with `.to_dot()`, a picture with `.render(path)`); pure."""
-        from .graph_view import step_graph
+        from .tools.graph_view import step_graph
 
         return step_graph(self, inputs, targets)
 

@@ -12,9 +12,10 @@ import sys
 
 # subcommand name -> module providing add_arguments(parser) and run(args)
 SUBCOMMANDS: dict[str, str] = {
-    "train": "fxclip.train",
-    "bench": "fxclip.bench",
-    "inspect": "fxclip.inspect_cmd",
+    "train": "fxclip.dp.train",
+    "bench": "fxclip.tools.bench",
+    "inspect": "fxclip.tools.inspect_cmd",
+    "memory": "fxclip.tools.memory_cmd",
 }
 
 

@@ -9,7 +9,7 @@
 #   benchmark.json  {gpu, torch, commit, rows: [{model, batch, dtype, method, ms, vs_floor,
 #                   speedup_over_naive, peak_mb, correct}], details}; benchmark.md, its table
 # Stages, most important first, all inside one wall-clock budget (FXCLIP_GPU_CHECK_BUDGET s,
-# default 450): wheels from .whl (if present), then the benchmark (python -m fxclip.bench.gpu run:
+# default 450): wheels from .whl (if present), then the benchmark (python -m fxclip.tools.bench.gpu run:
 # zoo at B=128, Hugging Face models at real width, zoo at B=1024, as parallel jobs that compile
 # side by side and take turns on the GPU for their timed steps) with the conformance tests beside
 # it, then the report. A stage past its time is killed; what finished is kept.
@@ -70,9 +70,9 @@ TESTK="matches_reference or within_1e4 or per_example_kernel"
 TESTS_PID=$!
 
 # the benchmark: its own deadline 25 s before the budget's end leaves time for the report
-stage bench $(( $(left) - 20 )) "$WORK/bench.log" "$PY" -m fxclip.bench.gpu run "$WORK" "$OUT" --device "$DEVICE" --deadline $(( $(left) - 35 )) $QUICK ${FXCLIP_GPU_CHECK_ONLY:+--only $FXCLIP_GPU_CHECK_ONLY} ${FXCLIP_GPU_CHECK_MAX_HF:+--max-hf $FXCLIP_GPU_CHECK_MAX_HF}
+stage bench $(( $(left) - 20 )) "$WORK/bench.log" "$PY" -m fxclip.tools.bench.gpu run "$WORK" "$OUT" --device "$DEVICE" --deadline $(( $(left) - 35 )) $QUICK ${FXCLIP_GPU_CHECK_ONLY:+--only $FXCLIP_GPU_CHECK_ONLY} ${FXCLIP_GPU_CHECK_MAX_HF:+--max-hf $FXCLIP_GPU_CHECK_MAX_HF}
 cat "$WORK/bench.log" >> "$LOG"
-stage report 20 "$WORK/report.log" "$PY" -m fxclip.bench.gpu report "$OUT" --device "$DEVICE"
+stage report 20 "$WORK/report.log" "$PY" -m fxclip.tools.bench.gpu report "$OUT" --device "$DEVICE"
 wait "$TESTS_PID"
 note "done"
 rm -rf "$WORK"

@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from fxclip.bench import main
-from fxclip.bench.methods import METHODS, Method, naive
-from fxclip.bench.runner import run_cells
+from fxclip.tools.bench.methods import METHODS, Method, naive
+from fxclip.tools.bench.runner import run_cells
 from fxclip.cli import build_parser
 
 CPU = torch.device("cpu")
@@ -73,7 +73,7 @@ def test_bench_is_a_cli_subcommand():
 def test_gpu_check_report_has_the_schema_of_issue_21(tmp_path):
     """benchmark.json of the GPU check: gpu, torch, commit and rows of {model, batch, dtype, method,
     ms, vs_floor, speedup_over_naive, peak_mb, correct}, ratios to the same model's floor and naive."""
-    from fxclip.bench.gpu import ROW_KEYS, _row, append_rows, report
+    from fxclip.tools.bench.gpu import ROW_KEYS, _row, append_rows, report
 
     append_rows(tmp_path, [
         _row("mlp", 128, "float32", "floor", 0.002, 2**20, "n/a", 1.0),

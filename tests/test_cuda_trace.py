@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import fxclip
-from fxclip.bench.hf import HF_TINY
+from fxclip.tools.bench.hf import HF_TINY
 from fxclip.zoo import ZOO, PerExampleCrossEntropy
 from fake_cuda import cuda_step_graph, targets, tensor_devices
 

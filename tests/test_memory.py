@@ -90,7 +90,7 @@ def test_private_step_memory_relative_to_non_private():
 
 
 def _peak(name: str, batch: int, method: str = "fxclip", **options) -> int:
-    from fxclip.bench.methods import METHODS
+    from fxclip.tools.bench.methods import METHODS
     from fxclip.zoo import ZOO, PerExampleCrossEntropy
 
     inputs, targets = ZOO[name].make_batch(batch, torch.Generator().manual_seed(0))
@@ -149,7 +149,7 @@ def test_compiled_resnet_step_peak_within_target_of_non_private():
     per method), is within 1.3x the non-private step's on the GroupNorm ResNet. It read 1.8x when
     inductor fused the per-example reductions into one kernel at the end of the step, keeping
     every group norm's input alive through the backward."""
-    from fxclip.bench.runner import _peak_bytes
+    from fxclip.tools.bench.runner import _peak_bytes
 
     cpu = torch.device("cpu")
     floor = _peak_bytes("resnet_gn", 64, "floor", cpu, None)

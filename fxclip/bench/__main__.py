@@ -1,3 +1,3 @@
-from . import main
+from ..tools.bench import main
 
 raise SystemExit(main())

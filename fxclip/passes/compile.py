@@ -61,25 +61,12 @@ from .program import BoundStep
 
 BATCH_MODES = ("dynamic", "buckets")
 
-# Inductor settings for the step graph (a caller's `options` go on top). No layout optimization:
-# it would make conv activations channels-last, and the per-example conv kernel views
-# [B, C, H, W] activations as [1, B·C, H, W] (examples as groups), a copy for channels-last
-# tensors, on which oneDNN's grouped kernel is also slower: the compiled ResNet step took 1.74x
-# the eager non-private step with it and 1.18x without (depthwise 1.40x -> 0.88x, side by side).
-# At most 8 distinct buffers read or written per fused kernel: without a cap inductor fused all
-# the step's per-example reductions (norm terms, group-norm per-example gradients) into one
-# kernel at the end of the graph, which read every activation the group norms normalize, so all
-# of them stayed alive through the backward. Capped, they run in the backward as their operands
-# are made: the compiled ResNet's peak RSS at B=128 fell from 160 to 105 MB (floor 92 MB) and its
-# step from 1.24x to 1.14x the eager floor, side by side; no zoo model got slower.
-# No reordering for locality: that pass moves every op right before its first user, away from
-# where the step graph puts it, and inductor's memory-aware reordering then did not get back to the
-# step graph's own order. Without it the compiled peak RSS at B=128 (floor in parentheses) fell on the
-# transformer from 36.3 to 31.3 MB (25.1; 30.2 MB in a second run) and on small_cnn from 2.8 to
-# 2.7 MB (2.3); the GRU tagger's went from 50.1 to 42.1, 47.7 and 49.7 MB in three runs (37.9:
-# its resident set is noisy); it rose on gpt from 79.8 to 83.7 MB (80.2) and by at most
-# 0.4 MB elsewhere. Side by side the step times moved by 0.94x-1.05x (resnet_gn, depthwise, the
-# transformer, the GRU), within this machine's noise.
+# Inductor settings for the step graph (a caller's `options` go on top): no layout optimization,
+# since channels-last activations make the per-example conv kernel (examples as groups) copy and
+# slow down; at most 8 buffers per fused kernel, so per-example reductions run in the backward as
+# their operands are made instead of in one kernel at the end that keeps every activation alive;
+# no reordering for locality, which moves ops away from the step graph's order and raised the peak.
+# The measurements: docs/benchmarks.md, "Settings in the code".
 INDUCTOR_OPTIONS = {"layout_optimization": False, "max_fusion_unique_io_buffers": 8, "reorder_for_locality": False}
 
 
@@ -362,12 +349,8 @@ def _gather_rows_unfused(graph: torch.fx.Graph, device: torch.device | None = No
     """On a CPU (`device`, or where `device` is None each table's own), makes each row gather
     (aten.embedding, aten.index_select along dim 0) an
     `fxclip::gather_rows`, which inductor runs unfused as aten.index_select: the values are the
-    same. Fused into its consumer, inductor's C++ loads the rows one element at a time, and under
-    a sum over the indices it vectorizes across the indices: the bag-of-words step's forward
-    kernel took 854 µs at B=128; unfused, the gather takes 135 µs and the rest 63 µs. Side by
-    side its compiled step went from 1.31x and 1.34x the eager floor to 0.96x and 0.94x (two
-    runs); tied (0.84x, 0.88x -> 0.87x, 0.85x), gpt (1.15x -> 1.18x) and the transformer
-    (1.15x -> 1.10x) moved within the noise. On a GPU (not measured) the gathers stay fused."""
+    same. Fused into its consumer, inductor's C++ loads the rows one element at a time, much
+    slower (docs/benchmarks.md, "Settings in the code"). On a GPU the gathers stay fused."""
     for node in graph.nodes:
         if node.target is torch.ops.aten.embedding.default:
             table, indices = node.args[:2]

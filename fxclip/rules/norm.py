@@ -5,9 +5,9 @@ G_w = Σ_positions g ⊙ x̂ and G_b = Σ_positions g, materialized (|w| numbers
 Cost: T·|w| per example for each. x̂ is recomputed from the op's input (no extra memory kept).
 Group norm takes the statistics from the native kernel called with the forward's own arguments:
 in a compiled step that call is the forward's (merged by CSE), so x̂ costs one elementwise pass
-fused into the sum, not a second normalization (resnet_gn ~1.35x -> ~1.3x the eager floor). Layer
-norm recomputes x̂: the same trick there raised the compiled transformer step's peak memory by a
-third (34 -> 46 MB at B=128) at no gain in time."""
+fused into the sum, not a second normalization. Layer norm recomputes x̂: the same trick there
+raised the compiled step's peak memory at no gain in time (docs/benchmarks.md, "Settings in the
+code")."""
 
 from __future__ import annotations
 

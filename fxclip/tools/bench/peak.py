@@ -1,5 +1,5 @@
-"""Peak memory of one step of one method, in a fresh process: `python -m fxclip.bench.peak MODEL
-BATCH METHOD` prints {"peak_bytes": N} as its last line.
+"""Peak memory of one step of one method, in a fresh process:
+`python -m fxclip.tools.bench.peak MODEL BATCH METHOD` prints {"peak_bytes": N} as its last line.
 
 N is the peak resident set size during one step minus the resident set size just before it, after
 a warm-up step (which compiles, for compiled methods); Linux's peak counter is reset first
@@ -14,7 +14,8 @@ import sys
 
 import torch
 
-from ..zoo import PerExampleCrossEntropy
+from fxclip.zoo import PerExampleCrossEntropy
+
 from .methods import METHODS
 
 

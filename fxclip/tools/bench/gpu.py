@@ -1,9 +1,9 @@
 """The GPU check's benchmark (scripts/gpu_check.sh): every zoo model at two batch sizes and
 real-width Hugging Face models, run as jobs in parallel processes within a deadline.
 
-    python -m fxclip.bench.gpu run WORK_DIR OUT_DIR --deadline SECONDS [--quick] [--device cuda]
-    python -m fxclip.bench.gpu job JOB_JSON WORK_DIR OUT_DIR          (one job; run starts these)
-    python -m fxclip.bench.gpu report OUT_DIR                         (benchmark.json, benchmark.md)
+    python -m fxclip.tools.bench.gpu run WORK_DIR OUT_DIR --deadline SECONDS [--quick] [--device cuda]
+    python -m fxclip.tools.bench.gpu job JOB_JSON WORK_DIR OUT_DIR          (one job; run starts these)
+    python -m fxclip.tools.bench.gpu report OUT_DIR                         (benchmark.json, benchmark.md)
 
 Compiling is most of a job's time (tens of seconds per graph on a cold cache) and uses the CPU,
 timing uses the GPU: each job builds, compiles and checks all its methods by itself, then takes
@@ -49,7 +49,7 @@ def jobs(quick: bool) -> list[dict]:
     mode) first, since each compiles for minutes (run_all starts at most max_hf at once, so the
     zoo at B=128, the paper's setting, fills the other workers from the start), then the zoo at
     B=1024 (memory)."""
-    from ..zoo import ZOO
+    from fxclip.zoo import ZOO
 
     if quick:  # a CPU dry run: every code path once, small
         return (
@@ -117,7 +117,7 @@ def run_hf_job(job: dict, device: torch.device, lock) -> list[dict]:
     import statistics
 
     from ..memory import peak_memory
-    from ..reference import clipped_sum, naive_per_example_grads
+    from fxclip.reference import clipped_sum, naive_per_example_grads
     from .hf import HF_MODELS, HF_TINY
     from .runner import _first_line, _sync
 
@@ -181,7 +181,7 @@ def _hf_method(name: str, model, loss_fn, data, reuse=None):
     gradient work, `grads()` returns the clipped sum it wrote (None for the floor). With `reuse`
     (an earlier step of the floor or fxclip), the new step runs the same model and transform (and
     compiled step) on `data`; a peer wraps `model`, a fresh copy, again."""
-    from ..api import transform
+    from fxclip.api import transform
     from .methods import METHODS, _param_grads, _zero
 
     inputs, targets = data
@@ -261,7 +261,7 @@ def run_all(work_dir: Path, out_dir: Path, deadline: float, quick: bool, device:
             name = job_name(job)
             path = work_dir / f"{name}.log"
             env = {**os.environ, "TORCHINDUCTOR_COMPILE_THREADS": "4" if job["kind"] == "hf" else "2"}
-            cmd = [sys.executable, "-m", "fxclip.bench.gpu", "job", json.dumps(job), str(work_dir), str(out_dir), "--device", device]
+            cmd = [sys.executable, "-m", "fxclip.tools.bench.gpu", "job", json.dumps(job), str(work_dir), str(out_dir), "--device", device]
             with open(path, "w") as f:
                 proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env=env, start_new_session=True)
             running[name] = (proc, time.time(), path, job)
@@ -339,7 +339,7 @@ def machine_meta(device: str) -> dict:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m fxclip.bench.gpu", description=__doc__,
+    parser = argparse.ArgumentParser(prog="python -m fxclip.tools.bench.gpu", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
     run = sub.add_parser("run")

@@ -22,7 +22,9 @@ from typing import Callable, ContextManager, Optional, Sequence
 
 import torch
 
-from ..zoo import ZOO, PerExampleCrossEntropy
+from fxclip.zoo import ZOO, PerExampleCrossEntropy
+
+from ..memory import peak_memory
 from .methods import FLOOR, METHODS, NAIVE, MethodUnavailable, reference_clipped_sum
 
 CHECK_RTOL = 1e-3  # float32 clipped sums, relative to the largest entry of the reference
@@ -132,16 +134,13 @@ def run_cells(
 
 def _peak_bytes(model_name: str, batch: int, method: str, device: torch.device, ready) -> Optional[int]:
     """On a GPU, torch.cuda.max_memory_allocated around one step; on the CPU, the peak resident
-    set of one step in a fresh process (fxclip.bench.peak), above what it held before the step."""
+    set of one step in a fresh process (fxclip.tools.bench.peak), above what it held before the step."""
     if device.type == "cuda":
-        from ..memory import peak_memory
-
         return peak_memory(ready.step, device)
-    cmd = [sys.executable, "-m", "fxclip.bench.peak", model_name, str(batch), method]
+    cmd = [sys.executable, "-m", "fxclip.tools.bench.peak", model_name, str(batch), method]
     # glibc maps every block of a page or more on its own and hands it back to the OS when freed,
-    # so the measured step cannot silently reuse heap that the warm-up step left resident (with
-    # a 64 KiB threshold the compiled GRU step's peak read 37, 30 and -0.1 MB in three runs; with
-    # a page, 49.0 and 49.4 MB)
+    # so the measured step cannot silently reuse heap that the warm-up step left resident
+    # (docs/benchmarks.md, "Settings in the code")
     env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "4096", "MALLOC_TRIM_THRESHOLD_": "0"}
     done = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if done.returncode != 0:
@@ -173,8 +172,8 @@ def compare_batch_modes(model_name: str, batch: int, steps: int, seed: int = 0) 
     """fxclip compiled with a dynamic batch vs padded buckets, on `steps` Poisson-sampled batch
     sizes around `batch` (the same sizes for both): compilations, total time (compilation
     included) and the median step time."""
-    from ..api import transform
-    from ..passes.compile import BATCH_MODES
+    from fxclip.api import transform
+    from fxclip.passes.compile import BATCH_MODES
 
     gen = torch.Generator().manual_seed(seed)
     sizes = torch.poisson(torch.full((steps,), float(batch)), generator=gen).long().clamp(min=2).tolist()

@@ -15,9 +15,9 @@ from typing import Callable, Optional
 
 import torch
 
-from ..api import transform
-from ..errors import describe
-from ..reference import any_per_example_grads, clipped_sum, naive_per_example_grads, per_example_grads
+from fxclip.api import transform
+from fxclip.errors import describe
+from fxclip.reference import any_per_example_grads, clipped_sum, naive_per_example_grads, per_example_grads
 
 
 class MethodUnavailable(Exception):

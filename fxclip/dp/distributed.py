@@ -1,0 +1,144 @@
+"""Data-parallel DP-SGD on torch.distributed: each process clips its own examples, the clipped sums
+are all-reduced, and Gaussian noise is added exactly once per step.
+
+    dist.init_process_group("gloo" or "nccl")
+    sync_parameters(model)                        # or wrap in DistributedDataParallel, which does it
+    t = fxclip.transform(model, loss_fn, C)        # a DDP-wrapped model is accepted (unwrapped)
+    sampler = ShardedPoissonSampler(N, q, steps)   # this process's share of a global Poisson batch
+    opt = DistributedPrivateOptimizer(torch.optim.SGD(...), noise_multiplier=sigma,
+                                      max_grad_norm=C, expected_batch_size=sampler.expected_batch_size)
+    for idx in sampler:
+        t.step(x[idx], y[idx]); opt.step(); opt.zero_grad()
+
+Why fxclip does its own all-reduce rather than DDP's: DDP all-reduces from hooks that fire while
+`loss.backward()` accumulates parameter gradients through DDP's forward. fxclip never runs that
+backward (it differentiates only to the outputs of the parameter-using ops and writes the clipped
+sums into p.grad itself), so DDP's hooks never fire; and DDP averages over processes, while DP-SGD
+needs the plain sum of clipped gradients plus one noise draw, divided by the expected global batch
+size. The all-reduce below is one flattened bucket per step.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Iterator
+
+import torch
+import torch.distributed as dist
+
+from .optim import PrivateOptimizer, gaussian_noise
+from .sampling import PoissonBatchSampler
+
+
+def _require_process_group(what: str) -> None:
+    if not (dist.is_available() and dist.is_initialized()):
+        raise RuntimeError(
+            f"{what} needs torch.distributed: call torch.distributed.init_process_group(...) in every "
+            "process first (backend 'gloo' on CPU, 'nccl' on GPUs)."
+        )
+
+
+def sync_parameters(model: torch.nn.Module, src: int = 0, group=None) -> None:
+    """Copy every parameter and buffer of `model` from process `src` to all processes, so that
+    all processes start from the same weights (DistributedDataParallel does this when it wraps)."""
+    _require_process_group("sync_parameters")
+    with torch.no_grad():
+        for tensor in [*model.parameters(), *model.buffers()]:
+            dist.broadcast(tensor, src=src, group=group)
+
+
+class ShardedPoissonSampler:
+    """This process's part of a Poisson-sampled global batch.
+
+    The N example indices are split into disjoint shards, rank r holding r, r + W, r + 2W, ...
+    (W processes). Every step, each process includes each of its examples independently with
+    probability q, so the union over processes is exactly a Poisson sample of rate q from all N
+    examples: the privacy accountant is run with q and the number of steps, and the noisy sum is
+    divided by the expected global batch size q·N (`expected_batch_size`), as in one process.
+
+    Processes must draw independently: `generator` must be seeded differently on each rank; by
+    default each process seeds its own from os.urandom.
+    """
+
+    def __init__(
+        self,
+        num_examples: int,
+        sampling_rate: float,
+        steps: int,
+        *,
+        rank: int | None = None,
+        world_size: int | None = None,
+        generator: torch.Generator | None = None,
+    ):
+        if rank is None or world_size is None:
+            _require_process_group("ShardedPoissonSampler without rank and world_size")
+            rank, world_size = dist.get_rank(), dist.get_world_size()
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank must be in [0, world_size={world_size}), got {rank}")
+        if num_examples < world_size:
+            raise ValueError(
+                f"{num_examples} examples cannot be sharded over {world_size} processes; use fewer "
+                "processes or more data."
+            )
+        if generator is None:
+            generator = torch.Generator().manual_seed(int.from_bytes(os.urandom(8), "little"))
+        self.num_examples = num_examples
+        self.rank, self.world_size = rank, world_size
+        self.indices = torch.arange(rank, num_examples, world_size)
+        self._shard = PoissonBatchSampler(len(self.indices), sampling_rate, steps, generator)
+
+    @property
+    def sampling_rate(self) -> float:
+        """q, the probability that any one of the N examples is in a step's global batch."""
+        return self._shard.sampling_rate
+
+    @property
+    def expected_batch_size(self) -> float:
+        """q·N, the expected size of the global batch (all processes together)."""
+        return self.sampling_rate * self.num_examples
+
+    def __len__(self) -> int:
+        return len(self._shard)
+
+    def __iter__(self) -> Iterator[torch.Tensor]:
+        """Global indices (into the full data set) of this process's examples, step by step."""
+        for local in self._shard:
+            yield self.indices[local]
+
+
+class DistributedPrivateOptimizer(PrivateOptimizer):
+    """`PrivateOptimizer` whose step sums the clipped sums of all processes and adds one noise draw.
+
+    Every process's p.grad holds the clipped sum of its own examples (from `fxclip.transform`).
+    `add_noise_and_average` flattens them into one bucket (in float32, or float64 for float64
+    parameters), adds N(0, (sigma·C)²) on process `noise_rank` only, all-reduces the bucket by
+    sum, and divides by `expected_batch_size` (the expected *global* batch size q·N). Every process
+    ends with the same noisy average gradient, one noise draw in total, so the wrapped optimizers
+    take identical steps and the replicas stay equal (start them equal: `sync_parameters` or DDP).
+
+    Adding the noise before the all-reduce on one process, rather than after it, costs no second
+    collective; with secure_noise the draw comes from that process's OS randomness.
+    """
+
+    def __init__(self, optimizer: torch.optim.Optimizer, *, noise_rank: int = 0, group=None, **kwargs):
+        _require_process_group("DistributedPrivateOptimizer")
+        super().__init__(optimizer, **kwargs)
+        world = dist.get_world_size(group)
+        if not 0 <= noise_rank < world:
+            raise ValueError(f"noise_rank must be a rank of the group (0..{world - 1}), got {noise_rank}")
+        self.noise_rank = noise_rank
+        self.group = group
+
+    def add_noise_and_average(self) -> None:
+        """Replace each p.grad by (Σ over processes of the clipped sums + one N(0, (σC)²) draw) / (qN)."""
+        grads = self.clipped_sums()
+        if not grads:
+            return
+        dtype = torch.float64 if any(g.dtype == torch.float64 for g in grads) else torch.float32
+        bucket = torch.cat([g.reshape(-1).to(dtype) for g in grads])
+        if dist.get_rank(self.group) == self.noise_rank and self.noise_std > 0:
+            bucket += gaussian_noise(bucket, self.noise_std, secure=self.secure_noise, generator=self.generator)
+        dist.all_reduce(bucket, op=dist.ReduceOp.SUM, group=self.group)
+        bucket /= self.expected_batch_size
+        for p, flat in zip(self.params, bucket.split([g.numel() for g in grads])):
+            p.grad = flat.reshape(p.shape).to(p.dtype)
