@@ -27,6 +27,13 @@ from ..forms import Form
 from ..schema import argument_nodes
 
 
+def _by_name(arguments: Mapping[str, Any], name: str) -> Any:
+    """An argument by schema name; "indices.0" names element 0 of a list argument."""
+    base, _, item = name.partition(".")
+    value = arguments[base]
+    return value[int(item)] if item else value
+
+
 @dataclass
 class OpCall:
     """One call of a parameter-using op, as a rule sees it at run time."""
@@ -48,9 +55,7 @@ class OpCall:
 
     def __getitem__(self, name: str) -> Any:
         """Operand by schema name; "indices.0" names element 0 of a list operand."""
-        base, _, item = name.partition(".")
-        value = self.arguments[base]
-        return value[int(item)] if item else value
+        return _by_name(self.arguments, name)
 
     def examples(self, name: str) -> torch.Tensor:
         """Operand `name` as [B, <that example's entries>] (see `BatchAxis.split`)."""
@@ -77,16 +82,11 @@ class OpNode:
     def __getitem__(self, name: str) -> Any:
         """Argument by schema name ("indices.0": element 0 of a list): a constant, or a tensor
         operand's fake value."""
-        return _static(self._argument(name))
-
-    def _argument(self, name: str) -> Any:
-        base, _, item = name.partition(".")
-        value = self.arguments[base]
-        return value[int(item)] if item else value
+        return _static(_by_name(self.arguments, name))
 
     def batch_axis(self, name: str) -> Optional[BatchAxis]:
         """The batch axis of tensor operand `name`, None where it holds no batch."""
-        value = self._argument(name)
+        value = _by_name(self.arguments, name)
         return _first(value.meta.get("fxclip_batch_axis")) if isinstance(value, Node) else None
 
     @property
