@@ -74,8 +74,8 @@ def one_hot_rows_norm_sq(left: Factor, right: Factor, safe: bool = False) -> tor
     """‖G_i‖² for G_i = Lᵀ R with exactly one one-hot factor, G_i = Σ_t w_t e_{x_t} r_tᵀ (an
     embedding): the nonzero rows of G_i are Σ_{t: x_t = v} w_t r_t, one per distinct index v, so
     ‖G_i‖² = Σ_v ‖Σ_{t: x_t = v} w_t r_t‖². Sorting each example's indices numbers its distinct
-    ones; the rows are summed into those slots (at most T) and squared: T·k work and memory per
-    example, where the Gram products cost T²·k and the dense gradient k_L·k_R."""
+    ones; the rows are summed into those slots (at most T) and squared: work and memory linear in
+    T, with no Gram product and no dense gradient (`costs`)."""
     one_hot, dense = (left, right) if isinstance(left, OneHot) else (right, left)
     rows = accumulate(dense.values) * accumulate(one_hot.weight).unsqueeze(-1)  # [B, G, T, k]
     ordered, order = one_hot.index.sort(dim=-1)
