@@ -24,9 +24,7 @@ from torch.fx.node import map_arg
 
 from ..batch import BatchAxis
 from ..clipping import clip_factors
-from ..errors import NotCovered
 from ..forms import LinearForm, PerExampleGrad, choose_strategy, concatenated, cost_values, linear_forms_norm_sq, materialized_norm_sq
-from ..provenance import where
 from ..rules.registry import OpCall, fallback_rule
 from ..schema import argument_nodes, bind_arguments
 from .analyze import CAST_OPS
@@ -247,10 +245,7 @@ class StepProgram:
                 param_names=tuple(self.uses[i].operand for i in idx),
             )
             with phase("norms", [p for i in idx for p in self.uses[i].params]):
-                result = rule.fn(call)
-            if _complex(call) and any(isinstance(result[self.uses[i].operand], LinearForm) for i in idx):
-                # a complex gradient is g ⊗ conj(x): the factor forms' identities are written for real
-                raise NotCovered(f"{where(node)}: the {rule.name} rule's factor forms are for real tensors; this op is complex")
+                result = rule(call)
             for i in idx:
                 forms[i] = result[self.uses[i].operand]
         return forms
@@ -320,11 +315,9 @@ class StepProgram:
     def _separate_norm_sq(self, i: int, form, strategy: str, safe: bool) -> tuple[torch.Tensor, PlanEntry]:
         """Use i's squared norm term (its component is "separate": the terms add), and the entry
         for the plan."""
-        comp = self._component_of[i]
-        if isinstance(form, LinearForm):
-            chosen = choose_strategy([form], strategy, self.ctx.memory_budget)
-            return linear_forms_norm_sq([form], chosen, safe), PlanEntry(self.uses[i], comp, chosen, cost_values([form]))
-        return materialized_norm_sq(form.grads, safe), PlanEntry(self.uses[i], comp, self._materialized_label(i))
+        costs = form.costs()
+        chosen = choose_strategy([form], strategy, self.ctx.memory_budget) if costs else self._materialized_label(i)
+        return form.norm_sq(chosen, safe), PlanEntry(self.uses[i], self._component_of[i], chosen, costs or {})
 
     def _norm_sq(self, comp: Component, step: _StepState, plan: list, merged=None) -> torch.Tensor:
         ids, forms, strategy, safe = comp.ids, step.forms, step.strategy, step.safe
@@ -422,11 +415,6 @@ def _dense(x: torch.Tensor) -> torch.Tensor:
 
 def env_param(env: dict, node: Node) -> torch.Tensor:
     return env[node].detach()
-
-
-def _complex(call: OpCall) -> bool:
-    grads = call.grad if isinstance(call.grad, tuple) else (call.grad,)
-    return any(isinstance(v, torch.Tensor) and v.is_complex() for v in (*grads, *call.arguments.values()))
 
 
 def _first_axis(axis):
