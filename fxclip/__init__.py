@@ -8,11 +8,11 @@ from . import rules  # noqa: F401  (registers the built-in rules)
 from .api import PrivateStep, StepResult, transform
 from .errors import CaptureError, ExampleMixingError, FxclipError, NotCovered, VerificationError
 from .forms import Dense, LinearForm, OneHot, PerExampleGrad
-from .rules import OpCall, register_rule, unregister_rule
+from .rules import OpCall, OpNode, register_rule, unregister_rule
 from .whole_model import FallbackWarning
 
 __all__ = [
-    "transform", "PrivateStep", "StepResult", "register_rule", "unregister_rule", "OpCall",
+    "transform", "PrivateStep", "StepResult", "register_rule", "unregister_rule", "OpCall", "OpNode",
     "LinearForm", "PerExampleGrad", "Dense", "OneHot",
     "FxclipError", "CaptureError", "NotCovered", "ExampleMixingError", "VerificationError", "FallbackWarning",
 ]

@@ -17,9 +17,8 @@ import torch
 from .api import transform
 from .errors import FxclipError
 from .reference import any_per_example_grads, clipped_sum
+from .forms import STRATEGIES
 from .rules.registry import RULES
-
-STRATEGIES = ("ghost", "materialize")
 
 
 class _OneOp(torch.nn.Module):
@@ -80,7 +79,7 @@ def check_rule(
     strategies: Sequence[str] = STRATEGIES,
     seed: int = 0,
 ) -> RuleCheck:
-    """Check the rule registered for `op` against a reference, in float64.
+    """Check the rule registered last for `op` (the one tried first) against a reference, in float64.
 
     `example_args`: the op's arguments for a whole batch, positionally or by schema name; every
     tensor operand not in `param_names` is an activation with the batch in dim 0, and the op's
@@ -94,7 +93,8 @@ def check_rule(
     fxclip did not use the registered rule (it fell back, or another rule matched). Returns the
     errors found otherwise."""
     if op not in RULES:
-        raise FxclipError(f"no rule is registered for {op}; register one with @fxclip.register_rule({op}, params=...)")
+        raise FxclipError(f"no rule is registered for {op}; register one with fxclip.register_rule({op}, <operand>=fn)")
+    rule = RULES[op][0]
     arguments = {
         k: v.detach().to(torch.float64) if isinstance(v, torch.Tensor) and v.is_floating_point() else v
         for k, v in _bind(op, example_args).items()
@@ -122,11 +122,11 @@ def check_rule(
             p.grad = None
         result = t.step(inputs, targets)
         used = {entry.use.rule.name for entry in t.program.plan if entry.use.node.target == op}
-        if used != {RULES[op].name}:
+        if used != {rule.name}:
             raise AssertionError(
-                f"fxclip did not use the rule {RULES[op].name} ({RULES[op].source}) for {op}: it used "
-                f"{sorted(used) or 'nothing'}. Check that `params` in register_rule names {list(param_names)} "
-                "and that its extra_check accepts this call."
+                f"fxclip did not use the rule {rule.name} ({rule.source}) for {op}: it used "
+                f"{sorted(used) or 'nothing'}. Check that register_rule was given a function for each of "
+                f"{list(param_names)} and that its extra_check accepts this call."
             )
         scale = float(ref_norms.abs().max().clamp(min=1e-30))
         err = float((result.norms - ref_norms).abs().max()) / scale

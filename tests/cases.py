@@ -1,7 +1,8 @@
 """The table of models every rule and option is checked on (see test_rules_table.py).
 
-Each case is a small float64 model, a function making its inputs for a batch size, and the batch
-dim of each input. Names say which rule and option they cover."""
+Each case is a small float64 model, a function making its inputs for a batch size, the batch dim
+of each input, and the route its parameter uses must take. Names say which rule and option they
+cover."""
 
 from __future__ import annotations
 
@@ -16,17 +17,38 @@ import torch.nn.functional as F
 @dataclass
 class Case:
     name: str
+    # the routes of its parameter uses, space-separated: rule names, "fallback" (the per-op
+    # fallback), and "decomposed:<op>" for an aten op the graph must no longer hold (decompose
+    # wrote it out as the ops it runs, whose routes are listed beside it)
+    expect: str
     model: Callable[[], nn.Module]
     inputs: Callable[[int, torch.Generator], tuple]
     batch_dims: tuple = (0,)
 
 
-def randn(*shape):
-    return lambda b, g: (torch.randn(b, *shape, generator=g, dtype=torch.float64),)
+def randn(*shape, batch_dim: int = 0):
+    """Inputs [*shape] per example, the batch inserted at `batch_dim` (-1: last)."""
+
+    def make(b, g):
+        full = list(shape)
+        full.insert(len(full) if batch_dim == -1 else batch_dim, b)
+        return (torch.randn(*full, generator=g, dtype=torch.float64),)
+
+    return make
 
 
-def tokens(vocab, length):
-    return lambda b, g: (torch.randint(0, vocab, (b, length), generator=g),)
+def tokens(vocab, *shape, batch_dim: int = 0):
+    def make(b, g):
+        full = list(shape)
+        full.insert(batch_dim, b)
+        return (torch.randint(0, vocab, full, generator=g),)
+
+    return make
+
+
+def inputs(*makers):
+    """Several inputs, each from its own maker, in order."""
+    return lambda b, g: sum((make(b, g) for make in makers), ())
 
 
 class Lambda(nn.Module):
@@ -335,9 +357,176 @@ class WritesWithOut(nn.Module):
         return self.lin(x) * mask[:, :6] * squashed
 
 
+class TransposedElementwiseUse(nn.Module):
+    """One parameter used whole as x * W and as x * Wᵀ: per-example gradients of a shared
+    parameter, one of them seen through a transpose."""
+
+    def __init__(self):
+        super().__init__()
+        self.w = P(4, 4)
+        self.fc = nn.Linear(4, 3)
+
+    def forward(self, x):
+        return self.fc(x * self.w.t() + x * self.w)
+
+
+class BatchedMatmul(nn.Module):
+    """torch.bmm with a [3, ·, ·] parameter on either side, the batch in the activation's rows."""
+
+    def __init__(self, param_left: bool):
+        super().__init__()
+        self.param_left = param_left
+        self.w = P(3, 2, 4) if param_left else P(3, 4, 2)
+
+    def forward(self, x):  # [B, 3, 4]
+        if self.param_left:
+            return torch.bmm(self.w, x.permute(1, 2, 0)).permute(2, 0, 1)
+        return torch.bmm(x.transpose(0, 1), self.w).transpose(0, 1)
+
+
+class IndexedBias(nn.Module):
+    """A vector parameter indexed by the tokens (a per-token bias b[x]) beside an embedding."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb, self.lin, self.bias = nn.Embedding(6, 4), nn.Linear(4, 2), P(6)
+
+    def forward(self, x):
+        return self.lin(self.emb(x).mean(1)) + self.bias[x].sum(1, keepdim=True)
+
+
+class IndexedMatrices(nn.Module):
+    """A table of matrices indexed by the tokens, each applied to a vector of the example's."""
+
+    def __init__(self):
+        super().__init__()
+        self.w = P(5, 3, 2)
+
+    def forward(self, x, v):
+        return torch.tanh(self.w[x] @ v.unsqueeze(-1)).flatten(1)
+
+
+class BagsPerExample(nn.Module):
+    """Several bags per example, [B, bags, T] folded into the bag's 2-D input."""
+
+    def __init__(self, mode: str):
+        super().__init__()
+        self.bag = nn.EmbeddingBag(6, 3, mode=mode, dtype=torch.float64)
+
+    def forward(self, x):
+        return self.bag(x.flatten(0, 1)).unflatten(0, (x.shape[0], -1))
+
+
+class WeightedBags(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.bag = nn.EmbeddingBag(6, 3, mode="sum", dtype=torch.float64)
+
+    def forward(self, x, weights):
+        return self.bag(x, per_sample_weights=weights)
+
+
+def padding_only_bag(b, g):
+    """Bags of 4 tokens of 5, example 1's (when there is one) padding (token 0) only."""
+    return (torch.randint(0, 5, (b, 4), generator=g).index_fill(0, torch.arange(1, min(b, 2)), 0),)
+
+
+class Temperature(nn.Module):
+    """Logits divided by a 0-dim parameter."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(4, 3)
+        self.temperature = nn.Parameter(torch.tensor(1.5, dtype=torch.float64))
+
+    def forward(self, x):
+        return self.lin(x) / self.temperature
+
+
+class ShiftAndScale(nn.Module):
+    """A raw bias subtracted and a raw scale divided by."""
+
+    def __init__(self):
+        super().__init__()
+        self.b = P(5)
+        self.d = nn.Parameter(torch.rand(5, dtype=torch.float64) + 1)
+
+    def forward(self, x):
+        return torch.tanh(x - self.b) / self.d
+
+
+class IndexWithinExamples(nn.Module):
+    """Advanced indexing that picks entries within each example (batch index arange(B))."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(4, 3)
+
+    def forward(self, x):
+        return self.lin(x)[torch.arange(x.shape[0])[:, None], torch.tensor([[0, 2]])]
+
+
+class TwoInputs(nn.Module):
+    """Two inputs, the second with its batch in dim 1."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(3, 4), nn.Linear(2, 4)
+
+    def forward(self, x, y):
+        return self.a(x) * self.b(y.T)
+
+
+class SeqFirstPositionalTable(nn.Module):
+    """A [T, 1, d] positional table and a scale on (T, B, d) input."""
+
+    def __init__(self):
+        super().__init__()
+        self.pos, self.scale = P(5, 1, 3), P(3)
+
+    def forward(self, x):
+        return torch.tanh(x * self.scale + self.pos).transpose(0, 1)
+
+
+class AdaptiveLogSoftmax(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.asm = nn.AdaptiveLogSoftmaxWithLoss(6, 10, cutoffs=[3, 6], div_value=2.0)
+
+    def forward(self, x):
+        return self.asm.log_prob(x)
+
+
+class Bilinear(nn.Module):
+    """nn.Bilinear of the input and its reverse; `seq_first`: (T, B, d) input, mean over T."""
+
+    def __init__(self, seq_first: bool = False):
+        super().__init__()
+        self.seq_first = seq_first
+        self.bil = nn.Bilinear(4, 4, 3)
+
+    def forward(self, x):
+        out = self.bil(x, x.flip(-1))
+        return out.mean(0) if self.seq_first else out
+
+
+class ComplexLinear(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(4, 3, dtype=torch.complex128)
+
+    def forward(self, x):
+        return self.lin(torch.complex(x[:, :4], x[:, 4:])).abs()
+
+
 def conv(dim, **kw):
     cls = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}[dim]
     return lambda: nn.Sequential(cls(**kw), nn.Flatten(), nn.Tanh())
+
+
+def conv_transpose(dim, *args, **kw):
+    cls = {1: nn.ConvTranspose1d, 2: nn.ConvTranspose2d, 3: nn.ConvTranspose3d}[dim]
+    return lambda: nn.Sequential(cls(*args, **kw), nn.Flatten(), nn.Tanh())
 
 
 def conv_input(dim, channels, side):
@@ -346,111 +535,119 @@ def conv_input(dim, channels, side):
 
 CASES = [
     # linear family
-    Case("linear", lambda: nn.Linear(5, 3), randn(5)),
-    Case("linear_leading_dims", lambda: nn.Linear(5, 3), randn(4, 2, 5)),
-    Case("linear_no_bias", lambda: nn.Linear(5, 3, bias=False), randn(4, 5)),
-    Case("matmul_param_right", lambda: Lambda(lambda s, x: x @ s.w, w=P(5, 3)), randn(4, 5)),
-    Case("matmul_param_left", lambda: Lambda(lambda s, x: s.w @ x, w=P(3, 4)), randn(4, 2)),
-    Case("matmul_vector_param_right", lambda: Lambda(lambda s, x: torch.softmax(x @ s.v, 1), v=P(4)), randn(3, 4)),
-    Case("matmul_vector_param_left", lambda: Lambda(lambda s, x: torch.tanh(s.v @ x), v=P(4)), randn(4, 3)),
-    Case("matmul_vector_param_seq_first", lambda: Lambda(lambda s, x: torch.tanh(x @ s.v).T, v=P(4)),
-         lambda b, g: (torch.randn(3, b, 4, generator=g, dtype=torch.float64),), (1,)),
-    Case("mm", lambda: Lambda(lambda s, x: torch.mm(x, s.w), w=P(5, 3)), randn(5)),
-    Case("bmm_param_right", lambda: Lambda(lambda s, x: torch.bmm(x.transpose(0, 1), s.w).transpose(0, 1), w=P(3, 4, 2)), randn(3, 4)),
-    Case("bmm_param_left", lambda: Lambda(lambda s, x: torch.bmm(s.w, x.permute(1, 2, 0)).permute(2, 0, 1), w=P(3, 2, 4)), randn(3, 4)),
-    Case("addmm", lambda: Lambda(lambda s, x: torch.addmm(s.b, x, s.w, beta=0.5, alpha=2.0), w=P(5, 3), b=P(3)), randn(5)),
+    Case("linear", "linear", lambda: nn.Linear(5, 3), randn(5)),
+    Case("linear_leading_dims", "linear", lambda: nn.Linear(5, 3), randn(4, 2, 5)),
+    Case("linear_no_bias", "linear", lambda: nn.Linear(5, 3, bias=False), randn(4, 5)),
+    Case("matmul_param_right", "matmul", lambda: Lambda(lambda s, x: x @ s.w, w=P(5, 3)), randn(4, 5)),
+    Case("matmul_param_left", "matmul", lambda: Lambda(lambda s, x: s.w @ x, w=P(3, 4)), randn(4, 2)),
+    Case("matmul_vector_param_right", "matmul", lambda: Lambda(lambda s, x: torch.softmax(x @ s.v, 1), v=P(4)), randn(3, 4)),
+    Case("matmul_vector_param_left", "matmul", lambda: Lambda(lambda s, x: torch.tanh(s.v @ x), v=P(4)), randn(4, 3)),
+    Case("matmul_vector_param_seq_first", "matmul", lambda: Lambda(lambda s, x: torch.tanh(x @ s.v).T, v=P(4)),
+         randn(3, 4, batch_dim=1), (1,)),
+    Case("mm", "matmul", lambda: Lambda(lambda s, x: torch.mm(x, s.w), w=P(5, 3)), randn(5)),
+    Case("bmm_param_right", "bmm", lambda: BatchedMatmul(param_left=False), randn(3, 4)),
+    Case("bmm_param_left", "bmm", lambda: BatchedMatmul(param_left=True), randn(3, 4)),
+    Case("addmm", "addmm", lambda: Lambda(lambda s, x: torch.addmm(s.b, x, s.w, beta=0.5, alpha=2.0), w=P(5, 3), b=P(3)), randn(5)),
     # composite ops without a rule are written as the ops they run (einsum: permutes and a bmm)
-    Case("einsum", lambda: Lambda(lambda s, x: torch.einsum("btj,jk->btk", x, s.w), w=P(4, 3)), randn(5, 4)),
-    Case("einsum_three_operands", lambda: Lambda(lambda s, x: torch.einsum("bi,oij,bj->bo", x, s.w, x), w=P(3, 4, 4)), randn(4)),
+    Case("einsum", "decomposed:einsum bmm",
+         lambda: Lambda(lambda s, x: torch.einsum("btj,jk->btk", x, s.w), w=P(4, 3)), randn(5, 4)),
+    Case("einsum_three_operands", "decomposed:einsum bmm",
+         lambda: Lambda(lambda s, x: torch.einsum("bi,oij,bj->bo", x, s.w, x), w=P(3, 4, 4)), randn(4)),
     # convolutions
-    Case("conv1d", conv(1, in_channels=3, out_channels=4, kernel_size=3, stride=2, padding=1), conv_input(1, 3, 9)),
-    Case("conv2d", conv(2, in_channels=3, out_channels=4, kernel_size=3), conv_input(2, 3, 6)),
-    Case("conv2d_stride_pad_tuple", conv(2, in_channels=2, out_channels=3, kernel_size=(3, 2), stride=(2, 1), padding=(1, 2)), conv_input(2, 2, 7)),
-    Case("conv2d_same_even_kernel", conv(2, in_channels=2, out_channels=3, kernel_size=4, padding="same", dilation=2), conv_input(2, 2, 7)),
-    Case("conv2d_valid", conv(2, in_channels=2, out_channels=3, kernel_size=2, padding="valid", bias=False), conv_input(2, 2, 5)),
-    Case("conv2d_dilation", conv(2, in_channels=2, out_channels=2, kernel_size=3, dilation=2, padding=2), conv_input(2, 2, 7)),
-    Case("conv2d_groups", conv(2, in_channels=4, out_channels=6, kernel_size=3, groups=2, padding=1), conv_input(2, 4, 5)),
-    Case("conv2d_depthwise", conv(2, in_channels=3, out_channels=6, kernel_size=3, groups=3), conv_input(2, 3, 5)),
-    Case("conv2d_reflect", conv(2, in_channels=2, out_channels=2, kernel_size=3, padding=1, padding_mode="reflect"), conv_input(2, 2, 5)),
-    Case("conv_transpose1d_groups_dilation", lambda: nn.Sequential(nn.ConvTranspose1d(4, 6, 3, stride=2, groups=2, dilation=2), nn.Flatten(), nn.Tanh()), conv_input(1, 4, 5)),
-    Case("conv_transpose2d_output_padding", lambda: nn.Sequential(nn.ConvTranspose2d(2, 3, 3, stride=2, padding=1, output_padding=1), nn.Flatten(), nn.Tanh()), conv_input(2, 2, 4)),
+    Case("conv1d", "conv", conv(1, in_channels=3, out_channels=4, kernel_size=3, stride=2, padding=1), conv_input(1, 3, 9)),
+    Case("conv2d", "conv", conv(2, in_channels=3, out_channels=4, kernel_size=3), conv_input(2, 3, 6)),
+    Case("conv2d_stride_pad_tuple", "conv",
+         conv(2, in_channels=2, out_channels=3, kernel_size=(3, 2), stride=(2, 1), padding=(1, 2)), conv_input(2, 2, 7)),
+    Case("conv2d_same_even_kernel", "conv",
+         conv(2, in_channels=2, out_channels=3, kernel_size=4, padding="same", dilation=2), conv_input(2, 2, 7)),
+    Case("conv2d_valid", "conv", conv(2, in_channels=2, out_channels=3, kernel_size=2, padding="valid", bias=False), conv_input(2, 2, 5)),
+    Case("conv2d_dilation", "conv", conv(2, in_channels=2, out_channels=2, kernel_size=3, dilation=2, padding=2), conv_input(2, 2, 7)),
+    Case("conv2d_groups", "conv", conv(2, in_channels=4, out_channels=6, kernel_size=3, groups=2, padding=1), conv_input(2, 4, 5)),
+    Case("conv2d_depthwise", "conv", conv(2, in_channels=3, out_channels=6, kernel_size=3, groups=3), conv_input(2, 3, 5)),
+    Case("conv2d_reflect", "conv",
+         conv(2, in_channels=2, out_channels=2, kernel_size=3, padding=1, padding_mode="reflect"), conv_input(2, 2, 5)),
+    Case("conv_transpose1d_groups_dilation", "conv_transpose",
+         conv_transpose(1, 4, 6, 3, stride=2, groups=2, dilation=2), conv_input(1, 4, 5)),
+    Case("conv_transpose2d_output_padding", "conv_transpose",
+         conv_transpose(2, 2, 3, 3, stride=2, padding=1, output_padding=1), conv_input(2, 2, 4)),
     # output_padding at or above the stride (allowed below the dilation)
-    Case("conv_transpose1d_output_padding_over_stride", lambda: nn.Sequential(nn.ConvTranspose1d(2, 3, 2, padding=1, output_padding=1, dilation=2), nn.Flatten(), nn.Tanh()), conv_input(1, 2, 4)),
-    Case("conv_transpose2d_output_padding_over_stride", lambda: nn.Sequential(nn.ConvTranspose2d(4, 2, 2, stride=(2, 1), output_padding=(2, 1), dilation=(3, 2), groups=2), nn.Flatten(), nn.Tanh()), conv_input(2, 4, 3)),
-    Case("conv_transpose2d_no_bias", lambda: nn.Sequential(nn.ConvTranspose2d(2, 3, (2, 3), stride=(1, 2), bias=False), nn.Flatten(), nn.Tanh()), conv_input(2, 2, 3)),
-    Case("conv_transpose3d", lambda: nn.Sequential(nn.ConvTranspose3d(2, 2, 2, stride=2), nn.Flatten(), nn.Tanh()), conv_input(3, 2, 2)),
-    Case("conv3d", conv(3, in_channels=2, out_channels=3, kernel_size=2, stride=(1, 2, 1), padding=1), conv_input(3, 2, 4)),
+    Case("conv_transpose1d_output_padding_over_stride", "conv_transpose",
+         conv_transpose(1, 2, 3, 2, padding=1, output_padding=1, dilation=2), conv_input(1, 2, 4)),
+    Case("conv_transpose2d_output_padding_over_stride", "conv_transpose",
+         conv_transpose(2, 4, 2, 2, stride=(2, 1), output_padding=(2, 1), dilation=(3, 2), groups=2), conv_input(2, 4, 3)),
+    Case("conv_transpose2d_no_bias", "conv_transpose", conv_transpose(2, 2, 3, (2, 3), stride=(1, 2), bias=False), conv_input(2, 2, 3)),
+    Case("conv_transpose3d", "conv_transpose", conv_transpose(3, 2, 2, 2, stride=2), conv_input(3, 2, 2)),
+    Case("conv3d", "conv", conv(3, in_channels=2, out_channels=3, kernel_size=2, stride=(1, 2, 1), padding=1), conv_input(3, 2, 4)),
     # embeddings
-    Case("embedding", lambda: nn.Embedding(7, 4), tokens(7, 6)),
-    Case("embedding_padding_idx", lambda: nn.Embedding(5, 4, padding_idx=0), tokens(5, 8)),
-    Case("index_rows", lambda: Lambda(lambda s, x: s.w[x], w=P(6, 3)), tokens(6, 5)),
-    Case("index_rows_vector", lambda: Lambda(lambda s, x: s.lin(s.emb(x).mean(1)) + s.bias[x].sum(1, keepdim=True), emb=nn.Embedding(6, 4), lin=nn.Linear(4, 2), bias=P(6)), tokens(6, 5)),
-    Case("index_rows_of_matrices", lambda: Lambda(lambda s, x, v: torch.tanh(s.w[x] @ v.unsqueeze(-1)).flatten(1), w=P(5, 3, 2)),
-         lambda b, g: (torch.randint(0, 5, (b, 4), generator=g), torch.randn(b, 4, 2, generator=g, dtype=torch.float64)), (0, 0)),
-    Case("embedding_bag_mean_padding", lambda: nn.EmbeddingBag(5, 4, mode="mean", padding_idx=0, dtype=torch.float64), tokens(5, 8)),
-    Case("embedding_bag_max_padding", lambda: nn.EmbeddingBag(5, 4, mode="max", padding_idx=0, dtype=torch.float64),
-         lambda b, g: (torch.randint(0, 5, (b, 4), generator=g).index_fill(0, torch.arange(1, min(b, 2)), 0),)),  # example 1: padding only
-    Case("embedding_bag_max_bags_per_example", lambda: Lambda(lambda s, x: s.bag(x.flatten(0, 1)).unflatten(0, (x.shape[0], -1)), bag=nn.EmbeddingBag(6, 3, mode="max", dtype=torch.float64)), lambda b, g: (torch.randint(0, 6, (b, 3, 2), generator=g),)),
-    Case("embedding_bag_sum_weights", lambda: Lambda(lambda s, x, w: s.bag(x, per_sample_weights=w), bag=nn.EmbeddingBag(6, 3, mode="sum", dtype=torch.float64)),
-         lambda b, g: (torch.randint(0, 6, (b, 5), generator=g), torch.randn(b, 5, generator=g, dtype=torch.float64)), (0, 0)),
-    Case("embedding_bag_bags_per_example", lambda: Lambda(lambda s, x: s.bag(x.flatten(0, 1)).unflatten(0, (x.shape[0], -1)), bag=nn.EmbeddingBag(6, 3, dtype=torch.float64)), lambda b, g: (torch.randint(0, 6, (b, 3, 4), generator=g),)),
-    Case("position_ids_broadcast", PositionIds, tokens(13, 9)),
+    Case("embedding", "embedding", lambda: nn.Embedding(7, 4), tokens(7, 6)),
+    Case("embedding_padding_idx", "embedding", lambda: nn.Embedding(5, 4, padding_idx=0), tokens(5, 8)),
+    Case("index_rows", "index_rows", lambda: Lambda(lambda s, x: s.w[x], w=P(6, 3)), tokens(6, 5)),
+    Case("index_rows_vector", "embedding index_rows linear", IndexedBias, tokens(6, 5)),
+    Case("index_rows_of_matrices", "index_rows", IndexedMatrices, inputs(tokens(5, 4), randn(4, 2)), (0, 0)),
+    Case("embedding_bag_mean_padding", "embedding_bag",
+         lambda: nn.EmbeddingBag(5, 4, mode="mean", padding_idx=0, dtype=torch.float64), tokens(5, 8)),
+    Case("embedding_bag_max_padding", "embedding_bag",
+         lambda: nn.EmbeddingBag(5, 4, mode="max", padding_idx=0, dtype=torch.float64), padding_only_bag),
+    Case("embedding_bag_max_bags_per_example", "embedding_bag", lambda: BagsPerExample("max"), tokens(6, 3, 2)),
+    Case("embedding_bag_sum_weights", "embedding_bag", WeightedBags, inputs(tokens(6, 5), randn(5)), (0, 0)),
+    Case("embedding_bag_bags_per_example", "embedding_bag", lambda: BagsPerExample("mean"), tokens(6, 3, 4)),
+    Case("position_ids_broadcast", "add embedding", PositionIds, tokens(13, 9)),
     # normalization
-    Case("layer_norm", lambda: nn.Sequential(nn.Linear(4, 6), nn.LayerNorm(6)), randn(3, 4)),
-    Case("group_norm", lambda: nn.Sequential(nn.Conv2d(2, 4, 3), nn.GroupNorm(2, 4)), conv_input(2, 2, 5)),
+    Case("layer_norm", "layer_norm linear", lambda: nn.Sequential(nn.Linear(4, 6), nn.LayerNorm(6)), randn(3, 4)),
+    Case("group_norm", "conv group_norm", lambda: nn.Sequential(nn.Conv2d(2, 4, 3), nn.GroupNorm(2, 4)), conv_input(2, 2, 5)),
     # channels last moved to dim 1: [B, L, C] -> [B, C, L] is not dense in any layout the kernel takes
-    Case("group_norm_moved_channels", lambda: Lambda(lambda s, x: s.norm(torch.tanh(x.movedim(-1, 1))), norm=nn.GroupNorm(3, 3)), randn(4, 3)),
-    Case("instance_norm", lambda: nn.Sequential(nn.Conv1d(2, 3, 2), nn.InstanceNorm1d(3, affine=True)), conv_input(1, 2, 6)),
-    Case("rms_norm", lambda: nn.Sequential(nn.Linear(4, 6), nn.RMSNorm(6)), randn(3, 4)),
-    Case("batch_norm_eval", lambda: nn.Sequential(nn.Conv2d(2, 3, 2), nn.BatchNorm2d(3)).eval(), conv_input(2, 2, 4)),
+    Case("group_norm_moved_channels", "group_norm",
+         lambda: Lambda(lambda s, x: s.norm(torch.tanh(x.movedim(-1, 1))), norm=nn.GroupNorm(3, 3)), randn(4, 3)),
+    Case("instance_norm", "conv instance_norm",
+         lambda: nn.Sequential(nn.Conv1d(2, 3, 2), nn.InstanceNorm1d(3, affine=True)), conv_input(1, 2, 6)),
+    Case("rms_norm", "linear rms_norm", lambda: nn.Sequential(nn.Linear(4, 6), nn.RMSNorm(6)), randn(3, 4)),
+    Case("batch_norm_eval", "batch_norm_eval conv",
+         lambda: nn.Sequential(nn.Conv2d(2, 3, 2), nn.BatchNorm2d(3)).eval(), conv_input(2, 2, 4)),
     # parameters entering by broadcasting
-    Case("layer_scale", lambda: Lambda(lambda s, x: x * s.gamma, gamma=P(5)), randn(3, 5)),
-    Case("hand_rms_norm", lambda: nn.Sequential(nn.Linear(4, 6), HandRMSNorm()), randn(3, 4)),
-    Case("scalar_parameter", lambda: Lambda(lambda s, x: s.lin(x) / s.temperature, lin=nn.Linear(4, 3), temperature=nn.Parameter(torch.tensor(1.5, dtype=torch.float64))), randn(4)),
-    Case("raw_bias", lambda: Lambda(lambda s, x: torch.tanh(x - s.b) / s.d, b=P(5), d=nn.Parameter(torch.rand(5, dtype=torch.float64) + 1)), randn(3, 5)),
-    Case("positional_table", lambda: Lambda(lambda s, x: torch.tanh(x + s.pos), pos=P(3, 5)), randn(3, 5)),
-    Case("class_token", ClassToken, randn(2, 3)),
-    Case("relative_position_table", RelativePositionBias, randn(4, 4)),
+    Case("layer_scale", "mul", lambda: Lambda(lambda s, x: x * s.gamma, gamma=P(5)), randn(3, 5)),
+    Case("hand_rms_norm", "linear mul", lambda: nn.Sequential(nn.Linear(4, 6), HandRMSNorm()), randn(3, 4)),
+    Case("scalar_parameter", "div linear", Temperature, randn(4)),
+    Case("raw_bias", "div sub", ShiftAndScale, randn(3, 5)),
+    Case("positional_table", "add", lambda: Lambda(lambda s, x: torch.tanh(x + s.pos), pos=P(3, 5)), randn(3, 5)),
+    Case("class_token", "expand linear", ClassToken, randn(2, 3)),
+    Case("relative_position_table", "add", RelativePositionBias, randn(4, 4)),
     # parameters gradients do not reach: detached, or used under torch.no_grad()
-    Case("detached_parameter", lambda: Lambda(lambda s, x: s.lin(x) * s.g.detach() + s.g, lin=nn.Linear(4, 3), g=P(3)), randn(4)),
-    Case("no_grad_region", FrozenUnderNoGrad, randn(4)),
+    Case("detached_parameter", "add linear",
+         lambda: Lambda(lambda s, x: s.lin(x) * s.g.detach() + s.g, lin=nn.Linear(4, 3), g=P(3)), randn(4)),
+    Case("no_grad_region", "linear", FrozenUnderNoGrad, randn(4)),
     # shared, sliced and computed parameters
-    Case("module_twice", TwiceApplied, randn(6)),
-    Case("tied_embedding_output", TiedLM, tokens(11, 7)),
-    Case("registered_twice", RegisteredTwice, randn(4)),
-    Case("index_within_examples", lambda: Lambda(lambda s, x: s.lin(x)[torch.arange(x.shape[0])[:, None], torch.tensor([[0, 2]])], lin=nn.Linear(4, 3)), randn(4)),
-    Case("disjoint_slices", Slices, randn(5)),
-    Case("overlapping_slices", OverlappingSlices, randn(5)),
-    Case("transposed_use", TransposedUse, randn(3, 5)),
-    Case("weight_norm_chain", WeightNormLinear, randn(5)),
-    Case("weight_norm_parametrization", lambda: nn.utils.parametrizations.weight_norm(nn.Linear(5, 3)), randn(5)),
+    Case("module_twice", "linear", TwiceApplied, randn(6)),
+    Case("tied_embedding_output", "add embedding linear", TiedLM, tokens(11, 7)),
+    Case("registered_twice", "linear matmul", RegisteredTwice, randn(4)),
+    Case("index_within_examples", "linear", IndexWithinExamples, randn(4)),
+    Case("disjoint_slices", "linear", Slices, randn(5)),
+    Case("overlapping_slices", "linear", OverlappingSlices, randn(5)),
+    Case("transposed_use", "linear matmul", TransposedUse, randn(3, 5)),
+    Case("transposed_elementwise_use", "linear mul", TransposedElementwiseUse, randn(4, 4)),
+    Case("weight_norm_chain", "linear", WeightNormLinear, randn(5)),
+    Case("weight_norm_parametrization", "decomposed:_weight_norm linear",
+         lambda: nn.utils.parametrizations.weight_norm(nn.Linear(5, 3)), randn(5)),
     # layouts
-    Case("seq_first_flattened", SeqFirst, lambda b, g: (torch.randn(5, b, 4, generator=g, dtype=torch.float64),), (1,)),
-    Case("two_inputs_batch_in_dim1", lambda: Lambda(lambda s, x, y: s.a(x) * s.b(y.T), a=nn.Linear(3, 4), b=nn.Linear(2, 4)),
-         lambda b, g: (torch.randn(b, 3, generator=g, dtype=torch.float64), torch.randn(2, b, generator=g, dtype=torch.float64)), (0, 1)),
-    Case("seq_first_positional_table", lambda: Lambda(lambda s, x: torch.tanh(x * s.scale + s.pos).transpose(0, 1), pos=P(5, 1, 3), scale=P(3)),
-         lambda b, g: (torch.randn(5, b, 3, generator=g, dtype=torch.float64),), (1,)),
-    Case("frames_folded_into_conv_batch", Frames, randn(3, 2, 4, 4)),
-    Case("batch_dim_negative", lambda: Lambda(lambda s, x: torch.tanh(s.w @ x).T, w=P(3, 4)),
-         lambda b, g: (torch.randn(4, b, generator=g, dtype=torch.float64),), (-1,)),
-    Case("seq_first_embedding", SeqFirstEmbedding, lambda b, g: (torch.randint(0, 9, (6, b), generator=g),), (1,)),
+    Case("seq_first_flattened", "linear", SeqFirst, randn(5, 4, batch_dim=1), (1,)),
+    Case("two_inputs_batch_in_dim1", "linear", TwoInputs, inputs(randn(3), randn(2, batch_dim=1)), (0, 1)),
+    Case("seq_first_positional_table", "add mul", SeqFirstPositionalTable, randn(5, 3, batch_dim=1), (1,)),
+    Case("frames_folded_into_conv_batch", "conv group_norm", Frames, randn(3, 2, 4, 4)),
+    Case("batch_dim_negative", "matmul", lambda: Lambda(lambda s, x: torch.tanh(s.w @ x).T, w=P(3, 4)), randn(4, batch_dim=-1), (-1,)),
+    Case("seq_first_embedding", "embedding linear", SeqFirstEmbedding, tokens(9, 6, batch_dim=1), (1,)),
     # in-place writes into tensors the forward made (functionalize)
-    Case("filled_buffer", FilledBuffer, randn(3, 3)),
-    Case("writes_through_views", WritesThroughViews, randn(4)),
-    Case("writes_into_pieces", WritesIntoPieces, randn(6)),
-    Case("writes_into_copies", WritesIntoCopies, randn(6)),
-    Case("adaptive_log_softmax", lambda: Lambda(lambda s, x: s.asm.log_prob(x), asm=nn.AdaptiveLogSoftmaxWithLoss(6, 10, cutoffs=[3, 6], div_value=2.0)), randn(6)),
+    Case("filled_buffer", "decomposed:gru_cell linear", FilledBuffer, randn(3, 3)),
+    Case("writes_through_views", "linear", WritesThroughViews, randn(4)),
+    Case("writes_into_pieces", "linear", WritesIntoPieces, randn(6)),
+    Case("writes_into_copies", "linear", WritesIntoCopies, randn(6)),
+    Case("adaptive_log_softmax", "linear", AdaptiveLogSoftmax, randn(6)),
     # complex values (gradients are g ⊙ conj(∂z/∂·))
-    Case("complex_spectral_filter", SpectralFilter, randn(8)),
-    Case("complex_from_real_pair", ComplexFromRealPair, randn(8)),
-    # the fallback (ops no rule covers)
-    Case("fallback_prelu", lambda: nn.Sequential(nn.Linear(4, 5), nn.PReLU(5)), randn(4)),
-    Case("fallback_bilinear_seq_first", lambda: Lambda(lambda s, x: s.bil(x, x.flip(-1)).mean(0), bil=nn.Bilinear(4, 4, 3)),
-         lambda b, g: (torch.randn(3, b, 4, generator=g, dtype=torch.float64),), (1,)),
-    Case("fallback_complex_linear", lambda: Lambda(lambda s, x: s.lin(torch.complex(x[:, :4], x[:, 4:])).abs(), lin=nn.Linear(4, 3, dtype=torch.complex128)), randn(8)),
+    Case("complex_spectral_filter", "div mul", SpectralFilter, randn(8)),
+    Case("complex_from_real_pair", "div mul", ComplexFromRealPair, randn(8)),
+    # the fallback (ops no rule covers; the factor forms' rules leave complex values to it)
+    Case("fallback_prelu", "decomposed:prelu fallback linear", lambda: nn.Sequential(nn.Linear(4, 5), nn.PReLU(5)), randn(4)),
+    Case("fallback_bilinear_seq_first", "decomposed:bilinear add fallback", lambda: Bilinear(seq_first=True), randn(3, 4, batch_dim=1), (1,)),
+    Case("fallback_complex_linear", "fallback", ComplexLinear, randn(8)),
     # a stack of matrices broadcast against the activation: [B, D] @ [k, D, E] -> [k, B, E]
-    Case("fallback_matmul_param_stack", lambda: Lambda(lambda s, x: (x @ s.w).transpose(0, 1), w=P(2, 4, 3)), randn(4)),
-    Case("fallback_bilinear", lambda: Lambda(lambda s, x: s.bil(x, x.flip(-1)), bil=nn.Bilinear(4, 4, 3)), randn(4)),
+    Case("fallback_matmul_param_stack", "fallback", lambda: Lambda(lambda s, x: (x @ s.w).transpose(0, 1), w=P(2, 4, 3)), randn(4)),
+    Case("fallback_bilinear", "decomposed:bilinear add fallback", Bilinear, randn(4)),
 ]
-
-FALLBACK_CASES = {c.name for c in CASES if c.name.startswith("fallback_")}

@@ -31,6 +31,11 @@ def mean_loss(out, target):
     return ((out - target) ** 2).flatten(1).mean(1)
 
 
+def ce(out, y):
+    """Per-example cross entropy (one loss per example, as fxclip needs)."""
+    return torch.nn.functional.cross_entropy(out, y, reduction="none")
+
+
 def targets_for(model, inputs, batch_dims, generator):
     """Regression targets shaped like the model's output, batch first."""
     with torch.no_grad():

@@ -1,12 +1,19 @@
 """The forms in isolation: ghost and materialize agree with an explicit per-example gradient."""
 
+import pathlib
+import re
+
 import pytest
+import sympy
 import torch
 
 from fxclip.forms import (
+    MEMORY_COST,
     Dense,
+    Form,
     LinearForm,
     OneHot,
+    PerExampleGrad,
     choose_strategy,
     cost_formulas,
     cost_values,
@@ -140,3 +147,28 @@ def test_safe_materialized_norms_do_not_overflow():
     assert torch.isinf(materialized_norm_sq(grads)[0])
     expected = torch.tensor([25e40, 0.0, 1e-60], dtype=torch.float64)
     torch.testing.assert_close(materialized_norm_sq(grads, safe=True), expected, rtol=1e-6, atol=0)
+
+
+def test_every_form_is_a_form_and_transposes():
+    """emit takes a transposed use's form through `transposed()`, whichever form a rule returned."""
+    gen = torch.Generator().manual_seed(6)
+    linear = LinearForm(factor("dense", 2, 1, 3, 4, gen), factor("dense", 2, 1, 3, 5, gen), torch.Size([4, 5]))
+    grads = PerExampleGrad(linear.materialize())
+    for form in (linear, grads):
+        assert isinstance(form, Form)
+        torch.testing.assert_close(form.transposed().materialize(), form.materialize().transpose(-1, -2))
+    assert grads.costs() is None and set(linear.costs()["flops"]) == {"ghost", "materialize"}
+
+
+def test_docs_quote_the_cost_formulas():
+    """docs/rules.md's table of costs is `costs`' own statement, not a copy that drifts."""
+    text = (pathlib.Path(__file__).resolve().parents[1] / "docs" / "rules.md").read_text()
+    gen = torch.Generator().manual_seed(7)
+    rows = {"dense, dense": "dense", "one-hot, dense (an embedding)": "onehot"}
+    for label, left_kind in rows.items():
+        ghost, materialize = re.search(rf"\| {re.escape(label)} \| `(.+?)` \| `(.+?)` \|", text).groups()
+        form = LinearForm(factor(left_kind, 1, 1, 2, 3, gen), factor("dense", 1, 1, 2, 3, gen), torch.Size([3, 3]))
+        for quoted, formula in ((ghost, cost_formulas([form])["ghost"]), (materialize, cost_formulas([form])["materialize"])):
+            parsed = sympy.sympify(quoted.replace("·", "*").replace("²", "**2"), locals={s.name: s for s in formula.free_symbols})
+            assert sympy.simplify(parsed - formula) == 0, (label, quoted, formula)
+    assert f"`MEMORY_COST` ({MEMORY_COST})" in text

@@ -5,24 +5,54 @@ import torch
 
 import fxclip
 from fxclip.reference import clipped_sum, naive_per_example_grads
-from cases import CASES, FALLBACK_CASES, WritesWithOut
+from cases import CASES, WritesWithOut
 from helpers import check_against_reference, mean_loss, on_device, relative_error, sum_loss, targets_for
 
 
-@pytest.mark.parametrize("case", CASES, ids=lambda c: c.name)
-def test_case_matches_reference(case):
-    g = torch.Generator().manual_seed(1)
-    model = on_device(case.model().double())
-    for loss_fn in (sum_loss, mean_loss):
-        t = fxclip.transform(model, loss_fn, max_grad_norm=0.7, batch_dims=case.batch_dims)
-        for batch in (1, 5):
-            inputs = on_device(case.inputs(batch, g))
-            targets = targets_for(model, inputs, case.batch_dims, g)
-            for strategy in ("ghost", "materialize"):
-                t.strategy = strategy
-                check_against_reference(t, inputs, targets, case.batch_dims)
-    used_fallback = bool(t.fallbacks)
-    assert used_fallback == (case.name in FALLBACK_CASES), t.fallbacks
+LOSSES = {"sum": sum_loss, "mean": mean_loss}
+COMBINATIONS = [
+    pytest.param(case, loss, batch, strategy, id=f"{case.name}-{loss}-B{batch}-{strategy}")
+    for case in CASES for loss in LOSSES for batch in (1, 5) for strategy in ("ghost", "materialize")
+]
+
+
+@pytest.fixture(scope="module")
+def captured():
+    """`captured(case, loss)`: the case's step under that loss, made once for both batch sizes and
+    both strategies (a capture takes most of a combination's time); only one case's are kept."""
+    steps: dict = {}
+
+    def get(case, loss):
+        if steps.get("case") is not case:
+            steps.clear()
+            steps["case"] = case
+        if loss not in steps:
+            torch.manual_seed(0)
+            model = on_device(case.model().double())
+            steps[loss] = fxclip.transform(model, LOSSES[loss], max_grad_norm=0.7, batch_dims=case.batch_dims)
+        return steps[loss]
+
+    return get
+
+
+def routes(t: fxclip.PrivateStep) -> set[str]:
+    """The rule each parameter use took in the last step ("fallback": the per-op fallback)."""
+    return {"fallback" if e.strategy == "fallback" else e.use.rule.name for e in t.program.plan}
+
+
+@pytest.mark.parametrize("case, loss, batch, strategy", COMBINATIONS)
+def test_case(case, loss, batch, strategy, captured):
+    """Norms and clipped sums match the reference, and every use took the route the table expects."""
+    t = captured(case, loss)
+    t.strategy = strategy
+    g = torch.Generator().manual_seed(batch)
+    inputs = on_device(case.inputs(batch, g))
+    check_against_reference(t, inputs, targets_for(t.model, inputs, case.batch_dims, g), case.batch_dims)
+    expected = case.expect.split()
+    decomposed = {label.removeprefix("decomposed:") for label in expected if label.startswith("decomposed:")}
+    assert routes(t) == set(expected) - {f"decomposed:{op}" for op in decomposed}
+    left = {str(n.target) for n in t.program.forward.graph.nodes} & {f"aten.{op}.default" for op in decomposed}
+    assert not left, f"not written out: {left}"
 
 
 @pytest.mark.parametrize("case", [c for c in CASES if c.name in {"conv2d_groups", "tied_embedding_output", "linear_leading_dims"}], ids=lambda c: c.name)

@@ -130,11 +130,10 @@ def test_verify_catches_a_wrong_rule():
     aten_linear = torch.ops.aten.linear.default
     original = RULES[aten_linear]
 
-    @fxclip.register_rule(aten_linear, params=("weight", "bias"), override=True)
-    def wrong_linear(call):
-        forms = linear_rules.linear(call)
-        forms["weight"] = fxclip.PerExampleGrad(2 * forms["weight"].materialize())
-        return forms
+    def wrong_weight(call):
+        return fxclip.PerExampleGrad(2 * linear_rules.linear.operands["weight"](call).materialize())
+
+    fxclip.register_rule(aten_linear, weight=wrong_weight, bias=linear_rules.linear.operands["bias"], override=True)
 
     try:
         model = ZOO["mlp"].factory().double()
@@ -149,7 +148,7 @@ def test_verify_catches_a_wrong_rule():
 
 def test_registering_an_op_twice_needs_override():
     with pytest.raises(fxclip.FxclipError, match="already registered.*override=True"):
-        fxclip.register_rule(torch.ops.aten.linear.default, params=("weight",))(lambda call: {})
+        fxclip.register_rule(torch.ops.aten.linear.default, weight=lambda call: None)
 
 
 def test_dropout_masks_match_an_ordinary_backward():

@@ -22,9 +22,7 @@ from torch.fx import GraphModule, Node
 from torch.fx.node import map_arg
 
 from ..batch import BatchAxis
-from ..errors import NotCovered
-from ..forms import LinearForm, PerExampleGrad
-from ..provenance import where
+from ..forms import PerExampleGrad
 from ..rules.registry import OpCall, Rule, fallback_rule
 from ..schema import argument_nodes, bind_arguments
 from .capture import graph_inputs
@@ -129,10 +127,7 @@ def rule_forms(plan: StepPlan, node: Node, env: Mapping, grads: list, batch: int
             param_names=tuple(plan.uses[i].operand for i in call.ids),
         )
         with phase("norms", [p for i in call.ids for p in plan.uses[i].params]):
-            result = call.rule.fn(op_call)
-        if _complex(op_call) and any(isinstance(result[plan.uses[i].operand], LinearForm) for i in call.ids):
-            # a complex gradient is g ⊗ conj(x): the factor forms' identities are written for real
-            raise NotCovered(f"{where(node)}: the {call.rule.name} rule's factor forms are for real tensors; this op is complex")
+            result = call.rule(op_call)
         for i in call.ids:
             forms[i] = result[plan.uses[i].operand]
     return forms
@@ -208,11 +203,6 @@ def _operand_axes(node: Node) -> dict[str, BatchAxis]:
             if isinstance(v, Node) and isinstance(v.meta.get("fxclip_batch_axis"), BatchAxis):
                 axes[name if v is value else f"{name}.{j}"] = v.meta["fxclip_batch_axis"]
     return axes
-
-
-def _complex(call: OpCall) -> bool:
-    grads = call.grad if isinstance(call.grad, tuple) else (call.grad,)
-    return any(isinstance(v, torch.Tensor) and v.is_complex() for v in (*grads, *call.arguments.values()))
 
 
 def _first_axis(axis):

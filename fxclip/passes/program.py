@@ -189,10 +189,9 @@ def _merged_shared_forms(plan: StepPlan, forms: dict) -> dict[Component, list[Li
 
 def _separate_norm_sq(plan: StepPlan, i: int, form, state: _StepState) -> tuple[torch.Tensor, PlanEntry]:
     """Use i's squared norm term (its component is "separate": the terms add), and its entry."""
-    if isinstance(form, LinearForm):
-        chosen = choose_strategy([form], state.strategy, plan.memory_budget)
-        return linear_forms_norm_sq([form], chosen, state.safe), _entry(plan, state, i, chosen, cost_values([form]))
-    return materialized_norm_sq(form.grads, state.safe), _entry(plan, state, i, _materialized(plan, i))
+    costs = form.costs()
+    chosen = choose_strategy([form], state.strategy, plan.memory_budget) if costs else _materialized(plan, i)
+    return form.norm_sq(chosen, state.safe), _entry(plan, state, i, chosen, costs)
 
 
 def _norm_sq(plan: StepPlan, comp: Component, state: _StepState, merged=None) -> torch.Tensor:

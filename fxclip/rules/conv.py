@@ -9,8 +9,8 @@ import torch.nn.functional as F
 
 from ..forms import Dense, LinearForm, accumulation_dtype
 from ..ops import define
-from ._util import bias_form
-from .registry import OpCall, register_rule
+from .helpers import Rows, bias_form, bilinear_rule
+from .registry import OpCall
 
 aten = torch.ops.aten
 
@@ -74,10 +74,6 @@ def _example_positions(x: torch.Tensor, call: OpCall) -> torch.Tensor:
     """[N, G, L, k] with the batch in N (laid out as the conv's output) -> [B, G, T, k]."""
     xb = call.output_axis.split(x, call.batch_size)  # [B, outer, inner, G, L, k]
     return xb.permute(0, 3, 1, 2, 4, 5).flatten(2, 4)
-
-
-def _batch_in_dim0(node) -> bool:
-    return node.meta["fxclip_batch_axis"].dim == 0
 
 
 def _explicit_padding(x, padding, kernel, dilation) -> tuple[torch.Tensor, list[int]]:
@@ -153,12 +149,18 @@ def _weight_grad_kernel(grad: torch.Tensor, x: torch.Tensor, weight_shape, strid
     return conv_weight_grad(grad, x, weight_shape[1], list(weight_shape[2:]), _per_dim(stride, nd), padding, dilation)
 
 
-def _conv_weight_form(call: OpCall, out_rows, in_rows, weight_shape, groups: int, padding=None) -> LinearForm:
-    """The weight's form for a convolution that maps `in_rows` [N, C_in, *S] to outputs whose
-    gradient is `out_rows` [N, C_out, *out] with a weight of `weight_shape` [C_out, C_in/groups,
-    *kernel] (stride, dilation and, unless given, padding read from the call): L = out_rows per
-    position, R = the patches of in_rows, or per-example gradients / the clipped sum from the
-    weight-gradient kernel."""
+def _conv_rows(call: OpCall, out_rows, in_rows, weight_shape, groups: int, padding=None) -> Rows:
+    """`Rows` of a convolution's weight W [C_out, C_in/groups, *kernel], which maps `in_rows`
+    [N, C_in, *S] to outputs whose gradient is `out_rows` [N, C_out, *out] (stride, dilation and,
+    unless given, padding read from the call): unfolded into patches per group it is the linear
+    case, x = the patches of in_rows (d = (C_in/groups)·∏kernel per position), g = out_rows per
+    output position, one block of W per group (the gradient is block-diagonal, so groups never
+    share a Gram product).
+
+    The patches are built for ghost norms and for the per-example gradients of small convs (at most
+    PATCHES_MAX_ENTRIES per example); larger convs get per-example gradients from the
+    weight-gradient kernel with every example's channels as groups of their own, and, when no
+    patches were built, the clipped sum from the same kernel on (c ⊙ g), with no im2col copy."""
     batch = call.batch_size
     stride, dilation = call["stride"], call["dilation"]
     padding = call["padding"] if padding is None else padding
@@ -183,41 +185,23 @@ def _conv_weight_form(call: OpCall, out_rows, in_rows, weight_shape, groups: int
         return _weight_grad_kernel(scaled, in_rows, weight_shape, stride, padding, dilation)
 
     by_patches = groups * g.shape[2] * columns <= PATCHES_MAX_ENTRIES  # an example's patches
-    return LinearForm(
-        Dense(g),
+    return Rows(
         Dense.deferred((batch, groups, g.shape[2], columns), patch_factor),
-        weight_shape,
+        Dense(g),
         materializer=None if by_patches else per_example_grads,
         contraction=clipped_sum,
     )
 
 
-def _conv_bias_form(call: OpCall) -> LinearForm:
+def _conv_bias(call: OpCall) -> LinearForm:
     """A convolution's bias: Σ over output positions of the output gradient."""
     g_rows = call.grad
     g = _example_positions(g_rows.reshape(g_rows.shape[0], 1, g_rows.shape[1], -1).transpose(-1, -2), call)
     return bias_form(g, call["bias"].shape)
 
 
-@register_rule(CONV_OPS, params=("weight", "bias"), extra_check=_batch_in_dim0)
-def conv(call: OpCall):
-    """z = conv(x, W) + b. Unfolded into patches per group it is the linear case: T = output
-    positions, d = (C_in/groups)·∏kernel, one [C_out/groups, d] block per group (the gradient is
-    block-diagonal, so groups never share a Gram product).
-
-    weight: LinearForm(L = g, R = patches); ghost G·T²(d+p), materialize G·T·d·p. The patches
-    are built for ghost norms and for the per-example gradients of small convs (at most
-    PATCHES_MAX_ENTRIES per example); larger convs get per-example gradients from the
-    weight-gradient kernel with every example's channels as separate groups, and, when no patches
-    were built, the clipped sum from the same kernel on (c ⊙ g) — each as costly as an ordinary
-    step's weight gradient, with no im2col copy.
-    bias:   Σ over positions of g."""
-    forms = {}
-    if "weight" in call.param_names:
-        forms["weight"] = _conv_weight_form(call, call.grad, call["input"], call["weight"].shape, call["groups"])
-    if "bias" in call.param_names:
-        forms["bias"] = _conv_bias_form(call)
-    return forms
+def _conv_weight_rows(call: OpCall, weight: str) -> Rows:
+    return _conv_rows(call, call.grad, call["input"], call[weight].shape, call["groups"])
 
 
 CONV_TRANSPOSE_OPS = [aten.conv_transpose1d.default, aten.conv_transpose2d.input, aten.conv_transpose3d.input]
@@ -240,21 +224,22 @@ def _adjoint_input(call: OpCall) -> tuple[torch.Tensor, list[int]]:
     return g, [0] * nd
 
 
-@register_rule(CONV_TRANSPOSE_OPS, params=("weight", "bias"), extra_check=_batch_in_dim0)
-def conv_transpose(call: OpCall):
-    """z = conv_transpose(x, W) + b, W [C_in, C_out/groups, *kernel]: the adjoint of the
-    convolution u ↦ conv(u, W) from C_out to C_in channels with the same stride, padding,
-    dilation and groups, so ⟨z, g⟩ = ⟨x, conv(g, W)⟩ and the weight gradient is that
-    convolution's with g as its input and x as its output gradient (see `_adjoint_input` for
-    output_padding).
+def _conv_transpose_weight_rows(call: OpCall, weight: str) -> Rows:
+    """z = conv_transpose(x, W), W [C_in, C_out/groups, *kernel], is the adjoint of the
+    convolution u ↦ conv(u, W) from C_out to C_in channels with the same stride, padding, dilation
+    and groups, so ⟨z, g⟩ = ⟨x, conv(g, W)⟩ and the weight gradient is that convolution's with g
+    as its input and x as its output gradient (see `_adjoint_input` for output_padding)."""
+    g, padding = _adjoint_input(call)
+    return _conv_rows(call, call["input"], g, call[weight].shape, call["groups"], padding)
 
-    weight: the conv rule's form with the roles swapped: L = x per position (T = input
-    positions), R = the patches of g; same costs with T = input positions.
-    bias:   Σ over output positions of g."""
-    forms = {}
-    if "weight" in call.param_names:
-        g, padding = _adjoint_input(call)
-        forms["weight"] = _conv_weight_form(call, call["input"], g, call["weight"].shape, call["groups"], padding)
-    if "bias" in call.param_names:
-        forms["bias"] = _conv_bias_form(call)
-    return forms
+
+def _batch_in_dim0(node) -> bool:
+    return node.output_axis.dim == 0
+
+
+# z = conv(x, W) + b, and its adjoint conv_transpose: W multiplies each position's patch from the left
+conv = bilinear_rule(CONV_OPS, "conv", _conv_weight_rows, left="weight", bias=_conv_bias, extra_check=_batch_in_dim0)
+conv_transpose = bilinear_rule(
+    CONV_TRANSPOSE_OPS, "conv_transpose", _conv_transpose_weight_rows, left="weight", bias=_conv_bias,
+    extra_check=_batch_in_dim0,
+)

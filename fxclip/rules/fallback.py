@@ -1,9 +1,8 @@
 """The fallback: any op, any parameter operand, by `torch.func` on that op alone.
 
 Identity: G_i = vjp of the op for example i alone, with example i's operands and output gradient
-(`vmap` over examples). Cost: one batched vjp of the op; memory B·|W| for the per-example
-gradients. Exact for every op that treats examples independently, so any model works; fxclip
-lists the ops that use it so a user can add a cheaper rule.
+(`vmap` over examples), a PerExampleGrad. Exact for every op that treats examples independently,
+so any model works; fxclip lists the ops that use it so a user can add a cheaper rule.
 """
 
 from __future__ import annotations
@@ -69,7 +68,7 @@ def _example_by_example(call: OpCall, op_of_params, xs: dict) -> list[torch.Tens
         raise FxclipError(
             f"{where(call.node)}: no fxclip rule covers the custom op {call.node.target}, and the "
             f"per-example fallback cannot differentiate it ({str(e).splitlines()[0]}). Register a rule "
-            f"with @fxclip.register_rule({call.node.target}, params={call.param_names!r}) (see "
+            f"with fxclip.register_rule({call.node.target}, {call.param_names[0]}=...) (see "
             "docs/custom_rules.md), or give the op an autograd formula with torch.library.register_autograd."
         ) from e
     return [

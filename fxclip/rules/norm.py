@@ -1,13 +1,11 @@
 """Normalization layers' affine parameters: layer, group, instance, RMS and eval-mode batch norm.
 
-All share one identity: z = x̂ ⊙ w + b with x̂ the normalized input, so per example
-G_w = Σ_positions g ⊙ x̂ and G_b = Σ_positions g, materialized (|w| numbers per example).
-Cost: T·|w| per example for each. x̂ is recomputed from the op's input (no extra memory kept).
-Group norm takes the statistics from the native kernel called with the forward's own arguments:
-in a compiled step that call is the forward's (merged by CSE), so x̂ costs one elementwise pass
-fused into the sum, not a second normalization. Layer norm recomputes x̂: the same trick there
-raised the compiled step's peak memory at no gain in time (docs/benchmarks.md, "Settings in the
-code")."""
+All are `broadcast_rule`s: z = x̂ ⊙ w + b with x̂ the normalized input, so ∂z/∂w = x̂ and
+∂z/∂b = 1. x̂ is recomputed from the op's input (no extra memory kept). Group norm takes the
+statistics from the native kernel called with the forward's own arguments: in a compiled step that
+call is the forward's (merged by CSE), so x̂ costs one elementwise pass fused into the sum, not a
+second normalization; layer norm recomputes x̂, as the same trick raised the compiled transformer
+step's peak memory at no gain in time (docs/benchmarks.md, "Settings in the code")."""
 
 from __future__ import annotations
 
@@ -17,21 +15,15 @@ import torch
 import torch.nn.functional as F
 from torch._prims_common import suggest_memory_format
 
-from ..forms import PerExampleGrad, accumulation_dtype
-from ._util import per_example_sum_to
-from .registry import OpCall, register_rule
+from ..forms import accumulation_dtype
+from .helpers import broadcast_rule, one
+from .registry import OpCall
 
 aten = torch.ops.aten
 
 
-def _affine_forms(call: OpCall, normalized: torch.Tensor, aligned_shape, weight="weight", bias="bias"):
-    """Per-example gradients of w and b, which broadcast as `aligned_shape` against the output."""
-    forms = {}
-    for name, h in ((weight, lambda: call.grad * normalized), (bias, lambda: call.grad)):
-        if name in call.param_names:
-            grads = per_example_sum_to(h(), call.output_axis, call.batch_size, aligned_shape)
-            forms[name] = PerExampleGrad(grads.reshape(call.batch_size, *call[name].shape))
-    return forms
+def _normalized_shape(call: OpCall) -> tuple:
+    return tuple(call["normalized_shape"])
 
 
 def _channel_shape(call: OpCall) -> tuple:
@@ -40,25 +32,16 @@ def _channel_shape(call: OpCall) -> tuple:
     return (x.shape[1],) + (1,) * (x.dim() - 2)
 
 
-@register_rule(aten.layer_norm.default, params=("weight", "bias"))
-def layer_norm(call: OpCall):
-    """F.layer_norm: x̂ normalized over the trailing `normalized_shape` dims."""
-    shape = call["normalized_shape"]
-    xhat = F.layer_norm(call["input"], shape, eps=call["eps"])
-    return _affine_forms(call, xhat, tuple(shape))
+def _layer_normalized(call: OpCall) -> torch.Tensor:
+    return F.layer_norm(call["input"], call["normalized_shape"], eps=call["eps"])
 
 
-@register_rule(aten.rms_norm.default, params=("weight",))
-def rms_norm(call: OpCall):
-    """F.rms_norm: x̂ = x / rms(x) over the trailing `normalized_shape` dims."""
-    shape = call["normalized_shape"]
-    xhat = F.rms_norm(call["input"], shape, eps=call["eps"])
-    return _affine_forms(call, xhat, tuple(shape))
+def _rms_normalized(call: OpCall) -> torch.Tensor:
+    return F.rms_norm(call["input"], call["normalized_shape"], eps=call["eps"])
 
 
-@register_rule(aten.group_norm.default, params=("weight", "bias"))
-def group_norm(call: OpCall):
-    """F.group_norm: x̂ normalized per example over each group of channels; per-channel w, b."""
+def _group_normalized(call: OpCall) -> torch.Tensor:
+    """x̂ per example over each group of channels, from the native kernel's statistics."""
     x, groups = call["input"], call["num_groups"]
     n, c = x.shape[:2]
     # the kernel wants x dense in its suggested layout, which aten.group_norm makes it before the
@@ -66,8 +49,7 @@ def group_norm(call: OpCall):
     dense = x.contiguous(memory_format=suggest_memory_format(x))
     _, mean, rstd = aten.native_group_norm(dense, call["weight"], call["bias"], n, c, math.prod(x.shape[2:]), groups, call["eps"])
     grouped = x.reshape(n, groups, -1).to(accumulation_dtype(x.dtype))
-    xhat = ((grouped - mean.unsqueeze(-1)) * rstd.unsqueeze(-1)).reshape(x.shape)
-    return _affine_forms(call, xhat, _channel_shape(call))
+    return ((grouped - mean.unsqueeze(-1)) * rstd.unsqueeze(-1)).reshape(x.shape)
 
 
 def _running_stats_normalized(call: OpCall) -> torch.Tensor:
@@ -77,18 +59,25 @@ def _running_stats_normalized(call: OpCall) -> torch.Tensor:
     return (x - mean) * torch.rsqrt(var + call["eps"])
 
 
-@register_rule(aten.instance_norm.default, params=("weight", "bias"))
-def instance_norm(call: OpCall):
-    """F.instance_norm: x̂ per example and channel over the spatial dims (or running stats)."""
+def _instance_normalized(call: OpCall) -> torch.Tensor:
+    """x̂ per example and channel over the spatial dims (or from the running statistics)."""
     if call["use_input_stats"]:
-        xhat = F.instance_norm(call["input"], eps=call["eps"])
-    else:
-        xhat = _running_stats_normalized(call)
-    return _affine_forms(call, xhat, _channel_shape(call))
+        return F.instance_norm(call["input"], eps=call["eps"])
+    return _running_stats_normalized(call)
 
 
-@register_rule(aten.batch_norm.default, params=("weight", "bias"), extra_check=lambda n: not n.args[5])
-def batch_norm_eval(call: OpCall):
-    """BatchNorm in eval mode: x̂ from the running statistics, so examples stay independent.
-    (In training mode batch statistics mix examples; fxclip refuses that before this point.)"""
-    return _affine_forms(call, _running_stats_normalized(call), _channel_shape(call))
+def _eval_mode(node) -> bool:
+    """In training mode batch statistics mix examples; fxclip refuses that before this point."""
+    return not node["training"]
+
+
+layer_norm = broadcast_rule(aten.layer_norm.default, "layer_norm", weight=_layer_normalized, bias=one, aligned=_normalized_shape)
+rms_norm = broadcast_rule(aten.rms_norm.default, "rms_norm", weight=_rms_normalized, aligned=_normalized_shape)
+group_norm = broadcast_rule(aten.group_norm.default, "group_norm", weight=_group_normalized, bias=one, aligned=_channel_shape)
+instance_norm = broadcast_rule(
+    aten.instance_norm.default, "instance_norm", weight=_instance_normalized, bias=one, aligned=_channel_shape
+)
+batch_norm_eval = broadcast_rule(
+    aten.batch_norm.default, "batch_norm_eval", weight=_running_stats_normalized, bias=one, aligned=_channel_shape,
+    extra_check=_eval_mode,
+)

@@ -2,8 +2,7 @@
 over the batch, a learned initial state or class token may be tiled the same way.
 
 Identity: z = repeat(V, r) lays copies of V side by side, so per example
-G_V = Σ over the copies of V that example i owns of g restricted to that copy, materialized
-([B, *V.shape]). Cost: one reduction, |z_i| per example."""
+G_V = Σ over the copies of V that example i owns of g restricted to that copy (PerExampleGrad)."""
 
 from __future__ import annotations
 
@@ -12,14 +11,13 @@ import torch
 from ..batch import BatchAxis
 from ..errors import FxclipError
 from ..forms import PerExampleGrad
-from ._util import per_example_sum_to
+from .helpers import per_example_sum_to
 from .registry import OpCall, register_rule
 
 aten = torch.ops.aten
 
 
-@register_rule(aten.repeat.default, params=("self",))
-def repeat(call: OpCall):
+def repeat(call: OpCall) -> PerExampleGrad:
     """Write each output dim as (copies, V's size) and sum the copies per example (see above)."""
     reps = list(call["repeats"])
     shape = [1] * (len(reps) - call["self"].dim()) + list(call["self"].shape)
@@ -33,4 +31,7 @@ def repeat(call: OpCall):
     tiled_axis = BatchAxis(2 * axis.dim, axis.inner // shape[axis.dim])
     aligned = [s for v in shape for s in (1, v)]
     grads = per_example_sum_to(call.grad.reshape(interleaved), tiled_axis, call.batch_size, aligned)
-    return {"self": PerExampleGrad(grads.reshape(call.batch_size, *call["self"].shape))}
+    return PerExampleGrad(grads.reshape(call.batch_size, *call["self"].shape))
+
+
+register_rule(aten.repeat.default, self=repeat)

@@ -245,6 +245,6 @@ def render(exp: Explanation) -> str:
                 out.append(
                     f"! {row.name}: no rule covers {use.op} in {use.module}; the fallback materializes "
                     f"per-example gradients op by op (torch.func). Register a rule: "
-                    f"@fxclip.register_rule({use.op}, params=({use.operand!r},)) (docs/custom_rules.md)."
+                    f"fxclip.register_rule({use.op}, {use.operand}=...) (docs/custom_rules.md)."
                 )
     return "\n".join(out)

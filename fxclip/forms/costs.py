@@ -1,0 +1,97 @@
+"""What each norm strategy of linear forms costs, and the choice between them.
+
+`_formulas` is the one statement of the costs: sympy formulas in T (positions), k_L and k_R (the
+factors' widths) and G (groups), in multiply-adds per example (every strategy is linear in the
+batch size B), for the squared norm of Σ_u G_u over the uses of one parameter in one orientation.
+`explain()` prints them with their values on the model's shapes; docs/rules.md quotes them (a test
+keeps the quote true).
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from typing import Sequence
+
+import sympy
+
+T, KL, KR, G = sympy.symbols("T k_L k_R G", positive=True, integer=True)
+
+STRATEGIES = ("ghost", "materialize")
+
+# What one extra element per example costs, in multiply-adds, when "auto" weighs a strategy:
+# it is written to memory and read back (a Gram matrix once, a per-example gradient for its norm
+# and again for the clipped sum) and held until the clip factors exist. A CPU core does ~25 G
+# multiply-adds/s in matrix products and moves ~2.5 G float32/s, so about 10-20; at 16 the
+# GRU tagger's input weights (flops 230k ghost vs 203k materialize, memory 2k vs 6k) take ghost.
+MEMORY_COST = 16
+
+
+def factor_kinds(forms: Sequence) -> tuple[str, str]:
+    """The factor kinds to cost: dense if any use's factor is dense (uses of a tied weight mix a
+    one-hot embedding with a dense output layer; the dense Gram products dominate)."""
+    left = "dense" if any(f.left.kind == "dense" for f in forms) else "one_hot"
+    right = "dense" if any(f.right.kind == "dense" for f in forms) else "one_hot"
+    return left, right
+
+
+def one_hot_side(left_kind: str, right_kind: str) -> str | None:
+    """"left" or "right" when exactly that factor is one-hot (an embedding's per-example gradient
+    is then materialized as its nonzero rows, see `norms.one_hot_rows_norm_sq`), else None."""
+    if (left_kind == "one_hot") != (right_kind == "one_hot"):
+        return "left" if left_kind == "one_hot" else "right"
+    return None
+
+
+@lru_cache(maxsize=None)
+def _formulas(left_kind: str, right_kind: str) -> dict[str, sympy.Expr]:
+    # ghost: two T×T Gram matrices (an entry costs k for a dense factor, one compare for a one-hot
+    # one) and their inner product; materialize: build each [k_L, k_R] block and square it, or,
+    # with exactly one one-hot factor, only its nonzero rows (T·k: a sum of the dense rows per index)
+    gram_left = KL if left_kind == "dense" else sympy.Integer(1)
+    gram_right = KR if right_kind == "dense" else sympy.Integer(1)
+    one_hot = one_hot_side(left_kind, right_kind)
+    materialize = G * T * KL * KR + G * KL * KR if one_hot is None else G * T * (KR if one_hot == "left" else KL)
+    return {"ghost": G * T**2 * (gram_left + gram_right + 1), "materialize": materialize}
+
+
+@lru_cache(maxsize=None)
+def _cost_functions(left_kind: str, right_kind: str):
+    """The formulas compiled to plain Python (evaluated every step, so no sympy on the hot path)."""
+    return {name: sympy.lambdify((T, KL, KR, G), expr) for name, expr in _formulas(left_kind, right_kind).items()}
+
+
+def cost_formulas(forms: Sequence) -> dict[str, sympy.Expr]:
+    """Per-example multiply-adds of each strategy for the squared norm of Σ_u G_u, symbolically."""
+    return _formulas(*factor_kinds(forms))
+
+
+def cost_values(forms: Sequence) -> dict:
+    """The formulas evaluated on these linear forms' shapes, plus the extra memory each needs
+    (elements); "formulas" holds the sympy expressions themselves (for `explain`)."""
+    f = forms[0]
+    groups = f.left.groups
+    positions = sum(u.left.positions for u in forms)
+    shapes = {"T": positions, "k_L": f.left.k, "k_R": f.right.k, "G": groups}
+    kinds = factor_kinds(forms)
+    flops = {name: int(fn(positions, f.left.k, f.right.k, groups)) for name, fn in _cost_functions(*kinds).items()}
+    one_hot = one_hot_side(*kinds)
+    rows = f.left.k * f.right.k if one_hot is None else positions * (f.right.k if one_hot == "left" else f.left.k)
+    # a deferred factor (a conv's patches) is extra memory wherever a strategy builds it: ghost
+    # always, materialize unless the rule's kernel makes the gradients without it
+    deferred = sum(x.groups * x.positions * x.k for u in forms for x in (u.left, u.right) if x.is_deferred)
+    memory = {
+        "ghost": 2 * groups * positions**2 + deferred,
+        "materialize": groups * rows + (0 if len(forms) == 1 and f.materializer else deferred),
+    }
+    return {"flops": flops, "memory": memory, "shapes": shapes, "formulas": _formulas(*kinds)}
+
+
+def choose_strategy(forms: Sequence, strategy: str, memory_budget: float | None = None) -> str:
+    """`strategy` if forced, else, among those within `memory_budget` (elements per example), the
+    one with the least flops + MEMORY_COST · extra elements."""
+    if strategy != "auto":
+        return strategy
+    costs = cost_values(forms)
+    allowed = [s for s in STRATEGIES if memory_budget is None or costs["memory"][s] <= memory_budget]
+    candidates = allowed or [min(STRATEGIES, key=lambda s: costs["memory"][s])]
+    return min(candidates, key=lambda s: costs["flops"][s] + MEMORY_COST * costs["memory"][s])
