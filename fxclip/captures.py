@@ -93,7 +93,8 @@ class GraphStep:
 
 @dataclass
 class Capture:
-    """One capture of the model: its key and the step that runs its batches."""
+    """One capture of the model: its key and the step that runs its batches; called like that
+    step. A rule that finds its op not covered when it runs hands the capture to the whole model."""
 
     key: tuple
     step: Step
