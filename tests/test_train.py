@@ -89,7 +89,7 @@ def test_no_noise_and_huge_clip_bound_equals_nonprivate_training_step_for_step(d
 
 
 def test_privacy_plan_uses_true_sampling_rate_and_steps(digits):
-    config = TrainConfig(epsilon=2.0, delta=1e-5, epochs=3, batch_size=100)
+    config = TrainConfig(epsilon=2.0, delta=1e-5, epochs=3, batch_size=100, compile=False)
     plan = PrivacyPlan.for_target(config, len(digits.x_train))
     assert plan.sampling_rate == pytest.approx(100 / len(digits.x_train))
     assert plan.steps == 3 * round(len(digits.x_train) / 100)
@@ -122,7 +122,7 @@ def test_delta_not_well_below_one_over_n_warns():
 
 
 def test_private_run_reaches_target_epsilon_and_learns(digits):
-    config = TrainConfig(model="mlp", optimizer="adam", lr=1e-2, epochs=3, batch_size=128, epsilon=8.0)
+    config = TrainConfig(model="mlp", optimizer="adam", lr=1e-2, epochs=3, batch_size=128, epsilon=8.0, compile=False)
     torch.manual_seed(0)
     history, plan = train_private(build_model("mlp", digits), digits, config, progress=False)
     assert [r.epoch for r in history.epochs] == [1, 2, 3]
@@ -145,7 +145,7 @@ def test_batchnorm_model_is_refused_before_training(digits):
     model = WithBatchNorm()
     before = copy.deepcopy(model.state_dict())
     with pytest.raises(ValueError, match="BatchNorm1d"):
-        train_private(model, digits, TrainConfig(epochs=1), progress=False)
+        train_private(model, digits, TrainConfig(epochs=1, compile=False), progress=False)
     after = model.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before)  # no parameter or statistic changed
 
@@ -191,10 +191,11 @@ def test_cli_trains_on_user_file_and_writes_metrics_and_plot(tmp_path, capsys):
     out = tmp_path / "run"
     argv = ["train", "--no-progress", "--data", str(tmp_path / "blobs.pt"), "--model", "mlp", "--epochs", "4",
             "--batch-size", "32", "--physical-batch-size", "16", "--optimizer", "adam", "--lr", "0.01",
-            "--epsilon", "4", "--delta", "1e-4", "--out", str(out)]
+            "--epsilon", "4", "--delta", "1e-4", "--no-compile", "--out", str(out)]
     assert main(argv) == 0
     printed = capsys.readouterr().out
     assert "private" in printed and "non-private" in printed and "faster than the naive method" in printed
+    assert "the non-private step (eager; --compile is faster)" in printed
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["config"]["data"] == "blobs.pt"
     assert 3.9 < metrics["privacy"]["epsilon_spent"] <= 4.0
@@ -208,14 +209,16 @@ def test_cli_trains_on_user_file_and_writes_metrics_and_plot(tmp_path, capsys):
 def test_python_dash_m_fxclip_lists_the_train_command():
     result = subprocess.run([sys.executable, "-m", "fxclip", "--help"], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0 and "train" in result.stdout
-    args = build_parser().parse_args(["train", "--clip", "0.5", "--compile"])
+    args = build_parser().parse_args(["train", "--clip", "0.5"])
     assert args.max_grad_norm == 0.5 and args.compile and args.model == TrainConfig().model
+    assert not build_parser().parse_args(["train", "--no-compile"]).compile
 
 
 @pytest.mark.slow
-def test_default_main_job_reaches_good_accuracy(tmp_path):
+def test_default_main_job_reaches_good_accuracy(tmp_path, capsys):
     metrics_path = tmp_path / "run" / "metrics.json"
     assert main(["train", "--no-progress", "--out", str(tmp_path / "run")]) == 0
+    assert "the non-private step (compiled; eager " in capsys.readouterr().out
     metrics = json.loads(metrics_path.read_text())
     assert metrics["privacy"]["epsilon_spent"] <= TrainConfig().epsilon
     assert metrics["private"]["final_test_accuracy"] > 0.85

@@ -17,7 +17,7 @@ import os
 import statistics
 import time
 import warnings
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from datetime import datetime
 from pathlib import Path
 from typing import Callable, Iterable
@@ -92,7 +92,7 @@ class TrainConfig:
     momentum: float = 0.0
     accountant: str = "pld"
     secure_noise: bool = False
-    compile: bool = False
+    compile: bool = True  # a run of the default length repays the first step's compile many times
     device: str = "cpu"
     seed: int = 0
 
@@ -355,26 +355,31 @@ def measure_step_times(
     model: nn.Module, data: Dataset, config: TrainConfig, repeats: int = 5, warmup: int = 2
 ) -> dict[str, float]:
     """Median seconds of one gradient step on a batch of config.batch_size training examples, for
-    the non-private step (mean loss backward), fxclip's clipped step, and the naive per-example loop.
-    Works on a copy of `model`."""
+    the non-private step (mean loss backward), fxclip's clipped step as the run took it (compiled
+    or not, `config.compile`), fxclip's eager step, and the naive per-example loop. Works on a
+    copy of `model`."""
     model = copy.deepcopy(model)
     n = min(config.batch_size, len(data.x_train))
     x, y = data.x_train[:n], data.y_train[:n]
-    transform = make_transform(model, config)
 
     def nonprivate() -> None:
         model.zero_grad(set_to_none=True)
         per_example_cross_entropy(model(x), y).mean().backward()
 
-    def fxclip_step() -> None:
-        model.zero_grad(set_to_none=True)
-        transform.step(x, y)
+    def private_step(transform) -> Callable[[], None]:
+        def step() -> None:
+            model.zero_grad(set_to_none=True)
+            transform.step(x, y)
+
+        return step
 
     def naive() -> None:
         model.zero_grad(set_to_none=True)
         naive_clipped_grad_sum(model, x, y, config.max_grad_norm)
 
-    methods = {"nonprivate": nonprivate, "fxclip": fxclip_step, "naive": naive}
+    eager = make_transform(model, replace(config, compile=False))
+    ran = make_transform(model, config) if config.compile else eager
+    methods = {"nonprivate": nonprivate, "fxclip": private_step(ran), "fxclip_eager": private_step(eager), "naive": naive}
     times = {name: _median_seconds(fn, repeats, warmup, config.device) for name, fn in methods.items()}
     return {"batch_size": n, **{f"{name}_seconds": t for name, t in times.items()}}
 
@@ -404,6 +409,7 @@ def summary_lines(config: TrainConfig, data: Dataset, plan: PrivacyPlan, private
     """The at-a-glance result of a run, one line per fact."""
     final = private.epochs[-1]
     fx, plain, naive = speed["fxclip_seconds"], speed["nonprivate_seconds"], speed["naive_seconds"]
+    how = f"compiled; eager {speed['fxclip_eager_seconds'] / plain:.2f}x" if config.compile else "eager; --compile is faster"
     return [
         f"fxclip train: {config.model} on {data.name} ({len(data.x_train)} train / {len(data.x_test)} test examples), "
         f"{config.epochs} epochs of {plan.steps_per_epoch} steps, expected batch {config.batch_size}",
@@ -413,7 +419,7 @@ def summary_lines(config: TrainConfig, data: Dataset, plan: PrivacyPlan, private
         f"  accuracy: {final.test_accuracy:.1%} private   vs   {nonprivate.final_accuracy:.1%} non-private (same model, data, epochs)",
         f"  speed   : {final.examples_per_second:.0f} examples/s private training; one step on batch {speed['batch_size']}: "
         f"non-private {plain * 1e3:.2f} ms, fxclip {fx * 1e3:.2f} ms, naive per-example loop {naive * 1e3:.1f} ms",
-        f"            fxclip costs {fx / plain:.2f}x the non-private step and is {naive / fx:.1f}x faster than the naive method",
+        f"            fxclip costs {fx / plain:.2f}x the non-private step ({how}) and is {naive / fx:.1f}x faster than the naive method",
     ]
 
 
@@ -483,7 +489,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--momentum", type=float, default=d.momentum, help="SGD momentum (default %(default)s)")
     parser.add_argument("--accountant", default=d.accountant, choices=ACCOUNTANTS, help="default %(default)s")
     parser.add_argument("--secure-noise", action="store_true", help="draw noise from the OS's cryptographically secure source")
-    parser.add_argument("--compile", action="store_true", help="compile the private step with torch.compile")
+    parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=d.compile,
+                        help="compile the private step (default; the first step takes seconds longer)")
     parser.add_argument("--device", default=d.device, help="default %(default)s")
     parser.add_argument("--seed", type=int, default=d.seed, help="default %(default)s")
     parser.add_argument("--out", metavar="DIR", help="output directory (default runs/<timestamp>)")
