@@ -28,7 +28,7 @@ from typing import Callable, Sequence
 import torch
 
 from .costs import MEMORY_COST, STRATEGIES, choose_strategy, cost_formulas, cost_values, one_hot_side
-from .factors import Dense, Factor, OneHot, accumulate, accumulation_dtype, concat_positions, fold_batch, gram, outer_sum
+from .factors import Dense, Factor, OneHot, accumulate, accumulation_dtype, batch_outer_sum, concat_positions, gram, outer_sum
 from .norms import ghost_norm_sq, materialized_norm_sq, one_hot_rows_norm_sq
 
 
@@ -113,7 +113,7 @@ class LinearForm(Form):
             left = left.scaled(c)
         else:
             right = right.scaled(c)
-        return outer_sum(fold_batch(left), fold_batch(right)).reshape(self.shape)
+        return batch_outer_sum(left, right).reshape(self.shape)
 
 
 def _sparse_rows(rows: OneHot, values: Dense, kept: torch.Tensor, shape: torch.Size) -> torch.Tensor:

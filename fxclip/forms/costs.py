@@ -86,12 +86,13 @@ def cost_values(forms: Sequence) -> dict:
     return {"flops": flops, "memory": memory, "shapes": shapes, "formulas": _formulas(*kinds)}
 
 
-def choose_strategy(forms: Sequence, strategy: str, memory_budget: float | None = None) -> str:
+def choose_strategy(forms: Sequence, strategy: str, memory_budget: float | None = None, costs: dict | None = None) -> str:
     """`strategy` if forced, else, among those within `memory_budget` (elements per example), the
-    one with the least flops + MEMORY_COST · extra elements."""
+    one with the least flops + MEMORY_COST · extra elements; `costs`: the forms' `cost_values`,
+    when the caller has them already."""
     if strategy != "auto":
         return strategy
-    costs = cost_values(forms)
+    costs = costs or cost_values(forms)
     allowed = [s for s in STRATEGIES if memory_budget is None or costs["memory"][s] <= memory_budget]
     candidates = allowed or [min(STRATEGIES, key=lambda s: costs["memory"][s])]
     return min(candidates, key=lambda s: costs["flops"][s] + MEMORY_COST * costs["memory"][s])

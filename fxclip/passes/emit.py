@@ -10,6 +10,7 @@ buffers and constants the capture fixed, the example batch's shapes and fake ten
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 from dataclasses import dataclass
 from functools import cached_property
@@ -19,6 +20,7 @@ import torch
 import torch.fx.traceback as fx_traceback
 from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.fx import GraphModule, Node
+from torch.fx.experimental.proxy_tensor import get_proxy_mode
 from torch.fx.node import map_arg
 
 from ..batch import BatchAxis
@@ -34,9 +36,12 @@ PHASES = ("forward", "backward", "norms", "book-keeping")
 
 
 def phase(name: str, params=()):
-    """Tags what a tracer (make_fx, torch.export) records inside with node.meta["custom"] =
-    {"fxclip_phase": one of PHASES, "fxclip_params": the parameters it serves, comma-separated};
-    `fxclip.graph_view` colours and labels the step graph by these. No effect on the values."""
+    """Tags what make_fx records inside with node.meta["custom"] = {"fxclip_phase": one of PHASES,
+    "fxclip_params": the parameters it serves, comma-separated}; `fxclip.graph_view` colours and
+    labels the step graph by these. No effect on the values; outside a make_fx trace (the eager
+    step) it does nothing, since the tags are only read from traced graphs."""
+    if get_proxy_mode() is None:
+        return contextlib.nullcontext()
     return fx_traceback.annotate({"fxclip_phase": name, "fxclip_params": ",".join(params)})
 
 

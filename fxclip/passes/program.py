@@ -190,7 +190,7 @@ def _merged_shared_forms(plan: StepPlan, forms: dict) -> dict[Component, list[Li
 def _separate_norm_sq(plan: StepPlan, i: int, form, state: _StepState) -> tuple[torch.Tensor, PlanEntry]:
     """Use i's squared norm term (its component is "separate": the terms add), and its entry."""
     costs = form.costs()
-    chosen = choose_strategy([form], state.strategy, plan.memory_budget) if costs else _materialized(plan, i)
+    chosen = choose_strategy([form], state.strategy, plan.memory_budget, costs) if costs else _materialized(plan, i)
     return form.norm_sq(chosen, state.safe), _entry(plan, state, i, chosen, costs)
 
 
@@ -204,8 +204,8 @@ def _norm_sq(plan: StepPlan, comp: Component, state: _StepState, merged=None) ->
             entries.append(entry)
         return total
     if merged is not None:
-        chosen = choose_strategy(merged, state.strategy, plan.memory_budget)
         costs = cost_values(merged)
+        chosen = choose_strategy(merged, state.strategy, plan.memory_budget, costs)
         entries.extend(_entry(plan, state, i, chosen, costs) for i in ids)
         return linear_forms_norm_sq(merged, chosen, safe)
     entries.extend(_entry(plan, state, i, _materialized(plan, i)) for i in ids)
