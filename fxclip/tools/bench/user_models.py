@@ -21,7 +21,7 @@ class TransformerTextClassifier(nn.Module):
     """Token and learned position embeddings, a 2-layer nn.TransformerEncoder (batch_first,
     dropout 0.1), mean pooling, a linear head."""
 
-    def __init__(self, vocab: int = 5000, d_model: int = 128, nhead: int = 4, num_layers: int = 2, max_len: int = 64,
+    def __init__(self, vocab: int = 5000, d_model: int = 64, nhead: int = 4, num_layers: int = 2, max_len: int = 64,
                  num_classes: int = 2):
         super().__init__()
         self.token_emb = nn.Embedding(vocab, d_model)
@@ -135,7 +135,7 @@ def _tokens(vocab: int, length: int, classes: int):
 USER_MODELS: dict[str, ZooEntry] = {
     e.name: e
     for e in [
-        ZooEntry("user_transformer", TransformerTextClassifier, _tokens(5000, 64, 2),
+        ZooEntry("user_transformer", TransformerTextClassifier, _tokens(5000, 32, 2),
                  "2-layer nn.TransformerEncoder, learned nn.Embedding positions"),
         ZooEntry("user_embedding_mean", EmbeddingMeanClassifier, _tokens(5000, 32, 4), "embedding mean + MLP over 32 tokens"),
         ZooEntry("user_lstm", LSTMTextClassifier, _tokens(5000, 32, 4), "2-layer nn.LSTM classifier"),
