@@ -9,6 +9,7 @@ benchmark.png into --out.
 
     python -m fxclip.bench                        # the whole zoo at batch 128 and 512
     python -m fxclip.bench --models mnist_cnn --batches 128 --memory
+    python -m fxclip.bench --models user --batches 128   # models written the way users write them
     python -m fxclip.bench --quick                # seconds: two small models, no compilation
     python -m fxclip.bench --batch-modes mnist_cnn  # compiled fxclip: dynamic batch vs buckets
 """
@@ -29,14 +30,17 @@ from fxclip.zoo import ZOO
 
 from .methods import COMPILED, DEFAULT_METHODS, METHODS
 from .report import write_outputs
-from .runner import compare_batch_modes, run_benchmark
+from .runner import MODELS, compare_batch_modes, run_benchmark
+from .user_models import USER_MODELS
 
 QUICK = {"models": ["mlp", "tied"], "batches": [8, 16], "reps": 3, "warmup": 1}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The bench options (shared by `python -m fxclip.bench` and `fxclip bench`)."""
-    parser.add_argument("--models", nargs="+", metavar="NAME", help=f"zoo models (default all: {', '.join(ZOO)})")
+    parser.add_argument("--models", nargs="+", metavar="NAME",
+                        help=f"zoo models (default all: {', '.join(ZOO)}) or models written the way users write them "
+                             f"({', '.join(USER_MODELS)}; `user` for all of them)")
     parser.add_argument("--batches", nargs="+", type=int, default=[128, 512], metavar="B", help="batch sizes (default 128 512)")
     parser.add_argument("--methods", nargs="+", metavar="NAME", help=f"methods (default: {', '.join(DEFAULT_METHODS)}; also {', '.join(set(METHODS) - set(DEFAULT_METHODS))})")
     parser.add_argument("--reps", type=int, default=10, help="timed steps per method (median kept; default 10)")
@@ -50,10 +54,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", default="build/bench", metavar="DIR", help="output directory (default build/bench)")
 
 
+def _model_names(names: list[str]) -> list[str]:
+    """The names with `user` standing for every user-written model."""
+    return [n for name in names for n in (USER_MODELS if name == "user" else [name])]
+
+
 def _validate(args) -> None:
-    for name in (args.models or []) + (args.batch_modes or []):
-        if name not in ZOO:
-            raise FxclipError(f"unknown model {name!r}; the zoo has {', '.join(ZOO)}")
+    for name in _model_names(args.models or []) + (args.batch_modes or []):
+        if name not in MODELS:
+            raise FxclipError(f"unknown model {name!r}; the zoo has {', '.join(ZOO)}; the user-written models are "
+                              f"{', '.join(USER_MODELS)} (`user` for all)")
     for name in args.methods or []:
         if name not in METHODS:
             raise FxclipError(f"unknown method {name!r}; choose from {', '.join(METHODS)}")
@@ -89,7 +99,7 @@ def run(args: argparse.Namespace) -> int:
             print(f"{r['model']}: {r['batch_mode']}: {r['compiles']} compiles, {r['total_seconds']:.1f} s for "
                   f"{len(r['sizes'])} steps, median step {step}")
         return 0
-    models = args.models or (QUICK["models"] if args.quick else list(ZOO))
+    models = _model_names(args.models) if args.models else (QUICK["models"] if args.quick else list(ZOO))
     methods = args.methods or [m for m in DEFAULT_METHODS if not (args.quick and m in COMPILED)]
     batches, reps, warmup = (QUICK["batches"], QUICK["reps"], QUICK["warmup"]) if args.quick else (args.batches, args.reps, args.warmup)
     command = "python -m fxclip.bench " + " ".join(sys.argv[1:]) if sys.argv[0].endswith("__main__.py") else "fxclip " + " ".join(sys.argv[1:])

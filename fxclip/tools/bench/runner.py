@@ -26,6 +26,9 @@ from fxclip.zoo import ZOO, PerExampleCrossEntropy
 
 from ..memory import peak_memory
 from .methods import FLOOR, METHODS, NAIVE, MethodUnavailable, reference_clipped_sum
+from .user_models import USER_MODELS
+
+MODELS = {**ZOO, **USER_MODELS}  # what --models can name
 
 CHECK_RTOL = 1e-3  # float32 clipped sums, relative to the largest entry of the reference
 
@@ -52,13 +55,15 @@ def _sync(device: torch.device) -> None:
 
 def setup(model_name: str, batch: int, device: torch.device, seed: int = 0):
     """(model in training mode with dropout probabilities set to 0 — so that every method and
-    the reference compute one function —, inputs, targets) for a zoo model."""
-    entry = ZOO[model_name]
+    the reference compute one function —, inputs, targets) for a zoo or user model (`MODELS`)."""
+    entry = MODELS[model_name]
     torch.manual_seed(seed)
     model = entry.factory().to(device).train()
     for module in model.modules():
         if isinstance(module, torch.nn.Dropout):
             module.p = 0.0
+        elif isinstance(module, (torch.nn.MultiheadAttention, torch.nn.RNNBase)):  # their dropout is a float attribute
+            module.dropout = 0.0
     (inputs, targets) = entry.make_batch(batch, torch.Generator().manual_seed(seed))
     return model, tuple(x.to(device) for x in inputs), targets.to(device)
 
