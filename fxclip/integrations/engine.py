@@ -353,20 +353,23 @@ def _resampleable(loader) -> tuple:
     """(dataset, batch size) of a DataLoader that Poisson sampling can draw from; FxclipError if not."""
     if not isinstance(loader, torch.utils.data.DataLoader):
         raise FxclipError(f"data_loader must be a torch.utils.data.DataLoader, got a {type(loader).__name__}")
-    dataset = loader.dataset
-    if isinstance(dataset, torch.utils.data.IterableDataset) or not (hasattr(dataset, "__len__") and hasattr(dataset, "__getitem__")):
-        raise FxclipError(
-            f"the data loader's dataset ({type(dataset).__name__}) cannot be resampled: Poisson sampling, which the privacy "
-            "accounting assumes, draws examples by index, so it needs a map-style dataset with __len__ and __getitem__ "
-            "(not an IterableDataset)."
-        )
-    if len(dataset) == 0:
-        raise FxclipError("the data loader's dataset is empty: there is nothing to train on")
     if loader.batch_size is None:
         raise FxclipError("the data loader has no batch_size (it was given a batch_sampler): pass batch_size=B, the expected Poisson batch size")
-    if loader.batch_size > len(dataset):
-        raise FxclipError(f"the data loader's batch_size {loader.batch_size} exceeds its dataset's {len(dataset)} examples")
-    return dataset, loader.batch_size
+    check_resampleable(loader.dataset, loader.batch_size, "the data loader's dataset", "batch_size")
+    return loader.dataset, loader.batch_size
+
+
+def check_resampleable(dataset, batch_size: int, what: str, batch_name: str) -> None:
+    """FxclipError unless Poisson batches of expected size `batch_size` can be drawn from `dataset`."""
+    if isinstance(dataset, torch.utils.data.IterableDataset) or not (hasattr(dataset, "__len__") and hasattr(dataset, "__getitem__")):
+        raise FxclipError(
+            f"{what} ({type(dataset).__name__}) cannot be resampled: Poisson sampling, which the privacy accounting assumes, "
+            "draws examples by index, so it needs a map-style dataset with __len__ and __getitem__ (not an IterableDataset)."
+        )
+    if len(dataset) == 0:
+        raise FxclipError(f"{what} is empty: there is nothing to train on")
+    if not 1 <= batch_size <= len(dataset):
+        raise FxclipError(f"{batch_name} {batch_size} must be between 1 and the {len(dataset)} examples of {what}")
 
 
 def _check_optimizer(optimizer, module: nn.Module) -> None:
