@@ -130,6 +130,8 @@ class PendingOutput:
         raise FxclipError(_PENDING_USE.format(what=f"passed to {getattr(func, '__name__', func)}"))
 
     def __getattr__(self, name):
+        if name.startswith("__"):  # protocol probes (copy, pickle, hasattr checks) get the usual answer
+            raise AttributeError(name)
         raise FxclipError(_PENDING_USE.format(what=f"asked for .{name}"))
 
     def __repr__(self) -> str:
