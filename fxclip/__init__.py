@@ -15,4 +15,14 @@ __all__ = [
     "transform", "PrivateStep", "StepResult", "register_rule", "unregister_rule", "OpCall", "OpNode",
     "LinearForm", "PerExampleGrad", "Dense", "OneHot",
     "FxclipError", "CaptureError", "NotCovered", "ExampleMixingError", "VerificationError", "FallbackWarning",
+    "PrivacyEngine",
 ]
+
+
+def __getattr__(name: str):
+    # loaded on first use: it brings in DP-SGD (dp_accounting), which `import fxclip` does not need
+    if name == "PrivacyEngine":
+        from .integrations.engine import PrivacyEngine
+
+        return PrivacyEngine
+    raise AttributeError(f"module 'fxclip' has no attribute {name!r}")

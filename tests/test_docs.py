@@ -48,3 +48,17 @@ def test_relative_links_and_images_exist(page):
 
 def test_mnist_graph_picture_is_a_png():
     assert (DOCS / "mnist_cnn_graph.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_migration_example_runs():
+    namespace = run_page("migration.md")
+    assert namespace["optimizer"].steps == 2 * 8 and namespace["engine"].get_epsilon(1e-5) <= 3.0
+    assert 0.0 <= float(namespace["accuracy"]) <= 1.0
+
+
+def test_lora_example_runs(tmp_path, monkeypatch):
+    pytest.importorskip("peft")
+    monkeypatch.chdir(tmp_path)  # the Trainer's output_dir
+    namespace = run_page("lora.md")
+    assert namespace["trainer"].epsilon <= 8.0 and namespace["result"].norms.shape == (8,)
+    assert all(not p.requires_grad or "lora_" in name for name, p in namespace["model"].named_parameters())

@@ -7,8 +7,12 @@
   not `fxclip.api` either. One sanctioned exception: `PrivateStep.explain()`/`.graph()` import
   `tools.explain`/`tools.graph_view` when called;
 - `fxclip.dp` imports of the compiler only `checks` and `errors`, except `dp.train`, the
-  `fxclip train` job: it also calls the public API (`fxclip.transform`) on zoo models and clips its
+  `fxclip train` job: it also calls the public API (`fxclip.api.transform`) on zoo models and clips its
   naive baseline with `fxclip.clipping`;
+- `fxclip.integrations` (drop-in use: `fxclip.PrivacyEngine`, the Hugging Face Trainer) sits on top:
+  of the compiler it imports only the public API (`fxclip.api`) and the shared `checks` and
+  `errors`, any of DP-SGD, and no tool; nothing but the front door (`fxclip.PrivacyEngine`, loaded
+  when first used) imports it;
 - nothing in fxclip imports a shim (the documented re-export paths are for users);
 - no import cycle among modules, nor among units (a subpackage, or a module of the root or of tools);
 - README.md's Layout section names every module.
@@ -31,7 +35,8 @@ SHIMS = {"fxclip.optim": "fxclip.dp.optim", "fxclip.sampling": "fxclip.dp.sampli
 FRONT = {"fxclip", "fxclip.__main__", "fxclip.cli", "fxclip.testing"}
 SANCTIONED = {("fxclip.api", "fxclip.tools"), ("fxclip.api", "fxclip.tools.explain"), ("fxclip.api", "fxclip.tools.graph_view")}
 DP_MAY_USE = {"fxclip.checks", "fxclip.errors"}
-TRAIN_MAY_USE = DP_MAY_USE | {"fxclip", "fxclip.zoo", "fxclip.clipping"}
+TRAIN_MAY_USE = DP_MAY_USE | {"fxclip.api", "fxclip.zoo", "fxclip.clipping"}
+INTEGRATIONS_MAY_USE = DP_MAY_USE | {"fxclip.api"}
 
 
 def module_name(path: pathlib.Path) -> str:
@@ -83,7 +88,7 @@ def violations(sources, forbidden) -> list[str]:
 
 
 def core(name: str) -> bool:
-    return not (name in FRONT or name in SHIMS or under(name, "fxclip.tools", "fxclip.dp", "fxclip.zoo"))
+    return not (name in FRONT or name in SHIMS or under(name, "fxclip.tools", "fxclip.dp", "fxclip.zoo", "fxclip.integrations"))
 
 
 def test_rules_do_not_import_passes():
@@ -102,6 +107,13 @@ def test_dp_imports_of_the_compiler_only_the_shared_checks():
         return not under(b, "fxclip.dp") and b not in (TRAIN_MAY_USE if a == "fxclip.dp.train" else DP_MAY_USE)
 
     found = violations(lambda a: under(a, "fxclip.dp"), forbidden)
+    assert not found, "\n".join(found)
+
+
+def test_integrations_use_the_public_api_and_dp_and_only_the_front_door_uses_them():
+    found = violations(lambda a: under(a, "fxclip.integrations"),
+                       lambda a, b: not under(b, "fxclip.integrations", "fxclip.dp") and b not in INTEGRATIONS_MAY_USE)
+    found += violations(lambda a: a not in FRONT and not under(a, "fxclip.integrations"), lambda a, b: under(b, "fxclip.integrations"))
     assert not found, "\n".join(found)
 
 

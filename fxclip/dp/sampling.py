@@ -6,12 +6,12 @@ batch size is Binomial(N, q): it varies from step to step, can be 0, and has mea
 
 from __future__ import annotations
 
-from typing import Iterator
+from collections.abc import Callable, Iterator, Mapping
 
 import torch
 
-from fxclip.dp.accounting import check_sampling_rate
 from fxclip.checks import check_integer
+from fxclip.dp.accounting import check_sampling_rate
 
 
 class PoissonBatchSampler:
@@ -63,3 +63,54 @@ class PoissonBatchSampler:
         for _ in range(self.steps):
             included = torch.rand(self.num_examples, generator=self.generator) < self.sampling_rate
             yield included.nonzero().squeeze(1)
+
+
+class _IndexLists:
+    """A PoissonBatchSampler's batches as lists of ints, the indices any map-style data set takes."""
+
+    def __init__(self, sampler: PoissonBatchSampler):
+        self.sampler = sampler
+
+    def __len__(self) -> int:
+        return len(self.sampler)
+
+    def __iter__(self) -> Iterator[list[int]]:
+        return (indices.tolist() for indices in self.sampler)
+
+
+def _empty_like(batch):
+    """`batch` (a collated structure) with every tensor cut to 0 examples along dim 0."""
+    if isinstance(batch, torch.Tensor):
+        return batch[:0]
+    if isinstance(batch, Mapping):  # dicts and Hugging Face's BatchEncoding alike
+        return {key: _empty_like(value) for key, value in batch.items()}
+    if isinstance(batch, (tuple, list)):
+        return type(batch)(_empty_like(value) for value in batch)
+    return batch
+
+
+class EmptyBatchCollate:
+    """`collate_fn(examples)`, and for an empty Poisson batch the first example's collated
+    structure cut to 0 examples: default collate functions fail on [], but DP-SGD must take the
+    (noise-only) step, since skipping it would reveal that the batch was empty."""
+
+    def __init__(self, dataset, collate_fn: Callable):
+        self.dataset, self.collate_fn = dataset, collate_fn
+
+    def __call__(self, examples: list):
+        if examples:
+            return self.collate_fn(examples)
+        return _empty_like(self.collate_fn([self.dataset[0]]))
+
+
+def poisson_data_loader(
+    dataset, expected_batch_size: int, steps: int, collate_fn: Callable | None = None,
+    generator: torch.Generator | None = None, **loader_options,
+) -> torch.utils.data.DataLoader:
+    """A DataLoader over `dataset` (map-style, with a length) whose every iteration yields `steps`
+    Poisson batches of expected size `expected_batch_size`, collated by `collate_fn` (torch's
+    default if None; an empty batch has every tensor cut to 0 examples). `loader_options` are
+    DataLoader's other keywords (num_workers, pin_memory, ...)."""
+    sampler = PoissonBatchSampler.from_batch_size(len(dataset), expected_batch_size, steps, generator)
+    collate = EmptyBatchCollate(dataset, collate_fn or torch.utils.data.default_collate)
+    return torch.utils.data.DataLoader(dataset, batch_sampler=_IndexLists(sampler), collate_fn=collate, **loader_options)

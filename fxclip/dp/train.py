@@ -26,8 +26,8 @@ import torch
 import torch.nn as nn
 from tqdm.auto import tqdm
 
-import fxclip
 from fxclip import zoo
+from fxclip.api import transform
 from fxclip.dp.accounting import ACCOUNTANTS, check_delta, check_epsilon, epsilon_spent, noise_multiplier_for_epsilon
 from fxclip.checks import check_integer, check_number
 from fxclip.clipping import clip_factors
@@ -245,7 +245,7 @@ def _train_epochs(
 
 def make_transform(model: nn.Module, config: TrainConfig):
     """fxclip's private step for `model` with per-example cross-entropy and config's clip bound."""
-    return fxclip.transform(
+    return transform(
         model, per_example_cross_entropy, max_grad_norm=config.max_grad_norm, compile=config.compile,
         max_physical_batch_size=config.physical_batch_size,
     )
