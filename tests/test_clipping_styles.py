@@ -1,0 +1,314 @@
+"""Clipping styles (transform(..., clipping=...)): flat, per_layer (one bound per parameter or per
+group of them) and automatic, each checked against the torch.func reference clipped the same way,
+for its privacy bound (removing one example moves the clipped sum by at most the style's
+sensitivity), compiled, in physical batches, on the whole-model fallback and with verify=True."""
+
+import math
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from helpers import relative_error
+
+import fxclip
+from fxclip.clipping import Clipping
+from fxclip.reference import any_per_example_grads, clip_and_sum
+from fxclip.zoo import ZOO
+
+
+def ce(out, y):
+    return F.cross_entropy(out, y, reduction="none")
+
+
+def batch_of(name: str, size: int, seed: int = 0, outlier: bool = True):
+    """A float64 zoo model and a batch whose example 2 (for float inputs) has a huge gradient."""
+    entry = ZOO[name]
+    torch.manual_seed(seed)
+    model = entry.factory().double()
+    (x,), y = entry.make_batch(size, torch.Generator().manual_seed(seed + 1))
+    if x.is_floating_point():
+        x = x.double()
+        if outlier:
+            x[2] *= 1e3
+    return model, x, y
+
+
+def trainable(model):
+    return [k for k, p in model.named_parameters() if p.requires_grad]
+
+
+def reference(model, x, y, bound, clipping: Clipping):
+    """(norms, factors, {name: clipped sum}, group norms) from torch.func's per-example gradients."""
+    return clip_and_sum(any_per_example_grads(model, ce, (x,), y)[0], bound, clipping)
+
+
+def step_sum(model, t, x, y):
+    for p in model.parameters():
+        p.grad = None
+    result = t.step(x, y)
+    return result, {k: p.grad.clone() for k, p in model.named_parameters()}
+
+
+def assert_matches_reference(model, t, x, y, bound, clipping: Clipping, rtol=1e-9):
+    result, grads = step_sum(model, t, x, y)
+    norms, factors, sums, group_norms = reference(model, x, y, bound, clipping)
+    assert relative_error(result.norms, norms) <= rtol
+    assert relative_error(result.clip_factors, factors) <= rtol
+    if group_norms is not None:
+        assert result.group_norms.shape == group_norms.shape
+        assert relative_error(result.group_norms, group_norms) <= rtol
+    scale = max(float(g.abs().max()) for g in sums.values())
+    for key, expected in sums.items():
+        assert relative_error(grads[key], expected, scale) <= rtol, key
+    return result
+
+
+def per_layer_bounds(model):
+    """A different bound per trainable parameter, some of which clip."""
+    return [0.05 * (j + 1) for j in range(len(trainable(model)))]
+
+
+STYLES = ["flat", "per_layer", "automatic"]
+
+
+@pytest.mark.parametrize("name", ["mlp", "small_cnn", "tied", "lstm"])
+@pytest.mark.parametrize("style", STYLES)
+def test_each_style_matches_the_reference(name, style):
+    model, x, y = batch_of(name, 6)
+    if style == "per_layer":
+        bounds = per_layer_bounds(model)
+        clipping = Clipping("per_layer", tuple((k,) for k in trainable(model)))
+        t = fxclip.transform(model, ce, max_grad_norm=bounds, clipping="per_layer")
+        result = assert_matches_reference(model, t, x, y, tuple(bounds), clipping)
+        assert result.clip_factors.shape == (6, len(bounds)) and result.groups == clipping.groups
+        assert (result.clip_factors < 1).any()
+    else:
+        t = fxclip.transform(model, ce, max_grad_norm=0.5, clipping=style)
+        result = assert_matches_reference(model, t, x, y, 0.5, Clipping(style))
+        assert result.group_norms is None and result.groups is None
+        if style == "automatic":  # every example is scaled, none to 1
+            torch.testing.assert_close(result.clip_factors, 0.5 / (result.norms + 0.01))
+
+
+def test_per_layer_groups_by_module_and_tuple_share_one_bound():
+    model, x, y = batch_of("small_cnn", 5)
+    names = trainable(model)
+    modules = sorted({k.rsplit(".", 1)[0] for k in names})
+    first, rest = modules[0], modules[1:]
+    bounds = {first: 0.1, tuple(rest): 0.3}
+    t = fxclip.transform(model, ce, max_grad_norm=bounds, clipping="per_layer")
+    groups = (tuple(k for k in names if k.startswith(first + ".")), tuple(k for m in rest for k in names if k.startswith(m + ".")))
+    result = assert_matches_reference(model, t, x, y, (0.1, 0.3), Clipping("per_layer", groups))
+    assert result.groups == groups
+    assert t.sensitivity == pytest.approx(math.sqrt(0.1**2 + 0.3**2))
+
+
+class WeightNormed(torch.nn.Module):
+    """A weight-normalized layer: its two parameters reach the op through one chain (a "general"
+    component), so per_layer with them in two groups needs each parameter's own norm."""
+
+    def __init__(self):
+        super().__init__()
+        self.l1 = torch.nn.utils.parametrizations.weight_norm(torch.nn.Linear(5, 7))
+        self.l2 = torch.nn.Linear(7, 3)
+
+    def forward(self, x):
+        return self.l2(torch.tanh(self.l1(x)))
+
+
+def test_per_layer_splits_a_product_of_parameters_into_their_groups():
+    torch.manual_seed(0)
+    model = WeightNormed().double()
+    x, y = torch.randn(6, 5, dtype=torch.float64), torch.randint(0, 3, (6,))
+    x[1] *= 100
+    names = trainable(model)
+    bounds = [0.02, 0.5, 0.1, 0.3, 0.2]
+    assert len(names) == len(bounds)
+    t = fxclip.transform(model, ce, max_grad_norm=bounds, clipping="per_layer")
+    assert_matches_reference(model, t, x, y, tuple(bounds), Clipping("per_layer", tuple((k,) for k in names)))
+    assert any(e.component.kind == "general" for e in t.program.plan)
+
+
+def sensitivity_of(style, model):
+    if style == "per_layer":
+        return per_layer_bounds(model), math.sqrt(sum(b * b for b in per_layer_bounds(model)))
+    return 0.8, 0.8
+
+
+@pytest.mark.parametrize("name", ["mlp", "small_cnn", "bow", "tied"])
+@pytest.mark.parametrize("style", STYLES)
+def test_removing_one_example_moves_the_sum_by_at_most_the_sensitivity(name, style):
+    model, x, y = batch_of(name, 6, seed=3)
+    bound, sens = sensitivity_of(style, model)
+    t = fxclip.transform(model, ce, max_grad_norm=bound, clipping=style)
+    assert t.sensitivity == pytest.approx(sens)
+    full, grads = step_sum(model, t, x, y)
+    assert (full.clip_factors < 1).any(), "the batch should need clipping for this test to mean anything"
+    flat = torch.cat([g.flatten() for g in grads.values()])
+    moved = []
+    for i in range(6):
+        keep = [j for j in range(6) if j != i]
+        _, without = step_sum(model, t, x[keep], y[keep])
+        moved.append(float((flat - torch.cat([g.flatten() for g in without.values()])).norm()))
+    assert max(moved) <= sens * (1 + 1e-6), (style, moved, sens)
+    if style != "automatic" and x.is_floating_point():  # the outlier is clipped: it moves the sum by about the bound
+        assert moved[2] > 0.5 * sens
+
+
+@pytest.mark.compile
+@pytest.mark.parametrize("style", ["per_layer", "automatic"])
+def test_compiled_styles_match_eager_and_a_new_bound_does_not_recompile(style):
+    torch.manual_seed(0)
+    eager_model = ZOO["mlp"].factory()
+    compiled_model = ZOO["mlp"].factory()
+    compiled_model.load_state_dict(eager_model.state_dict())
+    n = len(trainable(eager_model))
+    first = [0.05 * (j + 1) for j in range(n)] if style == "per_layer" else 0.5
+    second = [0.3] * n if style == "per_layer" else 0.05
+    eager = fxclip.transform(eager_model, ce, first, clipping=style)
+    compiled = fxclip.transform(compiled_model, ce, first, clipping=style, compile=True)
+    gen = torch.Generator().manual_seed(1)
+    for size, bound in ((9, first), (5, second), (12, second)):
+        eager.max_grad_norm = compiled.max_grad_norm = bound
+        (x,), y = ZOO["mlp"].make_batch(size, gen)
+        for m in (eager_model, compiled_model):
+            m.zero_grad(set_to_none=True)
+        want, got = eager.step(x, y), compiled.step(x, y)
+        for field in ("norms", "clip_factors", "group_norms"):
+            if getattr(want, field) is not None:
+                torch.testing.assert_close(getattr(got, field), getattr(want, field), rtol=1e-4, atol=1e-5)
+        for p, q in zip(eager_model.parameters(), compiled_model.parameters()):
+            torch.testing.assert_close(q.grad, p.grad, rtol=1e-4, atol=1e-5)
+    (capture,) = compiled.captures
+    assert capture.step.compiled.compiles == 1
+
+
+@pytest.mark.parametrize("style", STYLES)
+def test_physical_batches_give_the_same_step(style):
+    model, x, y = batch_of("small_cnn", 7)
+    bound = per_layer_bounds(model) if style == "per_layer" else 0.5
+    whole = fxclip.transform(model, ce, bound, clipping=style)
+    chunked = fxclip.transform(model, ce, bound, clipping=style, max_physical_batch_size=3)
+    want, want_grads = step_sum(model, whole, x, y)
+    got, got_grads = step_sum(model, chunked, x, y)
+    torch.testing.assert_close(got.clip_factors, want.clip_factors, rtol=1e-10, atol=1e-12)
+    if style == "per_layer":
+        torch.testing.assert_close(got.group_norms, want.group_norms, rtol=1e-10, atol=1e-12)
+    for key in want_grads:
+        torch.testing.assert_close(got_grads[key], want_grads[key], rtol=1e-10, atol=1e-12)
+
+
+class Branching(torch.nn.Module):
+    """Python control flow on a value: torch.export cannot capture it (the whole-model fallback)."""
+
+    def __init__(self):
+        super().__init__()
+        self.l1, self.l2 = torch.nn.Linear(5, 6), torch.nn.Linear(6, 3)
+
+    def forward(self, x):
+        h = torch.tanh(self.l1(x))
+        return self.l2(h if float(h.sum()) > -1e9 else -h)
+
+
+@pytest.mark.parametrize("style", STYLES)
+def test_the_whole_model_fallback_clips_in_each_style(style):
+    torch.manual_seed(0)
+    model = Branching().double()
+    x, y = torch.randn(5, 5, dtype=torch.float64), torch.randint(0, 3, (5,))
+    x[0] *= 50
+    names = trainable(model)
+    bound = [0.1, 0.2, 0.3, 0.4] if style == "per_layer" else 0.3
+    t = fxclip.transform(model, ce, bound, clipping=style)
+    clipping = Clipping(style, tuple((k,) for k in names) if style == "per_layer" else ())
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", fxclip.FallbackWarning)
+        assert_matches_reference(model, t, x, y, tuple(bound) if style == "per_layer" else bound, clipping)
+    assert t.fallbacks and "whole model" in t.fallbacks[0]
+
+
+@pytest.mark.parametrize("style", STYLES)
+def test_verify_checks_each_style(style, monkeypatch):
+    model, x, y = batch_of("mlp", 6)
+    bound = per_layer_bounds(model) if style == "per_layer" else 0.5
+    t = fxclip.transform(model, ce, bound, clipping=style, verify=True)
+    t.step(x, y)  # passes: the step and the reference clip alike
+    # a reference that clips the flat way must disagree with a per_layer or automatic step
+    from fxclip import verify
+
+    def flat(grads, bound, clipping):  # the flat style's norms, factors and sums; the style's group norms
+        return (*clip_and_sum(grads, max(bound) if isinstance(bound, tuple) else bound)[:3], clip_and_sum(grads, bound, clipping)[3])
+
+    monkeypatch.setattr(verify, "clip_and_sum", flat)
+    t = fxclip.transform(model, ce, bound, clipping=style, verify=True)
+    if style == "flat":
+        t.step(x, y)
+    else:
+        with pytest.raises(fxclip.VerificationError):
+            t.step(x, y)
+
+
+def test_per_layer_follows_freezing_and_a_dict_names_parameters():
+    model, x, y = batch_of("mlp", 5)
+    names = trainable(model)
+    t = fxclip.transform(model, ce, {k: 0.1 for k in names}, clipping="per_layer")
+    t.step(x, y)
+    frozen = names[0]
+    model.get_parameter(frozen).requires_grad_(False)
+    with pytest.raises(fxclip.FxclipError, match=f"{frozen!r}, which is frozen"):
+        t.step(x, y)
+    t.max_grad_norm = {k: 0.1 for k in names[1:]}
+    result = t.step(x, y)
+    assert result.group_norms.shape == (5, len(names) - 1)
+
+
+def test_step_hooks_see_every_result_until_removed():
+    model, x, y = batch_of("mlp", 4)
+    t = fxclip.transform(model, ce, 1.0)
+    seen = []
+    handle = t.register_step_hook(seen.append)
+    r = t.step(x, y)
+    handle.remove()
+    t.step(x, y)
+    assert seen == [r]
+
+
+# ---- bad input: a clear error naming it, nothing stepped ----------------------------------------
+
+
+BAD = [
+    (lambda names: [0.1] * (len(names) - 1), "has 5 per-layer bounds but the model has 6 trainable"),
+    (lambda names: [0.1] * (len(names) - 1) + [0.0], r"max_grad_norm\[5\] must be a finite number > 0, got 0.0"),
+    (lambda names: [float("nan")] + [0.1] * (len(names) - 1), r"max_grad_norm\[0\] must be a finite number > 0, got nan"),
+    (lambda names: {**{k: 0.1 for k in names}, "nope.weight": 0.1}, "'nope.weight', which is not a trainable parameter or a module"),
+    (lambda names: {k: 0.1 for k in names[1:]}, "no bound for the trainable parameter"),
+    (lambda names: {**{k: 0.1 for k in names}, (names[0], "x"): 0.2}, "names {0!r} in two groups"),
+    (lambda names: {names[0].split(".")[0]: 0.1, **{k: 0.1 for k in names}}, "is in two groups"),
+    (lambda names: {k: -1 for k in names}, r"max_grad_norm\[.*\] must be a finite number > 0"),
+    (lambda names: 1.0, 'clipping="per_layer" takes max_grad_norm as a list'),
+]
+
+
+@pytest.mark.parametrize("make, message", BAD)
+def test_bad_per_layer_bounds_are_refused_by_name_before_any_step(make, message):
+    model, _, _ = batch_of("mlp", 4)
+    names = trainable(model)
+    message = message.replace("{0!r}", repr(names[0]))
+    with pytest.raises(fxclip.FxclipError, match=message):
+        fxclip.transform(model, ce, make(names), clipping="per_layer")
+    t = fxclip.transform(model, ce, [0.1] * len(names), clipping="per_layer")
+    with pytest.raises(fxclip.FxclipError, match=message):
+        t.max_grad_norm = make(names)
+    assert all(p.grad is None for p in model.parameters())
+    assert t.max_grad_norm == tuple([0.1] * len(names))
+
+
+def test_bad_style_and_gamma_are_refused():
+    model, _, _ = batch_of("mlp", 3)
+    with pytest.raises(fxclip.FxclipError, match="clipping must be one of"):
+        fxclip.transform(model, ce, 1.0, clipping="layerwise")
+    with pytest.raises(fxclip.FxclipError, match="automatic_gamma must be a finite number > 0"):
+        fxclip.transform(model, ce, 1.0, clipping="automatic", automatic_gamma=0)
+    with pytest.raises(fxclip.FxclipError, match='pass clipping="per_layer"'):
+        fxclip.transform(model, ce, [1.0, 2.0])
