@@ -9,7 +9,6 @@ import warnings
 import pytest
 import torch
 import torch.nn.functional as F
-
 from helpers import relative_error
 
 import fxclip
@@ -312,3 +311,162 @@ def test_bad_style_and_gamma_are_refused():
         fxclip.transform(model, ce, 1.0, clipping="automatic", automatic_gamma=0)
     with pytest.raises(fxclip.FxclipError, match='pass clipping="per_layer"'):
         fxclip.transform(model, ce, [1.0, 2.0])
+
+
+# ---- adaptive clipping (Andrew et al. 2021) -------------------------------------------------------
+
+
+def test_the_adaptive_gradient_noise_keeps_the_stated_privacy():
+    """Theorem 1: the gradient at sigma_grad and the centred count (sensitivity 1/2) at sigma_b are
+    together one Gaussian mechanism at the stated sigma; dp_accounting composes them to its epsilon."""
+    import dp_accounting
+    from dp_accounting.rdp import rdp_privacy_accountant
+
+    from fxclip.accounting import adaptive_clipping_noise_multiplier
+
+    sigma, sigma_b = 1.1, 3.0
+    sigma_grad = adaptive_clipping_noise_multiplier(sigma, sigma_b)
+    assert sigma_grad == pytest.approx((sigma**-2 - (2 * sigma_b) ** -2) ** -0.5) and sigma_grad > sigma
+
+    def epsilon(event):
+        acc = rdp_privacy_accountant.RdpAccountant()
+        acc.compose(event, 100)
+        return acc.get_epsilon(1e-5)
+
+    both = dp_accounting.ComposedDpEvent([dp_accounting.GaussianDpEvent(sigma_grad), dp_accounting.GaussianDpEvent(2 * sigma_b)])
+    assert epsilon(both) == pytest.approx(epsilon(dp_accounting.GaussianDpEvent(sigma)), rel=1e-9)
+    assert epsilon(dp_accounting.GaussianDpEvent(sigma_grad)) < epsilon(dp_accounting.GaussianDpEvent(sigma))
+    with pytest.raises(ValueError, match="count_noise_std 0.5 must exceed noise_multiplier / 2 = 0.55"):
+        adaptive_clipping_noise_multiplier(sigma, 0.5)
+    assert adaptive_clipping_noise_multiplier(0.0, 1.0) == 0.0
+
+
+def adaptive_setup(batch: int, bound: float = 1.0, sigma: float = 0.0, count_noise_std: float | None = None, **kwargs):
+    from fxclip.optim import AdaptiveClipping, PrivateOptimizer
+
+    model, x, y = batch_of("mlp", batch, outlier=False)
+    t = fxclip.transform(model, ce, bound)
+    adaptive = AdaptiveClipping(t, target_quantile=0.5, expected_batch_size=batch, count_noise_std=count_noise_std, **kwargs)
+    opt = PrivateOptimizer(
+        torch.optim.SGD(model.parameters(), lr=0.0), noise_multiplier=sigma, expected_batch_size=batch,
+        adaptive_clipping=adaptive, generator=torch.Generator().manual_seed(0),
+    )
+    return model, x, y, t, adaptive, opt
+
+
+def test_the_bound_moves_geometrically_from_the_noised_unclipped_fraction():
+    _, x, y, t, _, opt = adaptive_setup(16, bound=1.0, count_noise_std=1e-9, learning_rate=0.3)
+    for _ in range(3):
+        before = t.max_grad_norm
+        opt.zero_grad()
+        result = t.step(x[:10], y[:10])  # accumulated over two physical batches
+        result2 = t.step(x[10:], y[10:])
+        unclipped = float((torch.cat([result.norms, result2.norms]) <= before).double().mean())
+        opt.step()
+        assert t.max_grad_norm == pytest.approx(before * math.exp(-0.3 * (unclipped - 0.5)), rel=1e-6)
+        assert opt.max_grad_norm == t.max_grad_norm
+
+
+def test_the_bound_converges_to_the_target_quantile_of_the_norms():
+    _, x, y, t, _, opt = adaptive_setup(64, bound=50.0)  # the paper's sigma_b = 64 / 20
+    for _ in range(80):
+        opt.zero_grad()
+        t.step(x, y)
+        opt.step()
+    norms = t.step(x, y).norms  # the model did not move (lr 0): the same norms every step
+    assert 0.3 <= float((norms <= t.max_grad_norm).double().mean()) <= 0.7, (t.max_grad_norm, norms.median())
+
+
+def test_adaptive_noise_uses_the_current_bound_and_the_raised_multiplier():
+    _, _, _, t, _, opt = adaptive_setup(40, bound=0.7, sigma=1.0)  # sigma_b = 40 / 20
+    assert opt.noise_multiplier == 1.0 and opt.gradient_noise_multiplier == pytest.approx((1 - 4.0**-2) ** -0.5)
+    assert opt.noise_std == pytest.approx(opt.gradient_noise_multiplier * 0.7)
+    t.max_grad_norm = 0.2
+    assert opt.noise_std == pytest.approx(opt.gradient_noise_multiplier * 0.2)
+
+
+def test_adaptive_clipping_refuses_what_it_cannot_adapt():
+    from fxclip.optim import AdaptiveClipping, PrivateOptimizer
+
+    model, _, _ = batch_of("mlp", 3)
+    for style, bound in (("per_layer", [1.0] * 6), ("automatic", 1.0)):
+        with pytest.raises(ValueError, match=f'this transform clips "{style}"'):
+            AdaptiveClipping(fxclip.transform(model, ce, bound, clipping=style), target_quantile=0.5, expected_batch_size=8)
+    t = fxclip.transform(model, ce, 1.0)
+    with pytest.raises(ValueError, match="target_quantile must be a finite number >= 0 and <= 1"):
+        AdaptiveClipping(t, target_quantile=1.5, expected_batch_size=8)
+    adaptive = AdaptiveClipping(t, target_quantile=0.5, expected_batch_size=8)
+    with pytest.raises(ValueError, match="leave max_grad_norm out"):
+        PrivateOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), noise_multiplier=1.0, max_grad_norm=1.0,
+                         expected_batch_size=8, adaptive_clipping=adaptive)
+    with pytest.raises(ValueError, match="must exceed noise_multiplier / 2"):
+        PrivateOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), noise_multiplier=1.0, expected_batch_size=8,
+                         adaptive_clipping=AdaptiveClipping(t, target_quantile=0.5, expected_batch_size=8, count_noise_std=0.4))
+
+
+# ---- data parallel: two gloo processes against one process on the union batch ----------------------
+
+
+def _ddp_worker(rank: int, port: int, out_path: str) -> None:
+    import torch.distributed as dist
+
+    from fxclip.distributed import DistributedPrivateOptimizer
+    from fxclip.optim import AdaptiveClipping
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    try:
+        torch.set_num_threads(1)
+        dist.barrier()
+        out = _ddp_run(rank, lambda **kw: DistributedPrivateOptimizer(**kw), AdaptiveClipping)
+        if rank == 0:
+            torch.save(out, out_path)
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
+
+
+def _ddp_run(rank, make_optimizer, adaptive_cls) -> dict:
+    """per_layer grads (sigma 0) and the adaptive bounds over 3 steps, on this rank's half of the batch
+    (all of it in one process: rank None)."""
+    model, x, y = batch_of("mlp", 12)
+    mine = torch.arange(12) if rank is None else torch.arange(rank, 12, 2)
+    bounds = per_layer_bounds(model)
+    t = fxclip.transform(model, ce, bounds, clipping="per_layer")
+    opt = make_optimizer(optimizer=torch.optim.SGD(model.parameters(), lr=0.0), noise_multiplier=0.0,
+                         max_grad_norm=t.sensitivity, expected_batch_size=12)
+    opt.zero_grad()
+    t.step(x[mine], y[mine])
+    opt.add_noise_and_average()
+    grads = torch.cat([p.grad.flatten() for p in model.parameters()])
+    flat = fxclip.transform(model, ce, 1.0)
+    adaptive = adaptive_cls(flat, target_quantile=0.5, expected_batch_size=12, count_noise_std=1e-9)
+    opt = make_optimizer(optimizer=torch.optim.SGD(model.parameters(), lr=0.0), noise_multiplier=0.0,
+                         expected_batch_size=12, adaptive_clipping=adaptive)
+    bounds_seen = []
+    for _ in range(3):
+        opt.zero_grad()
+        flat.step(x[mine], y[mine])
+        opt.step()
+        bounds_seen.append(flat.max_grad_norm)
+    return {"grads": grads, "bounds": torch.tensor(bounds_seen, dtype=torch.float64)}
+
+
+def test_data_parallel_per_layer_and_adaptive_equal_one_process():
+    import socket
+    import tempfile
+
+    import torch.multiprocessing as mp
+
+    from fxclip.optim import AdaptiveClipping, PrivateOptimizer
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    with tempfile.TemporaryDirectory() as tmp:
+        path = f"{tmp}/out.pt"
+        mp.start_processes(_ddp_worker, args=(port, path), nprocs=2, start_method="spawn")
+        two = torch.load(path)
+    one = _ddp_run(None, lambda **kw: PrivateOptimizer(**kw), AdaptiveClipping)
+    torch.testing.assert_close(two["grads"], one["grads"], rtol=1e-9, atol=1e-12)
+    torch.testing.assert_close(two["bounds"], one["bounds"], rtol=1e-6, atol=0)
+    assert len(set(one["bounds"].tolist())) == 3  # the bound moved every step
