@@ -470,3 +470,52 @@ def test_data_parallel_per_layer_and_adaptive_equal_one_process():
     torch.testing.assert_close(two["grads"], one["grads"], rtol=1e-9, atol=1e-12)
     torch.testing.assert_close(two["bounds"], one["bounds"], rtol=1e-6, atol=0)
     assert len(set(one["bounds"].tolist())) == 3  # the bound moved every step
+
+
+# ---- fxclip train --clipping / --target-quantile -------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "style, quantile",
+    [pytest.param("per_layer", None, marks=pytest.mark.slow), pytest.param("automatic", None, marks=pytest.mark.slow), ("flat", 0.5)],
+)
+def test_private_training_runs_each_style_to_its_epsilon(style, quantile):
+    from fxclip.data import load_digits
+    from fxclip.train import TrainConfig, build_model, summary_lines, train_private
+
+    digits = load_digits()
+    config = TrainConfig(epochs=2, compile=False, epsilon=4.0, clipping=style, target_quantile=quantile)
+    torch.manual_seed(0)
+    history, plan = train_private(build_model("mlp", digits), digits, config, progress=False)
+    assert 3.9 < history.epochs[-1].epsilon <= 4.0
+    assert history.final_accuracy > 0.3  # chance is 0.1
+    speed = {"batch_size": 128, "fxclip_seconds": 1.0, "nonprivate_seconds": 1.0, "naive_seconds": 1.0, "fxclip_eager_seconds": 1.0}
+    privacy_line = summary_lines(config, digits, plan, history, history, speed)[1]
+    if quantile:
+        assert history.final_max_grad_norm != 1.0
+        assert f"adapted to quantile 0.5: {history.final_max_grad_norm:.3g} at the end" in privacy_line
+    else:  # per_layer: K bounds of 1/sqrt(K), sensitivity 1
+        assert history.final_max_grad_norm == pytest.approx(1.0) and f"clip 1 {style}" in privacy_line
+
+
+def test_fxclip_train_takes_the_clipping_options():
+    from fxclip.cli import build_parser
+
+    args = build_parser().parse_args(["train", "--clipping", "flat", "--target-quantile", "0.7"])
+    assert (args.clipping, args.target_quantile) == ("flat", 0.7)
+    assert build_parser().parse_args(["train"]).target_quantile is None
+
+
+@pytest.mark.parametrize(
+    "changes, message",
+    [
+        ({"clipping": "layer"}, "unknown clipping style 'layer'"),
+        ({"clipping": "per_layer", "target_quantile": 0.5}, "use --clipping flat, not per_layer"),
+        ({"target_quantile": 2.0}, "target_quantile must be a finite number >= 0 and <= 1"),
+    ],
+)
+def test_fxclip_train_refuses_bad_clipping_settings(changes, message):
+    from fxclip.train import TrainConfig
+
+    with pytest.raises(ValueError, match=message):
+        TrainConfig(**changes).validate()
