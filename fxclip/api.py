@@ -151,6 +151,13 @@ class PrivateStep:
         clipping, bounds = self._clipping(_trainable(dict(self.model.named_parameters())))
         return sensitivity(clipping.style, bounds)
 
+    @property
+    def clip_settings(self) -> tuple[Clipping, float | tuple[float, ...]]:
+        """(the step's `clipping.Clipping`, the bound its program takes: C, or one per group), for
+        the model as it is now: what `program(flat_args, bound, strategy, clipping=...)` needs."""
+        clipping, bounds = self._clipping(_trainable(dict(self.model.named_parameters())))
+        return clipping, _bound_arg(clipping, bounds)
+
     def register_step_hook(self, hook: Callable) -> StepHookHandle:
         """`hook(result: StepResult)` is called after every step with its result (adaptive
         clipping counts the examples a bound left unclipped this way); `handle.remove()` ends it."""

@@ -519,3 +519,16 @@ def test_fxclip_train_refuses_bad_clipping_settings(changes, message):
 
     with pytest.raises(ValueError, match=message):
         TrainConfig(**changes).validate()
+
+
+@pytest.mark.parametrize("style", ["per_layer", "automatic"])
+def test_explain_and_graph_run_the_step_in_its_style(style):
+    model, x, y = batch_of("mlp", 4)
+    bound = per_layer_bounds(model) if style == "per_layer" else 0.5
+    t = fxclip.transform(model, ce, bound, clipping=style)
+    assert [r.name for r in t.explain(x, y).rows] == trainable(model)
+    graph = t.graph(x, y)
+    assert graph.phase_counts()["book-keeping"] > 0
+    out = graph.gm(*t.bind(x, y).flat_args)
+    result = t.step(x, y)
+    torch.testing.assert_close(out[2], result.clip_factors)  # the traced step clips as the step does
