@@ -163,13 +163,20 @@ def _listed(names: list[str], most: int = 6) -> str:
     return shown + (f", ... ({len(names)} in all)" if len(names) > most else "")
 
 
-class StepOutput(NamedTuple):
-    """One private step on a batch: per-example losses, gradient norms (before clipping) and clip
-    factors ([B], or [B, G] per group for per_layer clipping), each trainable parameter's clipped
-    gradient sum Σ_i c_i ∇θ L_i by name, and, per_layer, each group's norms [B, G]."""
-
+class _StepOutputFields(NamedTuple):
     losses: torch.Tensor
     norms: torch.Tensor
     clip_factors: torch.Tensor
     grads: dict[str, torch.Tensor]
-    group_norms: torch.Tensor | None = None
+
+
+class StepOutput(_StepOutputFields):
+    """One private step on a batch: per-example losses, gradient norms (before clipping) and clip
+    factors ([B], or [B, G] per group for per_layer clipping), and each trainable parameter's
+    clipped gradient sum Σ_i c_i ∇θ L_i by name; unpacks as those four. `group_norms`: per_layer,
+    each group's norms [B, G] (an attribute, not a fifth item: callers unpack four), else None."""
+
+    def __new__(cls, losses, norms, clip_factors, grads, group_norms: torch.Tensor | None = None):
+        output = super().__new__(cls, losses, norms, clip_factors, grads)
+        output.group_norms = group_norms
+        return output

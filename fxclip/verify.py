@@ -25,7 +25,8 @@ def verify_step(
         )
     k = min(examples, pytree.tree_leaves(targets)[0].shape[0])
     sub_inputs, sub_targets = select_examples(inputs, targets, dims, 0, k)
-    _, norms, _, grads, group_norms = step.program(step.bind(sub_inputs, sub_targets).flat_args, max_grad_norm, strategy, clipping=clipping)
+    output = step.program(step.bind(sub_inputs, sub_targets).flat_args, max_grad_norm, strategy, clipping=clipping)
+    norms, grads, group_norms = output.norms, output.grads, output.group_norms
     ref, _ = any_per_example_grads(step.model, step.loss_fn, sub_inputs, sub_targets, dims)
     ref_norms, _, ref_clipped, ref_group_norms = clip_and_sum(ref, max_grad_norm, clipping)
     tol = 1e-6 if norms.dtype == torch.float64 else 1e-3

@@ -198,9 +198,9 @@ class CompiledStep:
     # ---- tracing and compiling ---------------------------------------------------------------
 
     def _traced(self, bounds: torch.Tensor, *flat_args):
-        losses, norms, clip, grads, group_norms = self.program(list(flat_args), bounds, self.strategy, clipping=self.clipping)
-        per_group = () if group_norms is None else (group_norms,)
-        return (losses, norms, clip, *per_group, *(grads[k] for k in self.param_keys))
+        output = self.program(list(flat_args), bounds, self.strategy, clipping=self.clipping)
+        per_group = () if output.group_norms is None else (output.group_norms,)
+        return (*output[:3], *per_group, *(output.grads[k] for k in self.param_keys))
 
     def _trace(
         self, bucket: int | None, bounds: torch.Tensor, args: list, device: torch.device | None = None
