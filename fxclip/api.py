@@ -134,7 +134,8 @@ class PrivateStep:
 
     @property
     def max_grad_norm(self) -> float:
-        """The clipping bound C; may be changed between steps (a schedule), also when compiled."""
+        """The clipping bound C (per_layer: the tuple or dict of bounds per group); may be changed
+        between steps (a schedule, adaptive clipping), also when compiled, without recompiling."""
         return self.options.max_grad_norm
 
     @max_grad_norm.setter

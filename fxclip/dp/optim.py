@@ -65,7 +65,8 @@ class PrivateOptimizer:
     Args:
         optimizer: any torch.optim optimizer over the model's parameters.
         noise_multiplier: sigma; the noise added to each clipped sum has std sigma * max_grad_norm.
-        max_grad_norm: C, the clip bound used by the transform.
+        max_grad_norm: C, the clip bound used by the transform (its `sensitivity`, sqrt(Σ_j C_j²),
+            for per_layer clipping: what one example can move the clipped sum by).
         expected_batch_size: q*N, the divisor of the noisy sum (fixed, not the drawn batch size,
             so that the divisor reveals nothing about the batch).
         secure_noise: draw noise from the OS's cryptographically secure source.
