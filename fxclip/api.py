@@ -15,6 +15,7 @@ import torch.utils._pytree as pytree
 from .batch import run_in_chunks
 from .batch_checks import checked_batch, raise_if_an_empty_batch_fails, raise_if_not_finite
 from .captures import Capture, CaptureCache
+from .clipping import AUTOMATIC_GAMMA, Clipping, sensitivity
 from .errors import FxclipError
 from .options import StepOptions
 from .passes import StepProgram
@@ -29,7 +30,9 @@ class StepResult:
 
     losses: torch.Tensor
     norms: torch.Tensor  # ‖∇θ L_i‖ over all trainable parameters, before clipping
-    clip_factors: torch.Tensor  # min(1, C / (norm + clipping.EPS))
+    clip_factors: torch.Tensor  # min(1, C / (norm + clipping.EPS)); automatic: C / (norm + γ); per_layer: [B, G]
+    group_norms: torch.Tensor | None = None  # per_layer: ‖∇ L_i‖ over each group's parameters [B, G]
+    groups: tuple[tuple[str, ...], ...] | None = None  # per_layer: each group's parameter names
 
     @property
     def batch_size(self) -> int:
@@ -48,6 +51,8 @@ def transform(
     compile: bool | str = False,
     max_physical_batch_size: int | None = None,
     cuda_graphs: bool | None = None,
+    clipping: str = "flat",
+    automatic_gamma: float = AUTOMATIC_GAMMA,
 ) -> "PrivateStep":
     """Make `model` trainable with per-example clipping.
 
@@ -67,13 +72,23 @@ def transform(
     kernel (on an H200, 2.1x-5.6x faster than without on the zoo, docs/benchmarks.md); `cuda_graphs=False`
     turns that off, `cuda_graphs=True` requires it (an error off CUDA).
 
+    `clipping` is the style (fxclip/clipping.py): "flat" clips each example's whole gradient to
+    `max_grad_norm` (min(1, C / (‖g_i‖ + 1e-6))); "automatic" scales it by C / (‖g_i‖ +
+    `automatic_gamma`); "per_layer" takes `max_grad_norm` as a list with one bound per trainable
+    parameter (model.parameters() order) or a dict {name: bound} whose names are parameters or
+    modules (all their trainable parameters), or tuples of names for a group sharing one bound,
+    and clips each group of each example to its bound. `t.sensitivity` is then sqrt(Σ_j C_j²),
+    what one example can move the clipped sum by (C for the other styles): the noise's scale.
+
     A model wrapped in DistributedDataParallel is unwrapped (its `.module` is captured); the
     clipped sums are then all-reduced by `fxclip.distributed`, not by DDP (see docs/distributed.md).
     Calling `step` inside `torch.autocast` runs the forward in reduced precision; norms, clip
     factors and clipped sums are accumulated in float32 (see docs/mixed_precision.md)."""
     if isinstance(model, torch.nn.parallel.DistributedDataParallel):
         model = model.module
-    options = StepOptions(max_grad_norm, batch_dims, strategy, verify, memory_budget, compile, max_physical_batch_size, cuda_graphs)
+    options = StepOptions(
+        max_grad_norm, batch_dims, strategy, verify, memory_budget, compile, max_physical_batch_size, cuda_graphs, clipping, automatic_gamma
+    )
     return PrivateStep(model, loss_fn, options)
 
 
@@ -109,18 +124,49 @@ class PrivateStep:
             raise FxclipError(f"model must be a torch.nn.Module, got a {type(model).__name__}; wrap a function in an nn.Module")
         reject_batch_statistics(model)  # before any step (capture checks it again, for a model changed since)
         self.model, self.loss_fn, self.options = model, loss_fn, options
+        self._clipping_for: tuple | None = None  # (options, trainable names) -> (Clipping, bounds), the last ones
+        if options.clipping == "per_layer":
+            options.clipping_for(model)  # the bounds checked against the model before any step
+        self._hooks: dict[int, Callable] = {}
         self._captures = CaptureCache(model, loss_fn)
         self._last: Capture | None = None  # the capture the last step ran
         self._verified = False
 
     @property
     def max_grad_norm(self) -> float:
-        """The clipping bound C; may be changed between steps (a schedule), also when compiled."""
+        """The clipping bound C (per_layer: the tuple or dict of bounds per group); may be changed
+        between steps (a schedule, adaptive clipping), also when compiled, without recompiling."""
         return self.options.max_grad_norm
 
     @max_grad_norm.setter
     def max_grad_norm(self, value) -> None:
-        self.options = dataclasses.replace(self.options, max_grad_norm=value)
+        options = dataclasses.replace(self.options, max_grad_norm=value)
+        options.clipping_for(self.model)  # a per_layer bound checked against the model before it is kept
+        self.options = options
+
+    @property
+    def sensitivity(self) -> float:
+        """How far one example can move the clipped sum (the L2 norm): C for flat and automatic
+        clipping, sqrt(Σ_j C_j²) over the groups for per_layer. Noise is calibrated to it: pass it
+        as `max_grad_norm` to `fxclip.optim.PrivateOptimizer`."""
+        clipping, bounds = self._clipping(_trainable(dict(self.model.named_parameters())))
+        return sensitivity(clipping.style, bounds)
+
+    @property
+    def clip_settings(self) -> tuple[Clipping, float | tuple[float, ...]]:
+        """(the step's `clipping.Clipping`, the bound its program takes: C, or one per group), for
+        the model as it is now: what `program(flat_args, bound, strategy, clipping=...)` needs."""
+        clipping, bounds = self._clipping(_trainable(dict(self.model.named_parameters())))
+        return clipping, _bound_arg(clipping, bounds)
+
+    def register_step_hook(self, hook: Callable) -> StepHookHandle:
+        """`hook(result: StepResult)` is called after every step with its result (adaptive
+        clipping counts the examples a bound left unclipped this way); `handle.remove()` ends it."""
+        if not callable(hook):
+            raise FxclipError(f"a step hook must be a function of the StepResult, got a {type(hook).__name__}")
+        handle = StepHookHandle(self._hooks)
+        self._hooks[handle.id] = hook
+        return handle
 
     @property
     def strategy(self) -> str:
@@ -141,33 +187,48 @@ class PrivateStep:
         inputs, batch, dims = checked_batch(inputs, targets, self.options.batch_dims)
         params = dict(self.model.named_parameters())
         trainable = _trainable(params)
+        clipping, bounds = self._clipping(trainable)
+        groups = clipping.groups if clipping.per_group else None
         if batch == 0:
             if not self._captures.has(inputs, targets, dims):  # a capture has these shapes: they fit
                 raise_if_an_empty_batch_fails(self.model, self.loss_fn, inputs, targets, dims)
             _accumulate(trainable, {})
-            empty = torch.zeros(0)
-            return StepResult(empty, empty, empty)
+            empty, per_group = torch.zeros(0), None if groups is None else torch.zeros(0, len(groups))
+            return self._result(StepResult(empty, empty, empty if groups is None else per_group, per_group, groups))
         capture = self._captures.get(inputs, targets, dims, self.options)
         try:
-            output = self._run(capture, inputs, targets, dims, batch, params)
+            output = self._run(capture, inputs, targets, dims, batch, params, clipping, bounds)
         except BaseException:
             self._captures.discard_unless_completed(capture)
             raise
         capture.completed, self._last = True, capture
         if self.verify and capture.step.verifiable:
-            verify_step(capture.step, inputs, targets, dims, self.max_grad_norm, self.strategy)
+            verify_step(capture.step, inputs, targets, dims, _bound_arg(clipping, bounds), self.strategy, clipping=clipping)
             self._verified = True
         _accumulate(trainable, output.grads)
-        return StepResult(output.losses, output.norms, output.clip_factors)
+        return self._result(StepResult(output.losses, output.norms, output.clip_factors, output.group_norms, groups))
 
-    def _run(self, capture: Capture, inputs: tuple, targets, dims: tuple, batch: int, params: dict):
+    def _result(self, result: StepResult) -> StepResult:
+        for hook in list(self._hooks.values()):
+            hook(result)
+        return result
+
+    def _clipping(self, trainable: dict) -> tuple[Clipping, tuple[float, ...]]:
+        """The step's Clipping and bounds (`StepOptions.clipping_for`), kept while the options and
+        the trainable parameters stay."""
+        key = (self.options, tuple(trainable))
+        if self._clipping_for is None or self._clipping_for[0] != key:
+            self._clipping_for = (key, self.options.clipping_for(self.model))
+        return self._clipping_for[1]
+
+    def _run(self, capture: Capture, inputs: tuple, targets, dims: tuple, batch: int, params: dict, clipping: Clipping, bounds: tuple):
         """The batch's StepOutput, in physical batches of at most max_physical_batch_size
         examples (and the capture's batch limit); again with float64 norms if one overflowed."""
         size = min(self.options.max_physical_batch_size or batch, capture.step.batch_limit or batch)
-        run = lambda safe: run_in_chunks(  # noqa: E731
-            partial(capture, max_grad_norm=self.max_grad_norm, strategy=self.strategy, safe=safe, params=params),
-            inputs, targets, dims, batch, size,
-        )
+        step = partial(capture, max_grad_norm=_bound_arg(clipping, bounds), strategy=self.strategy, params=params, clipping=clipping)
+        def run(safe: bool):
+            return run_in_chunks(partial(step, safe=safe), inputs, targets, dims, batch, size)
+
         output = run(False)
         # a sum is finite iff its terms are (or it overflowed: the exact check sorts that out): two
         # reductions and one device sync instead of elementwise checks
@@ -223,6 +284,24 @@ class PrivateStep:
         if self._last is None:
             raise FxclipError("no step has run yet: call step(inputs, targets) first")
         return self._last.step.program
+
+
+class StepHookHandle:
+    """What `PrivateStep.register_step_hook` returns: `remove()` unregisters the hook."""
+
+    _next_id = 0
+
+    def __init__(self, hooks: dict):
+        self._hooks, self.id = hooks, StepHookHandle._next_id
+        StepHookHandle._next_id += 1
+
+    def remove(self) -> None:
+        self._hooks.pop(self.id, None)
+
+
+def _bound_arg(clipping: Clipping, bounds: tuple[float, ...]):
+    """The bound a step takes: C (a float), or the tuple of per-group bounds."""
+    return bounds if clipping.per_group else bounds[0]
 
 
 def _trainable(params: dict) -> dict:

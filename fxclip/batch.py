@@ -43,7 +43,7 @@ def select_examples(inputs: tuple, targets, dims, start: int, n: int) -> tuple:
 def run_in_chunks(run: Callable[[tuple, object], StepOutput], inputs: tuple, targets, dims, batch: int, size: int) -> StepOutput:
     """`run(inputs, targets)` on physical batches of at most `size` examples (slices along each
     input's batch dim and the targets' dim 0), combined as one batch's result: per-example
-    vectors concatenated, clipped sums added (exact: clipping is per example)."""
+    vectors (and per-group rows) concatenated, clipped sums added (exact: clipping is per example)."""
     if size >= batch:
         return run(inputs, targets)
     outputs = [run(*select_examples(inputs, targets, dims, start, min(size, batch - start))) for start in range(0, batch, size)]
@@ -52,4 +52,5 @@ def run_in_chunks(run: Callable[[tuple, object], StepOutput], inputs: tuple, tar
     for out in outputs[1:]:
         for key, g in out.grads.items():
             grads[key] = grads[key] + g if key in grads else g
-    return StepOutput(losses, norms, clip, grads)
+    group_norms = None if outputs[0].group_norms is None else torch.cat([out.group_norms for out in outputs])
+    return StepOutput(losses, norms, clip, grads, group_norms)

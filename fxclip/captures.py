@@ -17,7 +17,7 @@ import torch
 
 from .batch_checks import raise_if_the_batch_fails
 from .capture_key import capture_key, key_change
-from .clipping import StepOutput
+from .clipping import FLAT, Clipping, StepOutput
 from .errors import ExampleMixingError, FxclipError, NotCovered
 from .options import StepOptions
 from .passes import Context, StepProgram, run_passes
@@ -34,7 +34,8 @@ RECAPTURE_WARNING = 8
 
 class Step(Protocol):
     """What runs one physical batch of a capture: a GraphStep or a WholeModelStep. `params`: the
-    model's named parameters, when the caller has them (one walk of the module tree per step)."""
+    model's named parameters, when the caller has them (one walk of the module tree per step);
+    `clipping`: the style (and per_layer groups) that `max_grad_norm` bounds."""
 
     batch_limit: int | None  # the largest batch it holds at once, if bounded
     verifiable: bool  # whether verify=True compares it with the torch.func reference
@@ -42,7 +43,9 @@ class Step(Protocol):
     compiled: CompiledStep | None  # the compiled step, once a compiled step ran
     program: StepProgram  # the graph's program (the WholeModelStep raises: it has none)
 
-    def __call__(self, inputs: tuple, targets, max_grad_norm: float, strategy: str, safe: bool = False, params: dict | None = None) -> StepOutput: ...
+    def __call__(
+        self, inputs: tuple, targets, max_grad_norm, strategy: str, safe: bool = False, params: dict | None = None, clipping: Clipping = FLAT
+    ) -> StepOutput: ...
 
     def bind(self, inputs: tuple, targets, params: dict | None = None) -> BoundStep: ...
 
@@ -71,19 +74,21 @@ class GraphStep:
         flat_args = graph_inputs(self.placeholders, self.model, self.exported.constants, inputs, targets, params)
         return BoundStep(self.program, flat_args, self.placeholders, self.batch_dims)
 
-    def __call__(self, inputs: tuple, targets, max_grad_norm: float, strategy: str, safe: bool = False, params: dict | None = None) -> StepOutput:
+    def __call__(
+        self, inputs: tuple, targets, max_grad_norm, strategy: str, safe: bool = False, params: dict | None = None, clipping: Clipping = FLAT
+    ) -> StepOutput:
         """The step on one physical batch, eagerly when `safe` (StepProgram's float64 norms)."""
         bound = self.bind(inputs, targets, params)
         try:
             if self.compile and not (safe or self.compile_failed):
                 try:
-                    if self.compiled is None:
-                        self.compiled = CompiledStep(bound, max_grad_norm, strategy, self.batch_mode, cuda_graphs=self.cuda_graphs)
+                    if self.compiled is None or self.compiled.clipping != clipping:  # per_layer groups are traced in
+                        self.compiled = CompiledStep(bound, max_grad_norm, strategy, self.batch_mode, cuda_graphs=self.cuda_graphs, clipping=clipping)
                     return self.compiled(bound.flat_args, max_grad_norm)
                 except CompileFailed as e:  # the same step, eagerly: slower, same results
                     warnings.warn(f"{e}; the step runs eagerly instead (compile=False)", stacklevel=5)
                     self.compiled, self.compile_failed = None, True
-            return self.program(bound.flat_args, max_grad_norm, strategy, safe)
+            return self.program(bound.flat_args, max_grad_norm, strategy, safe, clipping)
         except FxclipError:
             raise
         except Exception:  # torch's error from inside the step: the batch's fault, or fxclip's
@@ -100,12 +105,14 @@ class Capture:
     step: Step
     completed: bool = False  # a step on it completed (one whose first step fails is not kept)
 
-    def __call__(self, inputs: tuple, targets, max_grad_norm: float, strategy: str, safe: bool = False, params: dict | None = None) -> StepOutput:
+    def __call__(
+        self, inputs: tuple, targets, max_grad_norm, strategy: str, safe: bool = False, params: dict | None = None, clipping: Clipping = FLAT
+    ) -> StepOutput:
         try:
-            return self.step(inputs, targets, max_grad_norm, strategy, safe, params)
+            return self.step(inputs, targets, max_grad_norm, strategy, safe, params, clipping)
         except NotCovered as e:  # a rule found, when it ran, an op it does not cover
             self.step = _whole_model(e, self.step.model, self.step.loss_fn, self.step.batch_dims)
-            return self.step(inputs, targets, max_grad_norm, strategy)
+            return self.step(inputs, targets, max_grad_norm, strategy, clipping=clipping)
 
 
 class CaptureCache:

@@ -6,6 +6,7 @@ from dataclasses import dataclass
 from typing import Sequence
 
 from .checks import check_bool, check_integer, check_number
+from .clipping import AUTOMATIC_GAMMA, STYLES, Clipping, checked_per_layer_bounds, per_layer_groups
 from .errors import FxclipError
 from .passes.compile import BATCH_MODES
 
@@ -17,7 +18,7 @@ class StepOptions:
     """Every option of `transform` (see its docstring), checked when made: a bad value raises
     FxclipError saying what is allowed. Change one with `dataclasses.replace`, which checks again."""
 
-    max_grad_norm: float
+    max_grad_norm: float | tuple | dict  # per_layer: a tuple (one per trainable parameter) or a dict
     batch_dims: tuple[int, ...] | None = None
     strategy: str = "auto"
     verify: bool = False
@@ -25,10 +26,19 @@ class StepOptions:
     compile: bool | str = False
     max_physical_batch_size: int | None = None
     cuda_graphs: bool | None = None
+    clipping: str = "flat"
+    automatic_gamma: float = AUTOMATIC_GAMMA
 
     def __post_init__(self):
         set_ = lambda name, value: object.__setattr__(self, name, value)  # noqa: E731  (frozen)
-        set_("max_grad_norm", check_number("max_grad_norm", self.max_grad_norm, above=0, hint="It is the clip bound C.", error=FxclipError))
+        if self.clipping not in STYLES:
+            raise FxclipError(f"clipping must be one of {STYLES}, got {self.clipping!r}")
+        if self.clipping == "per_layer":
+            set_("max_grad_norm", checked_per_layer_bounds(self.max_grad_norm))
+        else:
+            hint = "It is the clip bound C." + (' For one bound per parameter pass clipping="per_layer".' if isinstance(self.max_grad_norm, (list, tuple, dict)) else "")
+            set_("max_grad_norm", check_number("max_grad_norm", self.max_grad_norm, above=0, hint=hint, error=FxclipError))
+        set_("automatic_gamma", check_number("automatic_gamma", self.automatic_gamma, above=0, hint="It is automatic clipping's γ in C / (‖g_i‖ + γ).", error=FxclipError))
         if self.strategy not in STRATEGIES:
             raise FxclipError(f"strategy must be one of {STRATEGIES}, got {self.strategy!r}")
         if not isinstance(self.compile, bool) and self.compile not in BATCH_MODES:
@@ -50,6 +60,14 @@ class StepOptions:
         if self.memory_budget is not None:
             set_("memory_budget", check_number("memory_budget", self.memory_budget, above=0, hint="It counts elements per example.", error=FxclipError))
         check_bool("verify", self.verify, error=FxclipError)
+
+    def clipping_for(self, model) -> tuple[Clipping, tuple[float, ...]]:
+        """The step's Clipping and its bounds for `model` as it is now (per_layer groups follow
+        which parameters are trainable): (Clipping, one bound, or one per group)."""
+        if self.clipping != "per_layer":
+            return Clipping(self.clipping, gamma=self.automatic_gamma), (self.max_grad_norm,)
+        groups, bounds = per_layer_groups(self.max_grad_norm, model)
+        return Clipping("per_layer", groups), bounds
 
     @property
     def batch_mode(self) -> str:

@@ -12,7 +12,7 @@ import torch.utils._pytree as pytree
 from torch.func import functional_call, grad, grad_and_value, vmap
 
 from .batch import select_examples
-from .clipping import clip_factors
+from .clipping import FLAT, Clipping
 from .errors import ExampleMixingError, FxclipError, describe
 from .loss import ModelWithLoss
 
@@ -226,18 +226,26 @@ def any_per_example_grads(model, loss_fn, inputs, targets, batch_dims=None, with
         return naive_per_example_grads(model, loss_fn, inputs, targets, batch_dims, with_losses), "per-example loop"
 
 
-def clip_and_sum(grads: dict[str, torch.Tensor], max_grad_norm: float):
-    """(norms ‖g_i‖ [B], clip factors [B] (`clipping.clip_factors`), {name: Σ_i clip_i g_i}) from
-    per-example gradients."""
+def clip_and_sum(grads: dict[str, torch.Tensor], max_grad_norm, clipping: Clipping = FLAT):
+    """(norms ‖g_i‖ [B], clip factors, {name: Σ_i clip_i g_i}, group norms) from per-example
+    gradients, clipped as `clipping` says (`clipping.Clipping.factors`): for per_layer, each
+    group's norms [B, G] and factors [B, G] from `max_grad_norm`'s bound per group, and each
+    parameter scaled by its group's factor; else one factor per example and no group norms."""
     flat = torch.cat([g.reshape(g.shape[0], -1) for g in grads.values()], dim=1)
     norms = flat.norm(dim=1)
-    clip = clip_factors(norms, max_grad_norm)
-    return norms, clip, {k: torch.tensordot(clip.to(g.dtype), g, dims=1) for k, g in grads.items()}
+    if not clipping.per_group:
+        clip = clipping.factors(norms, max_grad_norm)
+        return norms, clip, {k: torch.tensordot(clip.to(g.dtype), g, dims=1) for k, g in grads.items()}, None
+    column = clipping.column_of()
+    sq = {k: (g.reshape(norms.shape[0], -1).to(norms.dtype) ** 2).sum(1) for k, g in grads.items()}
+    group_norms = torch.stack([sum((sq[k] for k in group if k in sq), norms.new_zeros(norms.shape)) for group in clipping.groups], dim=1).sqrt()
+    clip = clipping.factors(group_norms, torch.as_tensor(max_grad_norm, dtype=norms.dtype, device=norms.device))
+    return norms, clip, {k: torch.tensordot(clip[:, column[k]].to(g.dtype), g, dims=1) for k, g in grads.items()}, group_norms
 
 
-def clipped_sum(grads: dict[str, torch.Tensor], max_grad_norm: float):
+def clipped_sum(grads: dict[str, torch.Tensor], max_grad_norm, clipping: Clipping = FLAT):
     """(norms [B], {name: Σ_i clip_i g_i}) from per-example gradients."""
-    norms, _, sums = clip_and_sum(grads, max_grad_norm)
+    norms, _, sums, _ = clip_and_sum(grads, max_grad_norm, clipping)
     return norms, sums
 
 

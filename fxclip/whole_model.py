@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import torch
 
-from .clipping import StepOutput
+from .clipping import FLAT, Clipping, StepOutput
 from .errors import ExampleMixingError, FxclipError, describe
 from .loss import loss_shape_error
 from .reference import any_per_example_grads, clip_and_sum, gradient_mixing_found, mixing_found, naive_per_example_grads
@@ -66,7 +66,9 @@ class WholeModelStep:
             f"Why: {self.reason}"
         )
 
-    def __call__(self, inputs: tuple, targets, max_grad_norm: float, strategy: str = "auto", safe: bool = False, params=None) -> StepOutput:
+    def __call__(
+        self, inputs: tuple, targets, max_grad_norm, strategy: str = "auto", safe: bool = False, params=None, clipping: Clipping = FLAT
+    ) -> StepOutput:
         first = self.method is None
         if first:
             self._check_examples_independent(inputs, targets)
@@ -87,7 +89,7 @@ class WholeModelStep:
         losses = losses.detach()
         if first:
             self._check_gradients_add_up(inputs, targets, grads)
-        return StepOutput(losses, *clip_and_sum(grads, max_grad_norm))
+        return StepOutput(losses, *clip_and_sum(grads, max_grad_norm, clipping))
 
     def _check_examples_independent(self, inputs: tuple, targets) -> None:
         """This path runs examples one at a time, so a model that mixes them (a roll or a mean

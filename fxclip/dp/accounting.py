@@ -162,3 +162,31 @@ def noise_multiplier_for_epsilon(
     while epsilon_at(sigma, accountant) > target_epsilon:
         sigma += tol
     return float(sigma)
+
+
+def adaptive_clipping_noise_multiplier(noise_multiplier: float, count_noise_std: float) -> float:
+    """The gradient's noise multiplier sigma_grad under adaptive clipping (Andrew et al. 2021,
+    "Differentially Private Learning with Adaptive Clipping", Theorem 1), such that a step costs
+    the privacy of one Gaussian mechanism with the stated `noise_multiplier` sigma:
+
+        sigma_grad = (sigma^-2 - (2 sigma_b)^-2)^(-1/2)
+
+    Each step releases two sums of the same Poisson batch: the clipped gradients (sensitivity C,
+    noise std sigma_grad C) and the count of examples whose norm is at most C, centred as
+    Σ_i (b_i - 1/2) (sensitivity 1/2, noise std sigma_b = `count_noise_std`, so multiplier
+    2 sigma_b). Together they are one Gaussian query whose multiplier sigma satisfies
+    sigma^-2 = sigma_grad^-2 + (2 sigma_b)^-2, so the accountant is run with sigma, unchanged,
+    and the gradient gets the slightly larger sigma_grad. Needs sigma_b > sigma / 2; sigma 0 (no
+    privacy) gives 0."""
+    noise_multiplier = check_number("noise_multiplier", noise_multiplier, at_least=0, hint="It is sigma, the stated noise multiplier.")
+    count_noise_std = check_number(
+        "count_noise_std", count_noise_std, above=0, hint="It is sigma_b, the noise std of the unclipped count (Andrew et al.: expected batch size / 20)."
+    )
+    if noise_multiplier == 0:
+        return 0.0
+    if 2 * count_noise_std <= noise_multiplier:
+        raise ValueError(
+            f"count_noise_std {count_noise_std:g} must exceed noise_multiplier / 2 = {noise_multiplier / 2:g}: the count's "
+            "share of the privacy budget would be all of it. Use a larger count_noise_std (Andrew et al.: expected batch size / 20)."
+        )
+    return float((noise_multiplier**-2 - (2 * count_noise_std) ** -2) ** -0.5)

@@ -130,15 +130,27 @@ class DistributedPrivateOptimizer(PrivateOptimizer):
         self.group = group
 
     def add_noise_and_average(self) -> None:
-        """Replace each p.grad by (Σ over processes of the clipped sums + one N(0, (σC)²) draw) / (qN)."""
+        """Replace each p.grad by (Σ over processes of the clipped sums + one N(0, (σC)²) draw) / (qN).
+        With adaptive clipping the processes' unclipped counts ride in the same bucket, noised
+        once with std sigma_b, so every process moves C alike."""
         grads = self.clipped_sums()
-        if not grads:
+        adaptive = self.adaptive_clipping is not None
+        if not grads and not adaptive:
             return
-        dtype = torch.float64 if any(g.dtype == torch.float64 for g in grads) else torch.float32
-        bucket = torch.cat([g.reshape(-1).to(dtype) for g in grads])
-        if dist.get_rank(self.group) == self.noise_rank and self.noise_std > 0:
-            bucket += gaussian_noise(bucket, self.noise_std, secure=self.secure_noise, generator=self.generator)
+        dtype = torch.float64 if any(g.dtype == torch.float64 for g in grads) else torch.float32  # a count is exact in float32 to 2^24
+        device = grads[0].device if grads else torch.device("cpu")
+        count = [self.adaptive_clipping.take_count().to(device, dtype).reshape(1)] if adaptive else []
+        bucket = torch.cat([g.reshape(-1).to(dtype) for g in grads] + count)
+        sizes = [g.numel() for g in grads]
+        n = sum(sizes)
+        if dist.get_rank(self.group) == self.noise_rank:
+            if self.noise_std > 0:
+                bucket[:n] += gaussian_noise(bucket[:n], self.noise_std, secure=self.secure_noise, generator=self.generator)
+            if adaptive:
+                bucket[n:] += self._count_noise(bucket[n:])
         dist.all_reduce(bucket, op=dist.ReduceOp.SUM, group=self.group)
-        bucket /= self.expected_batch_size
-        for p, flat in zip(self.params, bucket.split([g.numel() for g in grads])):
+        if adaptive:
+            self._noised_count = bucket[n].clone()
+        bucket = bucket[:n] / self.expected_batch_size
+        for p, flat in zip(self.params, bucket.split(sizes)):
             p.grad = flat.reshape(p.shape).to(p.dtype)

@@ -10,6 +10,11 @@ The noised gradient is dense, also where the clipped sum is sparse (an nn.Embedd
 the noise goes on every coordinate, since noise on only the rows a batch touched would reveal which
 rows those are. So an optimizer that takes only sparse gradients (torch.optim.SparseAdam) is
 refused; torch.optim.Adam makes the same update from dense ones.
+
+Adaptive clipping (`AdaptiveClipping`, Andrew et al. 2021): the bound C follows a target quantile
+of the per-example norms, from a noised count of the examples it left unclipped; the gradient's
+noise is raised so that the step's total privacy cost is that of the stated noise multiplier
+(`fxclip.accounting.adaptive_clipping_noise_multiplier`).
 """
 
 from __future__ import annotations
@@ -21,6 +26,8 @@ import numpy as np
 import torch
 
 from fxclip.checks import check_number
+
+from .accounting import adaptive_clipping_noise_multiplier
 
 
 def secure_standard_normal(shape: torch.Size | tuple, dtype: torch.dtype, device: torch.device | str) -> torch.Tensor:
@@ -58,11 +65,16 @@ class PrivateOptimizer:
     Args:
         optimizer: any torch.optim optimizer over the model's parameters.
         noise_multiplier: sigma; the noise added to each clipped sum has std sigma * max_grad_norm.
-        max_grad_norm: C, the clip bound used by the transform.
+        max_grad_norm: C, the clip bound used by the transform (its `sensitivity`, sqrt(Σ_j C_j²),
+            for per_layer clipping: what one example can move the clipped sum by).
         expected_batch_size: q*N, the divisor of the noisy sum (fixed, not the drawn batch size,
             so that the divisor reveals nothing about the batch).
         secure_noise: draw noise from the OS's cryptographically secure source.
         generator: torch.Generator for reproducible (non-secure) noise.
+        adaptive_clipping: an `AdaptiveClipping` of the transform: the bound C is then its
+            current one (leave max_grad_norm out), the gradient's noise multiplier is
+            `gradient_noise_multiplier` (a bit above noise_multiplier, which stays the one to
+            account), and each step ends by moving C towards the target quantile.
 
     Which parameters a step trains is read at that step, so freezing or unfreezing parameters
     between steps (gradual unfreezing) is safe: every parameter of the wrapped optimizer that
@@ -76,10 +88,11 @@ class PrivateOptimizer:
         optimizer: torch.optim.Optimizer,
         *,
         noise_multiplier: float,
-        max_grad_norm: float,
+        max_grad_norm: float | None = None,
         expected_batch_size: float,
         secure_noise: bool = False,
         generator: torch.Generator | None = None,
+        adaptive_clipping: AdaptiveClipping | None = None,
     ):
         if not isinstance(optimizer, torch.optim.Optimizer):
             raise ValueError(
@@ -96,7 +109,15 @@ class PrivateOptimizer:
             "noise_multiplier", noise_multiplier, at_least=0,
             hint="It is sigma, the noise std in units of the clip bound (0: no noise, no privacy).",
         )
-        max_grad_norm = check_number("max_grad_norm", max_grad_norm, above=0, hint="Pass the transform's clip bound C.")
+        if adaptive_clipping is None:
+            max_grad_norm = check_number(
+                "max_grad_norm", max_grad_norm, above=0,
+                hint="Pass the transform's clip bound C (its `sensitivity` for per_layer clipping).",
+            )
+        elif not isinstance(adaptive_clipping, AdaptiveClipping):
+            raise ValueError(f"adaptive_clipping must be an AdaptiveClipping, got {type(adaptive_clipping).__name__}")
+        elif max_grad_norm is not None:
+            raise ValueError("with adaptive_clipping the bound is adaptive_clipping's current one: leave max_grad_norm out")
         expected_batch_size = check_number(
             "expected_batch_size", expected_batch_size, above=0,
             hint="It is q*N, the sampling rate times the number of training examples.",
@@ -105,10 +126,27 @@ class PrivateOptimizer:
             raise ValueError("secure noise cannot be seeded: pass generator=None with secure_noise=True.")
         self.optimizer = optimizer
         self.noise_multiplier = noise_multiplier
-        self.max_grad_norm = max_grad_norm
+        self.adaptive_clipping = adaptive_clipping
+        self.gradient_noise_multiplier = (
+            noise_multiplier if adaptive_clipping is None
+            else adaptive_clipping_noise_multiplier(noise_multiplier, adaptive_clipping.count_noise_std)
+        )
+        self._max_grad_norm = max_grad_norm
         self.expected_batch_size = expected_batch_size
         self.secure_noise = secure_noise
         self.generator = generator
+        self._noised_count: torch.Tensor | None = None  # adaptive: this step's noised unclipped count
+
+    @property
+    def max_grad_norm(self) -> float:
+        """C, the bound the clipped sums were made with (adaptive clipping's current one)."""
+        return self.adaptive_clipping.max_grad_norm if self.adaptive_clipping is not None else self._max_grad_norm
+
+    @max_grad_norm.setter
+    def max_grad_norm(self, value: float) -> None:
+        if self.adaptive_clipping is not None:
+            raise ValueError("with adaptive_clipping the bound is adaptive_clipping's: it moves it")
+        self._max_grad_norm = check_number("max_grad_norm", value, above=0, hint="Pass the transform's clip bound C.")
 
     @property
     def params(self) -> list[torch.Tensor]:
@@ -117,8 +155,9 @@ class PrivateOptimizer:
 
     @property
     def noise_std(self) -> float:
-        """sigma * C, the standard deviation of the noise added to each clipped gradient sum."""
-        return self.noise_multiplier * self.max_grad_norm
+        """sigma * C (sigma_grad * C under adaptive clipping), the standard deviation of the noise
+        added to each clipped gradient sum."""
+        return self.gradient_noise_multiplier * self.max_grad_norm
 
     def zero_grad(self) -> None:
         """Clear the accumulated clipped sums (sets p.grad to None)."""
@@ -136,6 +175,13 @@ class PrivateOptimizer:
             if self.noise_std > 0:
                 grad = grad + gaussian_noise(grad, self.noise_std, secure=self.secure_noise, generator=self.generator)
             p.grad = grad / self.expected_batch_size
+        if self.adaptive_clipping is not None:
+            count = self.adaptive_clipping.take_count()
+            self._noised_count = count + self._count_noise(count)
+
+    def _count_noise(self, like: torch.Tensor) -> torch.Tensor:
+        """N(0, sigma_b^2) for adaptive clipping's unclipped count, from the gradient noise's source."""
+        return gaussian_noise(like, self.adaptive_clipping.count_noise_std, secure=self.secure_noise, generator=self.generator)
 
     def _drop_frozen_grads(self) -> None:
         """Clear the .grad of every frozen parameter of the wrapped optimizer, which would otherwise
@@ -150,3 +196,78 @@ class PrivateOptimizer:
         self._drop_frozen_grads()
         self.add_noise_and_average()
         self.optimizer.step()
+        if self.adaptive_clipping is not None:  # C for the next step, after this one's noise used this C
+            self.adaptive_clipping.update(self._noised_count)
+            self._noised_count = None
+
+
+class AdaptiveClipping:
+    """The clip bound follows a target quantile of the per-example gradient norms (Andrew et al.
+    2021, "Differentially Private Learning with Adaptive Clipping"), for flat clipping.
+
+    Made on a transform (`fxclip.transform(...)`, clipping="flat"), it counts after every
+    `transform.step` the examples whose norm was at most C (a step hook), centred: Σ_i (b_i - 1/2).
+    `PrivateOptimizer(..., adaptive_clipping=this)` noises that count once per step with std
+    sigma_b = `count_noise_std`, and then `update` sets
+
+        b~ = noised count / expected_batch_size + 1/2,   C <- C * exp(-learning_rate * (b~ - target_quantile))
+
+    on the transform (geometric update: C grows while more than the target fraction is unclipped).
+    The optimizer raises the gradient's noise multiplier so the step's privacy is that of its
+    stated noise multiplier (`fxclip.accounting.adaptive_clipping_noise_multiplier`), which is the
+    one to account. Defaults are the paper's: learning_rate 0.2, sigma_b = expected batch size / 20.
+    """
+
+    def __init__(
+        self,
+        transform,
+        *,
+        target_quantile: float,
+        expected_batch_size: float,
+        learning_rate: float = 0.2,
+        count_noise_std: float | None = None,
+    ):
+        if not hasattr(transform, "register_step_hook"):
+            raise ValueError(f"AdaptiveClipping needs the transform (fxclip.transform(...)), got a {type(transform).__name__}")
+        style = transform.options.clipping
+        if style != "flat":
+            raise ValueError(
+                f'adaptive clipping moves one bound C, for clipping="flat"; this transform clips "{style}" '
+                "(automatic clipping has no bound to adapt; per_layer has one per group)"
+            )
+        self.target_quantile = check_number(
+            "target_quantile", target_quantile, at_least=0, at_most=1,
+            hint="It is the fraction of examples the bound should leave unclipped, e.g. 0.5.",
+        )
+        self.expected_batch_size = check_number(
+            "expected_batch_size", expected_batch_size, above=0, hint="It is q*N, the sampling rate times the number of training examples."
+        )
+        self.learning_rate = check_number("learning_rate", learning_rate, above=0, hint="It is eta_C of the geometric update, e.g. 0.2.")
+        self.count_noise_std = check_number(
+            "count_noise_std", expected_batch_size / 20 if count_noise_std is None else count_noise_std, above=0,
+            hint="It is sigma_b, the noise std of the unclipped count (default expected batch size / 20).",
+        )
+        self.transform = transform
+        self._count: torch.Tensor | None = None  # on the norms' device: counting does not synchronize
+        self.handle = transform.register_step_hook(self._observe)
+
+    @property
+    def max_grad_norm(self) -> float:
+        """The current bound C (the transform's)."""
+        return self.transform.max_grad_norm
+
+    def _observe(self, result) -> None:
+        centred = (result.norms <= self.max_grad_norm).sum(dtype=torch.float64) - 0.5 * result.norms.shape[0]
+        self._count = centred if self._count is None else self._count + centred.to(self._count.device)
+
+    def take_count(self) -> torch.Tensor:
+        """Σ_i (1[‖g_i‖ <= C] - 1/2) over the examples stepped since the last call (0-d float64), and reset."""
+        count, self._count = self._count, None
+        return torch.zeros((), dtype=torch.float64) if count is None else count
+
+    def update(self, noised_count: torch.Tensor | float) -> float:
+        """C <- C exp(-learning_rate (b~ - target_quantile)) from the noised centred count; returns
+        b~, the noised fraction of unclipped examples."""
+        fraction = float(noised_count) / self.expected_batch_size + 0.5
+        self.transform.max_grad_norm = self.max_grad_norm * math.exp(-self.learning_rate * (fraction - self.target_quantile))
+        return fraction

@@ -33,9 +33,10 @@ from fxclip.checks import check_integer, check_number
 from fxclip.clipping import clip_factors
 from fxclip.dp.data import BUILTIN_DATASETS, Dataset, load_dataset
 from fxclip.errors import describe
-from fxclip.dp.optim import PrivateOptimizer
+from fxclip.dp.optim import AdaptiveClipping, PrivateOptimizer
 from fxclip.dp.sampling import PoissonBatchSampler
 
+CLIPPING_STYLES = ("flat", "per_layer", "automatic")
 OPTIMIZERS = {"sgd": torch.optim.SGD, "adam": torch.optim.Adam, "adamw": torch.optim.AdamW}
 
 
@@ -87,6 +88,8 @@ class TrainConfig:
     batch_size: int = 128  # expected (Poisson) logical batch size
     physical_batch_size: int = 512  # largest batch run at once; larger batches are accumulated
     max_grad_norm: float = 1.0
+    clipping: str = "flat"  # flat, per_layer (C / sqrt(K) for each of K parameters: sensitivity C) or automatic
+    target_quantile: float | None = None  # adaptive clipping (flat): the fraction of examples C leaves unclipped
     lr: float = 1e-2
     optimizer: str = "adam"
     momentum: float = 0.0
@@ -103,6 +106,13 @@ class TrainConfig:
         for name in ("epochs", "batch_size", "physical_batch_size"):
             check_integer(name, getattr(self, name), at_least=1)
         check_number("max_grad_norm", self.max_grad_norm, above=0, hint="It is the clip bound C (--clip).")
+        if self.clipping not in CLIPPING_STYLES:
+            raise ValueError(f"unknown clipping style {self.clipping!r}; choose one of {CLIPPING_STYLES}.")
+        if self.target_quantile is not None:
+            check_number("target_quantile", self.target_quantile, at_least=0, at_most=1,
+                         hint="It is the fraction of examples adaptive clipping leaves unclipped (--target-quantile), e.g. 0.5.")
+            if self.clipping != "flat":
+                raise ValueError(f"--target-quantile (adaptive clipping) moves one bound: use --clipping flat, not {self.clipping}.")
         check_number("lr", self.lr, above=0, hint="It is the learning rate (--lr), e.g. 1e-2.")
         check_number("momentum", self.momentum, at_least=0, hint="It is SGD's momentum (--momentum), e.g. 0.9.")
         if self.optimizer not in OPTIMIZERS:
@@ -182,6 +192,7 @@ class RunHistory:
 
     epochs: list[EpochRecord] = field(default_factory=list)
     train_seconds: float = 0.0
+    final_max_grad_norm: float | None = None  # the clip bound at the end (private runs; it moves under adaptive clipping)
 
     @property
     def final_accuracy(self) -> float:
@@ -244,10 +255,16 @@ def _train_epochs(
 
 
 def make_transform(model: nn.Module, config: TrainConfig):
-    """fxclip's private step for `model` with per-example cross-entropy and config's clip bound."""
+    """fxclip's private step for `model` with per-example cross-entropy, config's clip bound C and
+    clipping style; per_layer gives each of the K trainable parameters C / sqrt(K), so that the
+    sensitivity is C as for the other styles."""
+    bound = config.max_grad_norm
+    if config.clipping == "per_layer":
+        k = sum(1 for p in model.parameters() if p.requires_grad)
+        bound = [config.max_grad_norm / math.sqrt(k)] * k
     return transform(
-        model, per_example_cross_entropy, max_grad_norm=config.max_grad_norm, compile=config.compile,
-        max_physical_batch_size=config.physical_batch_size,
+        model, per_example_cross_entropy, max_grad_norm=bound, compile=config.compile,
+        max_physical_batch_size=config.physical_batch_size, clipping=config.clipping,
     )
 
 
@@ -269,13 +286,19 @@ def prepare_private_training(
     transform.step(data.x_train[:2], data.y_train[:2])
     model.zero_grad(set_to_none=True)
     generator = None if config.secure_noise else torch.Generator(device=config.device).manual_seed(config.seed + 1)
+    expected_batch_size = plan.sampling_rate * len(data.x_train)
+    # made after the trial step, whose norms must not enter the released count
+    adaptive = None if config.target_quantile is None else AdaptiveClipping(
+        transform, target_quantile=config.target_quantile, expected_batch_size=expected_batch_size
+    )
     optimizer = PrivateOptimizer(
         config.make_optimizer(model),
         noise_multiplier=plan.noise_multiplier,
-        max_grad_norm=config.max_grad_norm,
-        expected_batch_size=plan.sampling_rate * len(data.x_train),
+        max_grad_norm=None if adaptive else transform.sensitivity,
+        expected_batch_size=expected_batch_size,
         secure_noise=config.secure_noise,
         generator=generator,
+        adaptive_clipping=adaptive,
     )
     return transform, optimizer, plan
 
@@ -299,6 +322,7 @@ def train_private(
     history = _train_epochs(
         model, data, config, sampler, private_step, plan.steps_per_epoch, plan.epsilon_after, "private", progress
     )
+    history.final_max_grad_norm = transform.sensitivity
     return history, plan
 
 
@@ -404,6 +428,14 @@ def plot_accuracy_vs_epsilon(private: RunHistory, nonprivate: RunHistory, title:
     fig.savefig(path, dpi=120)
 
 
+def _clip_text(config: TrainConfig, private: RunHistory) -> str:
+    """The clip bound as the summary gives it: C, its style unless flat, and where adaptive clipping took it."""
+    text = f"{config.max_grad_norm:g}" + ("" if config.clipping == "flat" else f" {config.clipping}")
+    if config.target_quantile is not None:
+        text += f" adapted to quantile {config.target_quantile:g}: {private.final_max_grad_norm:.3g} at the end"
+    return text
+
+
 def summary_lines(config: TrainConfig, data: Dataset, plan: PrivacyPlan, private: RunHistory,
                   nonprivate: RunHistory, speed: dict[str, float]) -> list[str]:
     """The at-a-glance result of a run, one line per fact."""
@@ -414,7 +446,7 @@ def summary_lines(config: TrainConfig, data: Dataset, plan: PrivacyPlan, private
         f"fxclip train: {config.model} on {data.name} ({len(data.x_train)} train / {len(data.x_test)} test examples), "
         f"{config.epochs} epochs of {plan.steps_per_epoch} steps, expected batch {config.batch_size}",
         f"  privacy : (epsilon = {final.epsilon:.2f}, delta = {plan.delta:g}) spent of target epsilon {config.epsilon:g} "
-        f"[{plan.accountant.upper()} accountant; noise multiplier {plan.noise_multiplier:.3f}, clip {config.max_grad_norm:g}, "
+        f"[{plan.accountant.upper()} accountant; noise multiplier {plan.noise_multiplier:.3f}, clip {_clip_text(config, private)}, "
         f"sampling rate {plan.sampling_rate:.4f}]",
         f"  accuracy: {final.test_accuracy:.1%} private   vs   {nonprivate.final_accuracy:.1%} non-private (same model, data, epochs)",
         f"  speed   : {final.examples_per_second:.0f} examples/s private training; one step on batch {speed['batch_size']}: "
@@ -455,6 +487,7 @@ def run_training_job(config: TrainConfig, data_path: str | None = None, out: str
         "config": asdict(config) | {"data": data.name},
         "privacy": asdict(plan) | {"epsilon_spent": private.epochs[-1].epsilon},
         "private": {"final_test_accuracy": private.final_accuracy, "train_seconds": private.train_seconds,
+                    "final_max_grad_norm": private.final_max_grad_norm,
                     "epochs": [asdict(r) for r in private.epochs]},
         "nonprivate": {"final_test_accuracy": nonprivate.final_accuracy, "train_seconds": nonprivate.train_seconds,
                        "epochs": [asdict(r) | {"epsilon": None} for r in nonprivate.epochs]},
@@ -484,6 +517,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--physical-batch-size", type=int, default=d.physical_batch_size,
                         help="most examples processed at once; larger batches are accumulated (default %(default)s)")
     parser.add_argument("--max-grad-norm", "--clip", type=float, default=d.max_grad_norm, help="clip bound C (default %(default)s)")
+    parser.add_argument("--clipping", default=d.clipping, choices=CLIPPING_STYLES,
+                        help="clipping style: flat, per_layer (C/sqrt(K) per parameter) or automatic (default %(default)s)")
+    parser.add_argument("--target-quantile", type=float, default=d.target_quantile, metavar="Q",
+                        help="adaptive clipping (Andrew et al.): C follows the Q-quantile of the gradient norms (flat only)")
     parser.add_argument("--lr", type=float, default=d.lr, help="learning rate (default %(default)s)")
     parser.add_argument("--optimizer", default=d.optimizer, choices=sorted(OPTIMIZERS), help="default %(default)s")
     parser.add_argument("--momentum", type=float, default=d.momentum, help="SGD momentum (default %(default)s)")

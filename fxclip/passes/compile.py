@@ -54,7 +54,7 @@ from torch.fx import GraphModule
 from torch.fx.experimental.proxy_tensor import make_fx
 from torch.fx.experimental.symbolic_shapes import DimDynamic, ShapeEnv, StatelessSymbolicContext
 
-from ..clipping import StepOutput
+from ..clipping import FLAT, Clipping, StepOutput, bound_values
 from ..errors import FxclipError, describe
 from ..ops import gather_rows
 from .program import BoundStep
@@ -93,8 +93,9 @@ class CompiledStep:
     """The private step of a bound program (`passes.program.BoundStep`) as one compiled graph.
 
     `__call__(flat_args, max_grad_norm=None)` returns what `program(flat_args, max_grad_norm,
-    strategy)` returns — a StepOutput — to float32 tolerance (C from the constructor unless
-    given). `flat_args` are laid out as `bound.flat_args`: the user's inputs and targets are
+    strategy, clipping=clipping)` returns — a StepOutput — to float32 tolerance (C from the
+    constructor unless given; one bound per group for per_layer `clipping`). The bounds are an
+    input of the compiled graph, one row per example, so a new bound does not recompile. `flat_args` are laid out as `bound.flat_args`: the user's inputs and targets are
     batched (inputs along `bound.batch_dims`, targets along dim 0). `compiles` counts inductor
     compilations: one for "dynamic", one per bucket used for "buckets". `options` are inductor
     settings applied on top of INDUCTOR_OPTIONS. Nothing runs until the first call."""
@@ -107,6 +108,7 @@ class CompiledStep:
         batch_mode: str = "dynamic",
         options: dict | None = None,
         cuda_graphs: bool | None = None,
+        clipping: Clipping = FLAT,
     ):
         if batch_mode not in BATCH_MODES:
             raise FxclipError(f"batch_mode must be one of {BATCH_MODES}, got {batch_mode!r}")
@@ -121,7 +123,8 @@ class CompiledStep:
         self._user_batch_dims = _user_dims(flat_args, user, bound.batch_dims)
         self.program = bound.program
         self.strategy = strategy
-        self.max_grad_norm = float(max_grad_norm)
+        self.clipping = clipping
+        self.max_grad_norm = bound_values(max_grad_norm)
         self.batch_mode = batch_mode
         self.options = {**INDUCTOR_OPTIONS, **(options or {})}
         self.compiles = 0
@@ -146,8 +149,7 @@ class CompiledStep:
         (what inductor would get): (graph with inputs (bounds, *flat_args), the fake inputs it was
         traced on). `device` picks the device-dependent graph passes (default: the arguments')."""
         args = [_dense(a) for a in flat_args]
-        bounds = torch.full((self._batch_size(args),), self.max_grad_norm, dtype=_norm_dtype(args), device=_device(args))
-        return self._trace(None, bounds, args, device)
+        return self._trace(None, self._bound_rows(self._batch_size(args), args), args, device)
 
     def __call__(self, flat_args: Sequence, max_grad_norm: float | None = None) -> StepOutput:
         batch = self._batch_size(flat_args)
@@ -155,8 +157,8 @@ class CompiledStep:
         padded = bucket_size(batch) if self.batch_mode == "buckets" or self.graphs is not None else max(batch, 2)
         args = [_dense(a) for a in self._padded(list(flat_args), batch, padded)]
         key = (None if self.batch_mode == "dynamic" else padded, _signature(args))
-        if max_grad_norm is not None and float(max_grad_norm) != self.max_grad_norm:
-            self.max_grad_norm = float(max_grad_norm)
+        if max_grad_norm is not None and bound_values(max_grad_norm) != self.max_grad_norm:
+            self.max_grad_norm = bound_values(max_grad_norm)
             self._bounds_made.clear()
         bounds = self._bounds(key, batch, padded, args)
         fn = self._compiled.get(key)
@@ -173,8 +175,9 @@ class CompiledStep:
                 raise CompileFailed(f"compiling the step failed ({describe(e)})") from e
         with torch.no_grad():
             outs = fn(bounds, *args) if self.graphs is None else self.graphs(key, fn, bounds, args)
-        losses, norms, clip = outs[:3] if padded == batch else (t[:batch] for t in outs[:3])
-        return StepOutput(losses, norms, clip, dict(zip(self.param_keys, outs[3:])))
+        n = 4 if self.clipping.per_group else 3  # per group also the groups' norms
+        per_example = outs[:n] if padded == batch else [t[:batch] for t in outs[:n]]
+        return StepOutput(*per_example[:3], dict(zip(self.param_keys, outs[n:])), *per_example[3:])
 
     def _bounds(self, key: tuple, batch: int, padded: int, args: list) -> torch.Tensor:
         """The per-example clipping bounds: C for the batch's rows, 0 for padding rows (clip
@@ -182,16 +185,22 @@ class CompiledStep:
         (the compiled code only reads it): a small step's time is mostly such per-call overhead."""
         bounds = self._bounds_made.get((key, batch))
         if bounds is None:
-            bounds = torch.full((padded,), self.max_grad_norm, dtype=_norm_dtype(args), device=_device(args))
+            bounds = self._bound_rows(padded, args)
             bounds[batch:] = 0.0
             self._bounds_made[(key, batch)] = bounds
         return bounds
 
+    def _bound_rows(self, rows: int, args: list) -> torch.Tensor:
+        """C in each of `rows` rows: [rows], or [rows, G] with one bound per group."""
+        values = torch.tensor(self.max_grad_norm if self.clipping.per_group else self.max_grad_norm[0], dtype=_norm_dtype(args), device=_device(args))
+        return values.expand(rows, *values.shape).clone()
+
     # ---- tracing and compiling ---------------------------------------------------------------
 
     def _traced(self, bounds: torch.Tensor, *flat_args):
-        losses, norms, clip, grads = self.program(list(flat_args), bounds, self.strategy)
-        return (losses, norms, clip, *(grads[k] for k in self.param_keys))
+        output = self.program(list(flat_args), bounds, self.strategy, clipping=self.clipping)
+        per_group = () if output.group_norms is None else (output.group_norms,)
+        return (*output[:3], *per_group, *(output.grads[k] for k in self.param_keys))
 
     def _trace(
         self, bucket: int | None, bounds: torch.Tensor, args: list, device: torch.device | None = None

@@ -17,7 +17,7 @@ from typing import Any, NamedTuple
 import torch
 from torch.fx import Node
 
-from ..clipping import StepOutput, clip_factors
+from ..clipping import FLAT, Clipping, StepOutput
 from ..forms import LinearForm, choose_strategy, concatenated, cost_values, linear_forms_norm_sq, materialized_norm_sq
 from ..rules.registry import fallback_rule
 from .components import Component, replay
@@ -51,9 +51,13 @@ class _StepState:
     entries: list[PlanEntry] = field(default_factory=list)
 
 
-def run(plan: StepPlan, flat_args: list, max_grad_norm, strategy: str = "auto", safe: bool = False) -> tuple[StepOutput, list[PlanEntry]]:
+def run(
+    plan: StepPlan, flat_args: list, max_grad_norm, strategy: str = "auto", safe: bool = False, clipping: Clipping = FLAT
+) -> tuple[StepOutput, list[PlanEntry]]:
     """The step on one batch, and what it did per use. `max_grad_norm`: C, a number or one bound
-    per example. `safe`: every norm term in float64 from values scaled per example, for a batch
+    per example; for per_layer `clipping`, one bound per group ([G]) or per example and group
+    ([B, G]), and then norms are summed per group and each parameter's clipped sum uses its
+    group's factors. `safe`: every norm term in float64 from values scaled per example, for a batch
     whose norms came out NaN or infinite (a ghost norm's Gram products overflowed or cancelled
     below zero); the norms and clip factors are returned in the usual dtype."""
     state = _StepState(strategy, safe)
@@ -73,20 +77,30 @@ def run(plan: StepPlan, flat_args: list, max_grad_norm, strategy: str = "auto", 
         merged = _merged_shared_forms(plan, forms)
         dtype = torch.float32 if losses.dtype != torch.float64 else torch.float64
         norm_sq = losses.new_zeros(batch, dtype=torch.float64 if safe else dtype)
-        for comp in plan.components:
-            with phase("norms", comp.params):
-                norm_sq = norm_sq + _norm_sq(plan, comp, state, merged.get(comp))
+        column = clipping.column_of() if clipping.per_group else None
+        if column is None:
+            for comp in plan.components:
+                with phase("norms", comp.params):
+                    norm_sq = norm_sq + _norm_sq(plan, comp, state, merged.get(comp))
+        else:
+            norm_sq = _group_norm_sq(plan, state, merged, column, len(clipping.groups), norm_sq)
         with phase("norms"):
             norms = norm_sq.sqrt()  # every term is >= 0, or NaN (ghost_norm_sq)
-            clip = clip_factors(norms, max_grad_norm)
+            group_norms = None
+            if column is not None:  # [B, G] per group; the total norm for the result
+                group_norms, norms = norms, norm_sq.sum(1).sqrt()
+                if not isinstance(max_grad_norm, torch.Tensor):
+                    max_grad_norm = norm_sq.new_tensor(max_grad_norm)
+            clip = clipping.factors(norms if group_norms is None else group_norms, max_grad_norm)
             norms, clip = norms.to(dtype), clip.to(dtype)
-        clipped = _clipped_sums(plan, forms, state.env, clip, merged)
-    return StepOutput(losses.detach(), norms, clip, clipped), state.entries
+            group_norms = None if group_norms is None else group_norms.to(dtype)
+        clipped = _clipped_sums(plan, forms, state.env, clip, merged, column)
+    return StepOutput(losses.detach(), norms, clip, clipped, group_norms), state.entries
 
 
 class StepProgram:
-    """A capture's step: `program(flat_args, C, strategy="auto", safe=False) -> StepOutput` runs
-    `step_plan` (see `run`); `plan` lists a PlanEntry per use of its last call."""
+    """A capture's step: `program(flat_args, C, strategy="auto", safe=False, clipping=FLAT) ->
+    StepOutput` runs `step_plan` (see `run`); `plan` lists a PlanEntry per use of its last call."""
 
     def __init__(self, step_plan: StepPlan):
         self.step_plan = step_plan
@@ -96,8 +110,8 @@ class StepProgram:
     def forward(self):
         return self.step_plan.forward
 
-    def __call__(self, flat_args: list, max_grad_norm, strategy: str = "auto", safe: bool = False) -> StepOutput:
-        output, self.plan = run(self.step_plan, flat_args, max_grad_norm, strategy, safe)
+    def __call__(self, flat_args: list, max_grad_norm, strategy: str = "auto", safe: bool = False, clipping: Clipping = FLAT) -> StepOutput:
+        output, self.plan = run(self.step_plan, flat_args, max_grad_norm, strategy, safe, clipping)
         return output
 
 
@@ -211,8 +225,30 @@ def _norm_sq(plan: StepPlan, comp: Component, state: _StepState, merged=None) ->
     entries.extend(_entry(plan, state, i, _materialized(plan, i)) for i in ids)
     if comp.kind == "shared":
         return materialized_norm_sq(sum(f.materialize() for f in _oriented(plan, comp, forms)), safe)
-    per_param = _per_example_param_grads(plan, comp, forms, state.env)
-    return sum(materialized_norm_sq(g, safe) for g in per_param.values())
+    return sum(_param_norm_sq(plan, comp, state).values())
+
+
+def _param_norm_sq(plan: StepPlan, comp: Component, state: _StepState) -> dict[str, torch.Tensor]:
+    """Each parameter's squared norm [B] in a "general" component."""
+    per_param = _per_example_param_grads(plan, comp, state.forms, state.env)
+    return {key: materialized_norm_sq(g, state.safe) for key, g in per_param.items()}
+
+
+def _group_norm_sq(plan: StepPlan, state: _StepState, merged: dict, column: dict[str, int], groups: int, zero: torch.Tensor) -> torch.Tensor:
+    """Squared norms per example and group [B, G] (per_layer clipping): each component's term
+    goes to its parameters' group; a general component whose parameters are in several groups
+    gives each parameter's own term."""
+    columns = [zero] * groups
+    for comp in plan.components:
+        with phase("norms", comp.params):
+            if len({column[p] for p in comp.params}) == 1:
+                terms = {comp.params[0]: _norm_sq(plan, comp, state, merged.get(comp))}
+            else:
+                state.entries.extend(_entry(plan, state, i, _materialized(plan, i)) for i in comp.ids)
+                terms = _param_norm_sq(plan, comp, state)
+            for key, term in terms.items():
+                columns[column[key]] = columns[column[key]] + term
+    return torch.stack(columns, dim=1)
 
 
 def _per_example_param_grads(plan: StepPlan, comp: Component, forms: dict, env: dict) -> dict[str, torch.Tensor]:
@@ -234,21 +270,29 @@ def _chain_vjp(plan: StepPlan, use, env: dict):
 # ---- book-keeping -----------------------------------------------------------------------------
 
 
-def _clipped_sums(plan: StepPlan, forms: dict, env: dict, clip: torch.Tensor, merged: dict) -> dict[str, torch.Tensor]:
+def _clipped_sums(plan: StepPlan, forms: dict, env: dict, clip: torch.Tensor, merged: dict, column: dict | None = None) -> dict[str, torch.Tensor]:
     """Σ_i c_i ∇_W L_i for every parameter in plan.grad_keys, one contraction per use (per merged
-    block for a shared parameter's concatenated uses)."""
+    block for a shared parameter's concatenated uses). Per group (`column`: each parameter's
+    column of `clip` [B, G]), each parameter's own group's factors: one contraction per group
+    for a use whose parameters are in several (linear in c, so the chain's vjp of each gives its
+    parameters' sums)."""
     grads: dict[str, torch.Tensor] = {}
     done: set[int] = set()
     for comp, blocks in merged.items():
         (key,) = comp.params
+        c = clip if column is None else clip[:, column[key]]
         with phase("book-keeping", comp.params):
-            grads[key] = sum(f.clipped_sum(clip).reshape(plan.param_shape(key)) for f in blocks)
+            grads[key] = sum(f.clipped_sum(c).reshape(plan.param_shape(key)) for f in blocks)
         done.update(comp.ids)
     for i, use in enumerate(plan.uses):
         if i in done:
             continue
+        if column is not None and len({column[k] for k in use.params}) > 1:
+            _add_clipped_sums_by_group(plan, use, forms[i], env, clip, column, grads)
+            continue
+        c = clip if column is None else clip[:, column[use.params[0]]]
         with phase("book-keeping", use.params):
-            in_value_space = forms[i].clipped_sum(clip)
+            in_value_space = forms[i].clipped_sum(c)
             if use.chain_kind == "identity":
                 shape = plan.param_shape(use.params[0])
                 # a sparse sum (nn.Embedding(sparse=True)) has the shape and cannot reshape
@@ -260,6 +304,18 @@ def _clipped_sums(plan: StepPlan, forms: dict, env: dict, clip: torch.Tensor, me
             for key, g in zip(use.params, param_grads):
                 grads[key] = grads[key] + g if key in grads else g
     return {key: grads[key] for key in plan.grad_keys}
+
+
+def _add_clipped_sums_by_group(plan: StepPlan, use, form, env: dict, clip: torch.Tensor, column: dict, grads: dict) -> None:
+    """A use whose parameters (through a general chain: a product of parameters) are in several
+    groups: one contraction per group with that group's factors, mapped back by the chain's vjp
+    (linear in c), of which each parameter of the group takes its own."""
+    for j in dict.fromkeys(column[k] for k in use.params):
+        with phase("book-keeping", use.params):
+            param_grads = _chain_vjp(plan, use, env)(_dense(form.clipped_sum(clip[:, j])))
+            for key, g in zip(use.params, param_grads):
+                if column[key] == j:
+                    grads[key] = grads[key] + g if key in grads else g
 
 
 def _dense(x: torch.Tensor) -> torch.Tensor:

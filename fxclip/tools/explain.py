@@ -135,7 +135,8 @@ def explain(step, inputs=None, targets=None) -> Explanation:
     gradients are written), else from the last `step()`."""
     if inputs is not None:
         bound = step.bind(inputs, targets)
-        output, plan = run(bound.program.step_plan, bound.flat_args, step.max_grad_norm, step.strategy)
+        clipping, bound_arg = step.clip_settings
+        output, plan = run(bound.program.step_plan, bound.flat_args, bound_arg, step.strategy, clipping=clipping)
         batch = output.losses.shape[0]
     else:
         if not any(capture.completed for capture in step.captures):

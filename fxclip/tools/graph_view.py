@@ -214,8 +214,10 @@ def step_graph(step, inputs, targets) -> StepGraph:
     forward = bound.program.forward
     plan = dataclasses.replace(bound.program.step_plan, forward=lambda *a: _ForwardKeepingModulePaths(forward).run(*a))
 
+    clipping, bound_arg = step.clip_settings
+
     def one_step(*flat_args):
-        output, _ = run(plan, list(flat_args), step.max_grad_norm, step.strategy)
+        output, _ = run(plan, list(flat_args), bound_arg, step.strategy, clipping=clipping)
         return tuple(output)
 
     with fx_traceback.preserve_node_meta():
