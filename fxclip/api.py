@@ -20,6 +20,7 @@ from .options import StepOptions
 from .passes import StepProgram
 from .passes.capture import reject_batch_statistics
 from .passes.program import BoundStep
+from .sharded import sharded_model
 from .verify import verify_step
 
 
@@ -68,7 +69,9 @@ def transform(
     turns that off, `cuda_graphs=True` requires it (an error off CUDA).
 
     A model wrapped in DistributedDataParallel is unwrapped (its `.module` is captured); the
-    clipped sums are then all-reduced by `fxclip.distributed`, not by DDP (see docs/distributed.md).
+    clipped sums are then all-reduced by `fxclip.distributed`, not by DDP. A model sharded by
+    FSDP2's `fully_shard` steps on its gathered parameters and ends with sharded gradients, the sum
+    over ranks (`fxclip.sharded`; see docs/distributed.md).
     Calling `step` inside `torch.autocast` runs the forward in reduced precision; norms, clip
     factors and clipped sums are accumulated in float32 (see docs/mixed_precision.md)."""
     if isinstance(model, torch.nn.parallel.DistributedDataParallel):
@@ -139,14 +142,25 @@ class PrivateStep:
     @_differentiating
     def step(self, inputs, targets) -> StepResult:
         inputs, batch, dims = checked_batch(inputs, targets, self.options.batch_dims)
+        trainable = _trainable(dict(self.model.named_parameters()))
+        sharded = sharded_model(self.model)
+        if sharded is None:
+            result, grads = self._clipped(inputs, targets, batch, dims)
+        else:  # FSDP2: on the gathered parameters, the sums reduce-scattered onto the shards (fxclip.sharded)
+            result, grads = sharded.step(lambda cast: self._clipped(cast, targets, batch, dims), inputs)
+            trainable = _trainable(dict(self.model.named_parameters()))  # the sharded ones, registered again
+        _accumulate(trainable, grads)
+        return result
+
+    def _clipped(self, inputs: tuple, targets, batch: int, dims: tuple) -> tuple[StepResult, dict]:
+        """The step's result and each trainable parameter's clipped sum (by name; none for an
+        empty batch), written nowhere yet."""
         params = dict(self.model.named_parameters())
-        trainable = _trainable(params)
         if batch == 0:
             if not self._captures.has(inputs, targets, dims):  # a capture has these shapes: they fit
                 raise_if_an_empty_batch_fails(self.model, self.loss_fn, inputs, targets, dims)
-            _accumulate(trainable, {})
             empty = torch.zeros(0)
-            return StepResult(empty, empty, empty)
+            return StepResult(empty, empty, empty), {}
         capture = self._captures.get(inputs, targets, dims, self.options)
         try:
             output = self._run(capture, inputs, targets, dims, batch, params)
@@ -157,8 +171,7 @@ class PrivateStep:
         if self.verify and capture.step.verifiable:
             verify_step(capture.step, inputs, targets, dims, self.max_grad_norm, self.strategy)
             self._verified = True
-        _accumulate(trainable, output.grads)
-        return StepResult(output.losses, output.norms, output.clip_factors)
+        return StepResult(output.losses, output.norms, output.clip_factors), output.grads
 
     def _run(self, capture: Capture, inputs: tuple, targets, dims: tuple, batch: int, params: dict):
         """The batch's StepOutput, in physical batches of at most max_physical_batch_size
