@@ -20,6 +20,7 @@ from .options import StepOptions
 from .passes import StepProgram
 from .passes.capture import reject_batch_statistics
 from .passes.program import BoundStep
+from .physical_batch import PhysicalBatchSizer
 from .sharded import sharded_model
 from .verify import verify_step
 
@@ -47,8 +48,9 @@ def transform(
     verify: bool = False,
     memory_budget: float | None = None,
     compile: bool | str = False,
-    max_physical_batch_size: int | None = None,
+    max_physical_batch_size: int | str | None = None,
     cuda_graphs: bool | None = None,
+    memory_limit: float | None = None,
 ) -> "PrivateStep":
     """Make `model` trainable with per-example clipping.
 
@@ -63,6 +65,12 @@ def transform(
     `max_physical_batch_size` bounds memory: a larger batch is processed in chunks of at most
     that many examples, one program run each, whose clipped sums add up (exact: clipping is per
     example), so peak memory is that of the chunk, not of the batch (see docs/memory.md).
+    `max_physical_batch_size="auto"` with `memory_limit=BYTES` picks the largest chunk whose step
+    allocates at most BYTES above what the model and the batch hold, from steps measured on the
+    first batch of each capture (fxclip/physical_batch.py). A keyword of its own, not
+    `memory_budget`: that one counts elements per example for the strategy choice, known from the
+    cost formulas before any step, while this one counts bytes the whole step allocates, known only
+    by measuring it; one keyword in two units would make a number mean what another option says.
     A compiled step on CUDA is replayed from CUDA graphs, one per bucket of batch sizes (the
     batch is padded to it, as for compile="buckets"): one launch per step instead of one per
     kernel (on an H200, 2.1x-5.6x faster than without on the zoo, docs/benchmarks.md); `cuda_graphs=False`
@@ -76,7 +84,7 @@ def transform(
     factors and clipped sums are accumulated in float32 (see docs/mixed_precision.md)."""
     if isinstance(model, torch.nn.parallel.DistributedDataParallel):
         model = model.module
-    options = StepOptions(max_grad_norm, batch_dims, strategy, verify, memory_budget, compile, max_physical_batch_size, cuda_graphs)
+    options = StepOptions(max_grad_norm, batch_dims, strategy, verify, memory_budget, compile, max_physical_batch_size, cuda_graphs, memory_limit)
     return PrivateStep(model, loss_fn, options)
 
 
@@ -114,6 +122,7 @@ class PrivateStep:
         self.model, self.loss_fn, self.options = model, loss_fn, options
         self._captures = CaptureCache(model, loss_fn)
         self._last: Capture | None = None  # the capture the last step ran
+        self._sizers: dict[tuple, PhysicalBatchSizer] = {}  # by capture key, for max_physical_batch_size="auto"
         self._verified = False
 
     @property
@@ -176,10 +185,15 @@ class PrivateStep:
     def _run(self, capture: Capture, inputs: tuple, targets, dims: tuple, batch: int, params: dict):
         """The batch's StepOutput, in physical batches of at most max_physical_batch_size
         examples (and the capture's batch limit); again with float64 norms if one overflowed."""
-        size = min(self.options.max_physical_batch_size or batch, capture.step.batch_limit or batch)
-        run = lambda safe: run_in_chunks(  # noqa: E731
+        if self.options.max_physical_batch_size == "auto":
+            sizer = self._sizers.setdefault(capture.key, PhysicalBatchSizer(self.options.memory_limit, capture.step.batch_limit))
+            in_pieces = sizer.run
+        else:
+            size = min(self.options.max_physical_batch_size or batch, capture.step.batch_limit or batch)
+            in_pieces = partial(run_in_chunks, size=size)
+        run = lambda safe: in_pieces(  # noqa: E731
             partial(capture, max_grad_norm=self.max_grad_norm, strategy=self.strategy, safe=safe, params=params),
-            inputs, targets, dims, batch, size,
+            inputs, targets, dims, batch,
         )
         output = run(False)
         # a sum is finite iff its terms are (or it overflowed: the exact check sorts that out): two
@@ -224,6 +238,13 @@ class PrivateStep:
         """Every capture kept, oldest first: its `key` and the `step` that runs its batches (a
         `captures.GraphStep`, with `program` and `compiled`, or the `WholeModelStep`)."""
         return self._captures.captures()
+
+    @property
+    def physical_batch_size(self) -> int | None:
+        """With max_physical_batch_size="auto": the physical batch size the last step's capture
+        measured to fit memory_limit (None before that is known)."""
+        sizer = self._sizers.get(self._last.key) if self._last is not None else None
+        return sizer.size if sizer is not None else None
 
     @property
     def fallbacks(self) -> list[str]:

@@ -24,7 +24,7 @@ import torch
 
 from fxclip.zoo import ZOO, PerExampleCrossEntropy
 
-from ..memory import peak_memory
+from ...peak import peak_memory
 from .methods import FLOOR, METHODS, NAIVE, MethodUnavailable, reference_clipped_sum
 
 CHECK_RTOL = 1e-3  # float32 clipped sums, relative to the largest entry of the reference
