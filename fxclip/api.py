@@ -213,6 +213,12 @@ class PrivateStep:
         it): `BoundStep(program, flat_args, placeholders, batch_dims)`, what explain and graph run
         or trace. Writes no gradient and leaves `program` as it was."""
         inputs, _, dims = checked_batch(inputs, targets, self.options.batch_dims)
+        if sharded_model(self.model) is not None:
+            raise FxclipError(
+                "this model is sharded by FSDP2 (fully_shard), and a dry run (bind, explain or graph on a batch) "
+                "would have to gather its parameters on every rank: run t.step(...) and then t.explain() "
+                "without a batch, which shows the last step's plan"
+            )
         return self._captures.get(inputs, targets, dims, self.options).step.bind(inputs, targets)
 
     @_differentiating

@@ -114,6 +114,12 @@ def _run(rank: int) -> dict:
     out["norms"] = result.norms
     out["grad_types"] = {type(p.grad).__name__ for p in model.parameters()}
     out["clipped_sum"] = full(p.grad for p in model.parameters())
+    out["explained"] = str(t.explain())  # the last step's plan
+    try:
+        t.explain(x[mine], y[mine])  # a dry run would gather the parameters on one rank only
+        out["dry_run"] = None
+    except fxclip.FxclipError as e:
+        out["dry_run"] = str(e)
     opt.step()
     out["stepped"] = full(model.parameters())
     out["plain_forward_after"] = float(ce(model(x), y).sum())  # FSDP's own forward still works
@@ -176,6 +182,14 @@ def _run(rank: int) -> dict:
     except fxclip.FxclipError as e:
         out["tp_error"] = str(e)
     out["tp_grads"] = [p.grad for p in model.parameters()]
+
+    # HSDP (a two-dimensional mesh: replicate x shard): refused too
+    model = shard(make_model(), init_device_mesh("cpu", (1, WORLD), mesh_dim_names=("replicate", "shard")))
+    try:
+        fxclip.transform(model, ce, C).step(x[mine], y[mine])
+        out["hsdp_error"] = None
+    except fxclip.FxclipError as e:
+        out["hsdp_error"] = str(e)
     return out
 
 
@@ -206,6 +220,11 @@ def test_sharded_step_equals_one_process_on_the_union_batch(two_process_run):
     opt.step()
     torch.testing.assert_close(two_process_run["stepped"], full(model.parameters()), rtol=1e-5, atol=1e-7)
     assert torch.isfinite(torch.tensor(two_process_run["plain_forward_after"]))
+
+
+def test_explain_shows_the_last_step_and_refuses_a_dry_run(two_process_run):
+    assert "blocks.1.linear2.weight" in two_process_run["explained"]
+    assert "fully_shard" in two_process_run["dry_run"] and "t.explain()" in two_process_run["dry_run"]
 
 
 def test_noise_is_one_independent_draw_per_coordinate(two_process_run):
@@ -247,9 +266,10 @@ def test_mixed_precision_takes_bf16_parameters_and_float32_norms(two_process_run
     assert float((two_process_run["bf16_clipped_sum"] - expected).norm() / expected.norm()) < 3e-2
 
 
-def test_a_tensor_parallel_layout_is_refused_naming_the_module(two_process_run):
+def test_tensor_parallel_and_hsdp_layouts_are_refused_naming_the_module(two_process_run):
     assert "module 'head'" in two_process_run["tp_error"] and "fully_shard" in two_process_run["tp_error"]
     assert all(g is None for g in two_process_run["tp_grads"])
+    assert "2-dimensional device mesh" in two_process_run["hsdp_error"] and "module '<root>'" in two_process_run["hsdp_error"]
 
 
 class Checkpointed(nn.Module):
