@@ -81,11 +81,11 @@ def full(tensors) -> torch.Tensor:
     return torch.cat([t.full_tensor().flatten() if hasattr(t, "full_tensor") else t.flatten() for t in tensors])
 
 
-def _worker(rank: int, port: int, out_path: str) -> None:
+def _worker(rank: int, port: int, out_path: str, run=None) -> None:
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD)
     try:
         torch.set_num_threads(1)
-        results = _run(rank)
+        results = (run or _run)(rank)
         if rank == 0:
             torch.save(results, out_path)
         gc.collect()
@@ -198,6 +198,31 @@ def two_process_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("fsdp") / "result.pt"
     mp.start_processes(_worker, args=(free_port(), str(out)), nprocs=WORLD, start_method="spawn")
     return torch.load(out, weights_only=False)
+
+
+def _run_compiled(rank: int) -> dict:
+    from torch.distributed.device_mesh import init_device_mesh
+
+    model = shard(make_model(), init_device_mesh("cpu", (WORLD,)))
+    x, y = union_batch()
+    mine = torch.arange(rank, BATCH, WORLD)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        t = fxclip.transform(model, ce, C, compile=True)
+        t.step(x[mine], y[mine])
+    return {"clipped_sum": full(p.grad for p in model.parameters()), "compiled": t.captures[0].step.compiled is not None,
+            "warnings": [str(w.message) for w in caught if "eagerly" in str(w.message) or issubclass(w.category, fxclip.FallbackWarning)]}
+
+
+@pytest.mark.slow
+@pytest.mark.compile
+def test_compiled_sharded_step_equals_the_reference(tmp_path):
+    out = tmp_path / "result.pt"
+    mp.start_processes(_worker, args=(free_port(), str(out), _run_compiled), nprocs=WORLD, start_method="spawn")
+    result = torch.load(out, weights_only=False)
+    assert result["compiled"] and not result["warnings"]
+    x, y = union_batch()
+    torch.testing.assert_close(result["clipped_sum"], reference_clipped_sum(make_model(), x, y), rtol=1e-4, atol=1e-5)
 
 
 def reference_clipped_sum(model, x, y) -> torch.Tensor:
