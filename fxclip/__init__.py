@@ -6,7 +6,7 @@
 
 from . import rules  # noqa: F401  (registers the built-in rules)
 from .api import PrivateStep, StepResult, transform
-from .errors import CaptureError, ExampleMixingError, FxclipError, NotCovered, VerificationError
+from .errors import CaptureError, ExampleMixingError, FxclipError, NotCovered, ShardingError, VerificationError
 from .forms import Dense, LinearForm, OneHot, PerExampleGrad
 from .rules import OpCall, OpNode, register_rule, unregister_rule
 from .whole_model import FallbackWarning
@@ -14,8 +14,8 @@ from .whole_model import FallbackWarning
 __all__ = [
     "transform", "PrivateStep", "StepResult", "register_rule", "unregister_rule", "OpCall", "OpNode",
     "LinearForm", "PerExampleGrad", "Dense", "OneHot",
-    "FxclipError", "CaptureError", "NotCovered", "ExampleMixingError", "VerificationError", "FallbackWarning",
-    "PrivacyEngine",
+    "FxclipError", "CaptureError", "NotCovered", "ExampleMixingError", "VerificationError", "ShardingError",
+    "FallbackWarning", "PrivacyEngine",
 ]
 
 

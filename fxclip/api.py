@@ -21,6 +21,8 @@ from .options import StepOptions
 from .passes import StepProgram
 from .passes.capture import reject_batch_statistics
 from .passes.program import BoundStep
+from .physical_batch import PhysicalBatchSizer
+from .sharded import sharded_model
 from .verify import verify_step
 
 
@@ -49,10 +51,11 @@ def transform(
     verify: bool = False,
     memory_budget: float | None = None,
     compile: bool | str = False,
-    max_physical_batch_size: int | None = None,
+    max_physical_batch_size: int | str | None = None,
     cuda_graphs: bool | None = None,
     clipping: str = "flat",
     automatic_gamma: float = AUTOMATIC_GAMMA,
+    memory_limit: float | None = None,
 ) -> "PrivateStep":
     """Make `model` trainable with per-example clipping.
 
@@ -67,6 +70,12 @@ def transform(
     `max_physical_batch_size` bounds memory: a larger batch is processed in chunks of at most
     that many examples, one program run each, whose clipped sums add up (exact: clipping is per
     example), so peak memory is that of the chunk, not of the batch (see docs/memory.md).
+    `max_physical_batch_size="auto"` with `memory_limit=BYTES` picks the largest chunk whose step
+    allocates at most BYTES above what the model and the batch hold, from steps measured on the
+    first batch of each capture (fxclip/physical_batch.py). A keyword of its own, not
+    `memory_budget`: that one counts elements per example for the strategy choice, known from the
+    cost formulas before any step, while this one counts bytes the whole step allocates, known only
+    by measuring it; one keyword in two units would make a number mean what another option says.
     A compiled step on CUDA is replayed from CUDA graphs, one per bucket of batch sizes (the
     batch is padded to it, as for compile="buckets"): one launch per step instead of one per
     kernel (on an H200, 2.1x-5.6x faster than without on the zoo, docs/benchmarks.md); `cuda_graphs=False`
@@ -81,13 +90,16 @@ def transform(
     what one example can move the clipped sum by (C for the other styles): the noise's scale.
 
     A model wrapped in DistributedDataParallel is unwrapped (its `.module` is captured); the
-    clipped sums are then all-reduced by `fxclip.distributed`, not by DDP (see docs/distributed.md).
+    clipped sums are then all-reduced by `fxclip.distributed`, not by DDP. A model sharded by
+    FSDP2's `fully_shard` steps on its gathered parameters and ends with sharded gradients, the sum
+    over ranks (`fxclip.sharded`; see docs/distributed.md).
     Calling `step` inside `torch.autocast` runs the forward in reduced precision; norms, clip
     factors and clipped sums are accumulated in float32 (see docs/mixed_precision.md)."""
     if isinstance(model, torch.nn.parallel.DistributedDataParallel):
         model = model.module
     options = StepOptions(
-        max_grad_norm, batch_dims, strategy, verify, memory_budget, compile, max_physical_batch_size, cuda_graphs, clipping, automatic_gamma
+        max_grad_norm, batch_dims, strategy, verify, memory_budget, compile, max_physical_batch_size, cuda_graphs,
+        clipping=clipping, automatic_gamma=automatic_gamma, memory_limit=memory_limit,
     )
     return PrivateStep(model, loss_fn, options)
 
@@ -130,6 +142,7 @@ class PrivateStep:
         self._hooks: dict[int, Callable] = {}
         self._captures = CaptureCache(model, loss_fn)
         self._last: Capture | None = None  # the capture the last step ran
+        self._sizers: dict[tuple, PhysicalBatchSizer] = {}  # by capture key, for max_physical_batch_size="auto"
         self._verified = False
 
     @property
@@ -185,16 +198,28 @@ class PrivateStep:
     @_differentiating
     def step(self, inputs, targets) -> StepResult:
         inputs, batch, dims = checked_batch(inputs, targets, self.options.batch_dims)
-        params = dict(self.model.named_parameters())
-        trainable = _trainable(params)
+        trainable = _trainable(dict(self.model.named_parameters()))
         clipping, bounds = self._clipping(trainable)
+        clipped = partial(self._clipped, targets=targets, batch=batch, dims=dims, clipping=clipping, bounds=bounds)
+        sharded = sharded_model(self.model)
+        if sharded is None:
+            result, grads = clipped(inputs)
+        else:  # FSDP2: on the gathered parameters, the sums reduce-scattered onto the shards (fxclip.sharded)
+            result, grads = sharded.step(clipped, inputs)
+            trainable = _trainable(dict(self.model.named_parameters()))  # the sharded ones, registered again
+        _accumulate(trainable, grads)
+        return self._result(result)
+
+    def _clipped(self, inputs: tuple, targets, batch: int, dims: tuple, clipping: Clipping, bounds: tuple) -> tuple[StepResult, dict]:
+        """The step's result and each trainable parameter's clipped sum (by name; none for an
+        empty batch), written nowhere yet."""
+        params = dict(self.model.named_parameters())
         groups = clipping.groups if clipping.per_group else None
         if batch == 0:
             if not self._captures.has(inputs, targets, dims):  # a capture has these shapes: they fit
                 raise_if_an_empty_batch_fails(self.model, self.loss_fn, inputs, targets, dims)
-            _accumulate(trainable, {})
             empty, per_group = torch.zeros(0), None if groups is None else torch.zeros(0, len(groups))
-            return self._result(StepResult(empty, empty, empty if groups is None else per_group, per_group, groups))
+            return StepResult(empty, empty, empty if groups is None else per_group, per_group, groups), {}
         capture = self._captures.get(inputs, targets, dims, self.options)
         try:
             output = self._run(capture, inputs, targets, dims, batch, params, clipping, bounds)
@@ -205,8 +230,7 @@ class PrivateStep:
         if self.verify and capture.step.verifiable:
             verify_step(capture.step, inputs, targets, dims, _bound_arg(clipping, bounds), self.strategy, clipping=clipping)
             self._verified = True
-        _accumulate(trainable, output.grads)
-        return self._result(StepResult(output.losses, output.norms, output.clip_factors, output.group_norms, groups))
+        return StepResult(output.losses, output.norms, output.clip_factors, output.group_norms, groups), output.grads
 
     def _result(self, result: StepResult) -> StepResult:
         for hook in list(self._hooks.values()):
@@ -224,10 +248,16 @@ class PrivateStep:
     def _run(self, capture: Capture, inputs: tuple, targets, dims: tuple, batch: int, params: dict, clipping: Clipping, bounds: tuple):
         """The batch's StepOutput, in physical batches of at most max_physical_batch_size
         examples (and the capture's batch limit); again with float64 norms if one overflowed."""
-        size = min(self.options.max_physical_batch_size or batch, capture.step.batch_limit or batch)
+        if self.options.max_physical_batch_size == "auto":
+            sizer = self._sizers.setdefault(capture.key, PhysicalBatchSizer(self.options.memory_limit, capture.step.batch_limit))
+            in_pieces = sizer.run
+        else:
+            size = min(self.options.max_physical_batch_size or batch, capture.step.batch_limit or batch)
+            in_pieces = partial(run_in_chunks, size=size)
         step = partial(capture, max_grad_norm=_bound_arg(clipping, bounds), strategy=self.strategy, params=params, clipping=clipping)
+
         def run(safe: bool):
-            return run_in_chunks(partial(step, safe=safe), inputs, targets, dims, batch, size)
+            return in_pieces(partial(step, safe=safe), inputs, targets, dims, batch)
 
         output = run(False)
         # a sum is finite iff its terms are (or it overflowed: the exact check sorts that out): two
@@ -247,6 +277,12 @@ class PrivateStep:
         it): `BoundStep(program, flat_args, placeholders, batch_dims)`, what explain and graph run
         or trace. Writes no gradient and leaves `program` as it was."""
         inputs, _, dims = checked_batch(inputs, targets, self.options.batch_dims)
+        if sharded_model(self.model) is not None:
+            raise FxclipError(
+                "this model is sharded by FSDP2 (fully_shard), and a dry run (bind, explain or graph on a batch) "
+                "would have to gather its parameters on every rank: run t.step(...) and then t.explain() "
+                "without a batch, which shows the last step's plan"
+            )
         return self._captures.get(inputs, targets, dims, self.options).step.bind(inputs, targets)
 
     @_differentiating
@@ -272,6 +308,13 @@ class PrivateStep:
         """Every capture kept, oldest first: its `key` and the `step` that runs its batches (a
         `captures.GraphStep`, with `program` and `compiled`, or the `WholeModelStep`)."""
         return self._captures.captures()
+
+    @property
+    def physical_batch_size(self) -> int | None:
+        """With max_physical_batch_size="auto": the physical batch size the last step's capture
+        measured to fit memory_limit (None before that is known)."""
+        sizer = self._sizers.get(self._last.key) if self._last is not None else None
+        return sizer.size if sizer is not None else None
 
     @property
     def fallbacks(self) -> list[str]:

@@ -46,11 +46,34 @@ def run_in_chunks(run: Callable[[tuple, object], StepOutput], inputs: tuple, tar
     vectors (and per-group rows) concatenated, clipped sums added (exact: clipping is per example)."""
     if size >= batch:
         return run(inputs, targets)
-    outputs = [run(*select_examples(inputs, targets, dims, start, min(size, batch - start))) for start in range(0, batch, size)]
-    losses, norms, clip = (torch.cat([out[j] for out in outputs]) for j in range(3))
-    grads = dict(outputs[0].grads)
-    for out in outputs[1:]:
+    combined = CombinedOutput()
+    for start in range(0, batch, size):
+        combined.add(run(*select_examples(inputs, targets, dims, start, min(size, batch - start))))
+    return combined.output()
+
+
+class CombinedOutput:
+    """The StepOutputs of consecutive physical batches as one: each added one's clipped sums go
+    into running sums at once (in place: the running sums are copies, and only they carry over),
+    so adding holds two sets of sums, not three."""
+
+    def __init__(self):
+        self._vectors: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
+        self._grads: dict[str, torch.Tensor] = {}
+
+    def add(self, out: StepOutput) -> None:
+        self._vectors.append((out.losses, out.norms, out.clip_factors))
+        if out.group_norms is not None:
+            self._group_norms.append(out.group_norms)
         for key, g in out.grads.items():
-            grads[key] = grads[key] + g if key in grads else g
-    group_norms = None if outputs[0].group_norms is None else torch.cat([out.group_norms for out in outputs])
-    return StepOutput(losses, norms, clip, grads, group_norms)
+            running = self._grads.get(key)
+            if running is None:
+                self._grads[key] = g.clone()  # not a step's own output, which may be a view
+            elif running.layout == g.layout == torch.strided:
+                running.add_(g)
+            else:  # a sparse sum (nn.Embedding(sparse=True))
+                self._grads[key] = running + g
+
+    def output(self) -> StepOutput:
+        losses, norms, clip = (torch.cat(parts) for parts in zip(*self._vectors))
+        return StepOutput(losses, norms, clip, self._grads, torch.cat(self._group_norms) if self._group_norms else None)

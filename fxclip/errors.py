@@ -28,3 +28,9 @@ class ExampleMixingError(FxclipError):
 
 class VerificationError(FxclipError):
     """`verify=True` found norms or clipped gradients that differ from the torch.func reference."""
+
+
+class ShardingError(FxclipError):
+    """A model sharded in a way fxclip cannot follow (a tensor-parallel layout, a mesh of more than
+    one dimension: `fxclip.sharded`), or a sharded step that failed on another rank, so that no
+    rank wrote gradients."""

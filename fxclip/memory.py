@@ -1,5 +1,5 @@
 """fxclip.memory, the documented path of `fxclip.tools.memory_cmd` (step_memory, and peak_memory from
-`fxclip.tools.memory`): `python -m fxclip.memory ...` runs `fxclip memory ...`."""
+`fxclip.peak`): `python -m fxclip.memory ...` runs `fxclip memory ...`."""
 from .tools.memory_cmd import *  # noqa: F401,F403
 
 if __name__ == "__main__":

@@ -28,6 +28,7 @@ class StepOptions:
     cuda_graphs: bool | None = None
     clipping: str = "flat"
     automatic_gamma: float = AUTOMATIC_GAMMA
+    memory_limit: float | None = None
 
     def __post_init__(self):
         set_ = lambda name, value: object.__setattr__(self, name, value)  # noqa: E731  (frozen)
@@ -47,10 +48,21 @@ class StepOptions:
             raise FxclipError(f"cuda_graphs must be None (on CUDA when compiled), True or False, got {self.cuda_graphs!r}")
         if self.cuda_graphs and not self.compile:
             raise FxclipError("cuda_graphs=True replays the compiled step: pass compile=True (or a batch mode) too")
-        if self.max_physical_batch_size is not None:
+        if self.max_physical_batch_size == "auto" or self.memory_limit is not None:
+            if self.max_physical_batch_size != "auto" or self.memory_limit is None:
+                raise FxclipError(
+                    'max_physical_batch_size="auto" and memory_limit=<bytes> go together: "auto" picks the largest '
+                    f"physical batch that fits memory_limit (got max_physical_batch_size={self.max_physical_batch_size!r}, "
+                    f"memory_limit={self.memory_limit!r})"
+                )
+            set_("memory_limit", check_number(
+                "memory_limit", self.memory_limit, above=0,
+                hint="It counts the bytes a step may allocate above what the model and the batch hold.", error=FxclipError,
+            ))
+        elif self.max_physical_batch_size is not None:
             set_("max_physical_batch_size", check_integer(
                 "max_physical_batch_size", self.max_physical_batch_size, at_least=1,
-                hint="Or None: each batch in one piece.", error=FxclipError,
+                hint='Or None: each batch in one piece; or "auto" with memory_limit.', error=FxclipError,
             ))
         dims = self.batch_dims
         if dims is not None:

@@ -143,6 +143,48 @@ def test_physical_batch_size_takes_a_numpy_int():
     t.step(torch.randn(7, 2), torch.zeros(7))
 
 
+def _zoo_step(name: str, batch: int, **options):
+    from fxclip.zoo import ZOO, PerExampleCrossEntropy
+
+    inputs, targets = ZOO[name].make_batch(batch, torch.Generator().manual_seed(0))
+    torch.manual_seed(0)
+    model = ZOO[name].factory()
+    return model, fxclip.transform(model, PerExampleCrossEntropy(), 1.0, **options), inputs, targets
+
+
+def test_auto_physical_batch_is_the_largest_that_fits_the_memory_limit():
+    model, t, inputs, targets = _zoo_step("transformer", 64)
+    whole = t.step(inputs, targets)
+    whole_grads = [p.grad.clone() for p in model.parameters()]
+    limit = 0.3 * peak_memory(lambda: t.step(inputs, targets))
+
+    model, t, inputs, targets = _zoo_step("transformer", 64, max_physical_batch_size="auto", memory_limit=limit)
+    parts = t.step(inputs, targets)  # measured as it runs: the same result as the batch in one piece
+    for a, b in zip((whole.losses, whole.norms, *whole_grads), (parts.losses, parts.norms, *(p.grad for p in model.parameters()))):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    size = t.physical_batch_size
+    assert 4 < size < 64
+    model.zero_grad(set_to_none=True)
+    assert peak_memory(lambda: t.step(inputs, targets)) <= limit  # later steps, unmeasured, fit
+    _, larger, inputs, targets = _zoo_step("transformer", 64, max_physical_batch_size=size + size // 4)
+    larger.step(inputs, targets)
+    assert peak_memory(lambda: larger.step(inputs, targets)) > limit  # and a quarter more would not
+
+
+def test_auto_physical_batch_refuses_a_limit_below_one_example():
+    model, t, inputs, targets = _zoo_step("transformer", 16, max_physical_batch_size="auto", memory_limit=100_000)
+    with pytest.raises(fxclip.FxclipError, match="does not hold a step on one example"):
+        t.step(inputs, targets)
+    assert all(p.grad is None for p in model.parameters())
+
+
+@pytest.mark.parametrize("options", [{"max_physical_batch_size": "auto"}, {"memory_limit": 2**20}, {"max_physical_batch_size": 8, "memory_limit": 2**20},
+                                     {"max_physical_batch_size": "auto", "memory_limit": -1}])
+def test_auto_physical_batch_and_memory_limit_go_together(options):
+    with pytest.raises(fxclip.FxclipError, match="memory_limit"):
+        fxclip.transform(nn.Linear(2, 2), lambda out, y: out.sum(1), 1.0, **options)
+
+
 @pytest.mark.slow
 def test_compiled_resnet_step_peak_within_target_of_non_private():
     """The compiled step's peak resident memory, measured as the benchmark does (a fresh process

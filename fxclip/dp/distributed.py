@@ -20,11 +20,13 @@ size. The all-reduce below is one flattened bucket per step.
 
 from __future__ import annotations
 
+import hashlib
 import os
 from typing import Iterator
 
 import torch
 import torch.distributed as dist
+from torch.distributed.tensor import DTensor
 
 from .optim import PrivateOptimizer, gaussian_noise
 from .sampling import PoissonBatchSampler
@@ -118,6 +120,14 @@ class DistributedPrivateOptimizer(PrivateOptimizer):
 
     Adding the noise before the all-reduce on one process, rather than after it, costs no second
     collective; with secure_noise the draw comes from that process's OS randomness.
+
+    A model sharded by FSDP2 (`fully_shard`): its p.grad are DTensors whose value is already the
+    sum over processes (the step reduce-scatters the clipped sums onto the shards, fxclip.sharded),
+    so each process adds the noise of the shard it holds: rank r draws the noise of shard r, and
+    every coordinate gets one draw. Those draws must be independent across ranks: without a
+    `generator`, each process draws them from its own generator seeded from os.urandom (torch's
+    global generator is often seeded alike on every rank, for equal initial weights); a
+    `generator` must be seeded differently on each rank, which the first such step checks.
     """
 
     def __init__(self, optimizer: torch.optim.Optimizer, *, noise_rank: int = 0, group=None, **kwargs):
@@ -128,15 +138,25 @@ class DistributedPrivateOptimizer(PrivateOptimizer):
             raise ValueError(f"noise_rank must be a rank of the group (0..{world - 1}), got {noise_rank}")
         self.noise_rank = noise_rank
         self.group = group
+        self._shard_generator: torch.Generator | None = None  # draws the noise of this rank's shards
 
     def add_noise_and_average(self) -> None:
         """Replace each p.grad by (Σ over processes of the clipped sums + one N(0, (σC)²) draw) / (qN).
         With adaptive clipping the processes' unclipped counts ride in the same bucket, noised
-        once with std sigma_b, so every process moves C alike."""
+        once with std sigma_b, so every process moves C alike. A sharded (FSDP2) gradient is already
+        the sum over processes (`fxclip.sharded`): each rank adds the noise of its own shard."""
         grads = self.clipped_sums()
         adaptive = self.adaptive_clipping is not None
-        if not grads and not adaptive:
-            return
+        sharded = [isinstance(g, DTensor) for g in grads]
+        plain = [g for g, is_sharded in zip(grads, sharded) if not is_sharded]
+        averaged = iter(self._all_reduced(plain, adaptive) if plain or adaptive else [])
+        for p, g, is_sharded in zip(self.params, grads, sharded):
+            p.grad = (self._noised_shard(g) / self.expected_batch_size).to(p.dtype) if is_sharded else next(averaged).reshape(p.shape).to(p.dtype)
+
+    def _all_reduced(self, grads: list[torch.Tensor], adaptive: bool) -> list[torch.Tensor]:
+        """The plain gradients summed over processes in one bucket, with one noise draw (on
+        `noise_rank`), divided by the expected batch size; with adaptive clipping the unclipped
+        count rides in the same bucket, noised once there (std sigma_b)."""
         dtype = torch.float64 if any(g.dtype == torch.float64 for g in grads) else torch.float32  # a count is exact in float32 to 2^24
         device = grads[0].device if grads else torch.device("cpu")
         count = [self.adaptive_clipping.take_count().to(device, dtype).reshape(1)] if adaptive else []
@@ -151,6 +171,32 @@ class DistributedPrivateOptimizer(PrivateOptimizer):
         dist.all_reduce(bucket, op=dist.ReduceOp.SUM, group=self.group)
         if adaptive:
             self._noised_count = bucket[n].clone()
-        bucket = bucket[:n] / self.expected_batch_size
-        for p, flat in zip(self.params, bucket.split(sizes)):
-            p.grad = flat.reshape(p.shape).to(p.dtype)
+        return (bucket[:n] / self.expected_batch_size).split(sizes)
+
+    def _noised_shard(self, grad: DTensor) -> DTensor:
+        """A sharded sum (already over all processes) with noise on this rank's shard."""
+        if self.noise_std == 0:
+            return grad
+        dtype = torch.float64 if grad.dtype == torch.float64 else torch.float32
+        local = grad.to_local().to(dtype)
+        local = local + gaussian_noise(local, self.noise_std, secure=self.secure_noise, generator=self._shard_noise_generator(grad))
+        return DTensor.from_local(local, grad.device_mesh, grad.placements, run_check=False, shape=grad.shape, stride=grad.stride())
+
+    def _shard_noise_generator(self, grad: DTensor) -> torch.Generator | None:
+        """The generator of this rank's shard noise (None: secure noise), checked or made on first use."""
+        if self.secure_noise:
+            return None
+        if self._shard_generator is None:
+            if self.generator is None:
+                self._shard_generator = torch.Generator(grad.device).manual_seed(int.from_bytes(os.urandom(8), "little"))
+            else:
+                states = [None] * dist.get_world_size(self.group)
+                dist.all_gather_object(states, hashlib.sha256(self.generator.get_state().numpy().tobytes()).hexdigest(), group=self.group)
+                if len(set(states)) < len(states):
+                    raise ValueError(
+                        "the generator is in the same state on two ranks, so their shards would get the same noise "
+                        "(correlated, not one independent draw per coordinate): seed it differently on each rank, "
+                        "e.g. torch.Generator().manual_seed(seed + rank)"
+                    )
+                self._shard_generator = self.generator
+        return self._shard_generator

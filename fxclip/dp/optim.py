@@ -166,7 +166,7 @@ class PrivateOptimizer:
     def clipped_sums(self) -> list[torch.Tensor]:
         """Each trained parameter's clipped sum as a dense tensor (None counts as 0; a sparse sum is
         made dense, as the noise will be)."""
-        return [torch.zeros_like(p) if p.grad is None else p.grad.to_dense() for p in self.params]
+        return [torch.zeros_like(p) if p.grad is None else p.grad if p.grad.layout == torch.strided else p.grad.to_dense() for p in self.params]
 
     def add_noise_and_average(self) -> None:
         """Replace each p.grad (clipped sum; None counts as 0) by (sum + N(0, (sigma C)^2)) / (q N),

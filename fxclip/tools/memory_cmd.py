@@ -3,7 +3,7 @@
     fxclip memory [--batch 1024] [--device cpu] [--models mnist_cnn transformer] [--physical-batch N] [--json F]
 
 (also `python -m fxclip.memory`) prints a table of peak step memory (MiB) per method: the
-non-private step, fxclip and Opacus (when installed), each measured by `memory.peak_memory`
+non-private step, fxclip and Opacus (when installed), each measured by `fxclip.peak.peak_memory`
 around the benchmark's own step for that method (`bench.methods`); with --physical-batch, also
 fxclip with max_physical_batch_size=N. docs/memory.md has the results.
 """
@@ -18,9 +18,9 @@ import torch
 from fxclip.errors import describe
 from fxclip.zoo import ZOO, PerExampleCrossEntropy
 
+from ..peak import peak_memory
 from .bench.methods import METHODS as BENCH_METHODS
 from .bench.methods import MethodUnavailable
-from .memory import peak_memory
 
 # label here -> the benchmark's method (fxclip.tools.bench.methods), so both measure the same steps
 METHODS = {"nonprivate": "floor", "fxclip": "fxclip", "opacus": "opacus_hooks"}

@@ -116,7 +116,7 @@ def run_hf_job(job: dict, device: torch.device, lock) -> list[dict]:
     import copy
     import statistics
 
-    from ..memory import peak_memory
+    from ...peak import peak_memory
     from fxclip.reference import clipped_sum, naive_per_example_grads
     from .hf import HF_MODELS, HF_TINY
     from .runner import _first_line, _sync

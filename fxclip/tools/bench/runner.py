@@ -24,7 +24,7 @@ import torch
 
 from fxclip.zoo import ZOO, PerExampleCrossEntropy
 
-from ..memory import peak_memory
+from ...peak import peak_memory
 from .methods import FLOOR, METHODS, NAIVE, MethodUnavailable, reference_clipped_sum
 from .user_models import USER_MODELS
 

@@ -7,19 +7,20 @@ the call. On the CPU, where PyTorch keeps no allocator statistics, every tensor 
 tracked by a `TorchDispatchMode` (by storage, so views count once) until it is freed; scratch
 memory an op frees before returning is not seen, for either method compared.
 
-The `fxclip memory` command (`memory_cmd`) measures one step per method with it.
+The `fxclip memory` command (`tools/memory_cmd.py`) measures one step per method with it, and
+`max_physical_batch_size="auto"` (`physical_batch.py`) sizes the physical batch from `measured`.
 """
 
 from __future__ import annotations
 
 import gc
 import weakref
-from typing import Callable
+from collections.abc import Callable
 
 import torch
+from torch._subclasses.fake_tensor import FakeTensor
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
-
 
 
 class _LiveTensorBytes(TorchDispatchMode):
@@ -37,11 +38,14 @@ class _LiveTensorBytes(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
+        # a view of an operand (of memory held before `fn`, such as a slice of the batch) is no allocation
+        operands = {a.untyped_storage().data_ptr() for a in tree_leaves((args, kwargs)) if isinstance(a, torch.Tensor) and a.device.type == "cpu"}
         for t in tree_leaves(out):
-            if isinstance(t, torch.Tensor) and t.device.type == "cpu" and not t.is_meta:
+            # not the fake tensors of a compilation that runs inside `fn`: they hold no memory
+            if isinstance(t, torch.Tensor) and t.device.type == "cpu" and not t.is_meta and not isinstance(t, FakeTensor):
                 storage = t.untyped_storage()
                 key = storage.data_ptr()
-                if key in self._seen or storage.nbytes() == 0:
+                if key in self._seen or key in operands or storage.nbytes() == 0:
                     continue
                 self._seen.add(key)
                 self.live += storage.nbytes()
@@ -52,18 +56,23 @@ class _LiveTensorBytes(TorchDispatchMode):
 
 def peak_memory(fn: Callable[[], object], device: str | torch.device = "cpu") -> int:
     """Peak bytes allocated by `fn()` above what was allocated before it (see the module doc)."""
+    return measured(fn, device)[1]
+
+
+def measured(fn: Callable[[], object], device: str | torch.device = "cpu") -> tuple[object, int]:
+    """`fn()`'s result and its peak bytes, as `peak_memory` counts them."""
     device = torch.device(device)
     gc.collect()
     if device.type == "cuda":
         torch.cuda.synchronize(device)
         torch.cuda.reset_peak_memory_stats(device)
         before = torch.cuda.memory_allocated(device)
-        fn()
+        result = fn()
         torch.cuda.synchronize(device)
-        return torch.cuda.max_memory_allocated(device) - before
+        return result, torch.cuda.max_memory_allocated(device) - before
     if device.type != "cpu":
         raise ValueError(f"peak_memory measures 'cpu' or 'cuda' devices, not {device.type!r}")
     tracker = _LiveTensorBytes()
     with tracker:
-        fn()
-    return tracker.peak
+        result = fn()
+    return result, tracker.peak
