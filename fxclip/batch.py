@@ -59,6 +59,7 @@ class CombinedOutput:
 
     def __init__(self):
         self._vectors: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
+        self._group_norms: list[torch.Tensor] = []  # per_layer's [B, G] rows
         self._grads: dict[str, torch.Tensor] = {}
 
     def add(self, out: StepOutput) -> None:
