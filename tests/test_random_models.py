@@ -47,7 +47,7 @@ def check(case: RandomCase, strategies=("auto",), compile=False, rtol=1e-8) -> f
     model = case.model
     ref, ref_losses = naive_per_example_grads(model, case.loss_fn, case.inputs, case.targets, case.batch_dims, with_losses=True)
     bound = clip_bound(clip_and_sum(ref, 1.0)[0])
-    ref_norms, ref_clip, ref_sums = clip_and_sum(ref, bound)
+    ref_norms, ref_clip, ref_sums, _ = clip_and_sum(ref, bound)
     assert (ref_clip < 1).any() and (ref_clip == 1).any(), ref_norms
     scale = max(float(g.abs().max()) for g in ref_sums.values())
     t = fxclip.transform(model, case.loss_fn, bound, batch_dims=case.batch_dims, compile=compile)
