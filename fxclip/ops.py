@@ -42,3 +42,22 @@ aten.index_select require), copied row by row by aten.index_select. The compiled
 CPU for embeddings and row selections (`passes.compile._gather_rows_unfused`): fused into its
 consumer, inductor's C++ loads a gathered row one element at a time, and when the consumer sums
 over the indices (a bag of words) it vectorizes across the indices instead of along the row."""
+
+
+def _add_rows(values: torch.Tensor, index: torch.Tensor, size: int) -> torch.Tensor:
+    b, g, t, k = values.shape
+    offsets = torch.arange(b * g, device=index.device).view(b, g, 1) * size
+    flat = values.new_zeros(b * g * size, k).index_add_(0, (index + offsets).reshape(-1), values.reshape(-1, k))
+    return flat.view(b, g, size, k)
+
+
+def _add_rows_fake(values: torch.Tensor, index: torch.Tensor, size: int) -> torch.Tensor:
+    return values.new_empty(values.shape[0], values.shape[1], size, values.shape[3])
+
+
+add_rows = define("add_rows(Tensor values, Tensor index, SymInt size) -> Tensor", _add_rows, _add_rows_fake)
+"""Per example and group, Σ_t of values[t] into row index[t] of `size` rows (values [B, G, T, k],
+index [B, G, T] -> [B, G, size, k]): one aten `index_add_` over the flattened rows. On a CPU that is
+3.5-7x faster than the same sum as `scatter_add` with the index expanded over k (B=128, T=64-256,
+k=32-128), and as an op of its own inductor calls that kernel instead of generating a slower loop
+of atomic adds (the bag-of-words' compiled step: 1.07 ms in the generated loop)."""

@@ -12,7 +12,7 @@ from typing import Callable, ClassVar, Sequence
 
 import torch
 
-from ..ops import concat
+from ..ops import add_rows, concat
 
 
 def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -190,9 +190,7 @@ def outer_sum(left: Factor, right: Factor) -> torch.Tensor:
     if isinstance(right, OneHot):
         return outer_sum(left, Dense(right.dense()))
     values = accumulate(right.values) * accumulate(left.weight).unsqueeze(-1)
-    b, g, _, kr = values.shape
-    out = values.new_zeros(b, g, left.k, kr)
-    return out.scatter_add(2, left.index.unsqueeze(-1).expand_as(values), values)
+    return add_rows(values, left.index, left.k)
 
 
 def batch_outer_sum(left: Factor, right: Factor) -> torch.Tensor:

@@ -14,6 +14,7 @@ from typing import Sequence
 
 import torch
 
+from ..ops import add_rows
 from .factors import Factor, OneHot, accumulate, gram
 
 
@@ -82,7 +83,7 @@ def one_hot_rows_norm_sq(left: Factor, right: Factor, safe: bool = False) -> tor
     starts = torch.cat([torch.ones_like(ordered[..., :1], dtype=torch.bool), ordered[..., 1:] != ordered[..., :-1]], -1)
     slot_of_ordered = starts.long().cumsum(-1) - 1  # the rank of each position's index among the distinct ones
     slot = slot_of_ordered.scatter(-1, order, slot_of_ordered)  # back to the positions' order
-    sums = torch.zeros_like(rows).scatter_add(2, slot.unsqueeze(-1).expand_as(rows), rows)
+    sums = add_rows(rows, slot, rows.shape[2])
     return _sum_squares(sums, safe)
 
 
