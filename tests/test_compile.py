@@ -2,13 +2,14 @@
 compiled once for every batch size."""
 
 import pytest
+import sympy
 import torch
 from torch.fx.experimental.proxy_tensor import make_fx
 
 import fxclip
 from fxclip.ops import concat
 from fxclip.zoo import PerExampleCrossEntropy
-from fxclip.passes.compile import CompiledStep, _concatenate_early, _gather_rows_unfused, bucket_size
+from fxclip.passes.compile import CompiledStep, _common_refinement, _concatenate_early, _gather_rows_unfused, bucket_size
 from fxclip.zoo import ZOO
 
 LOSS = PerExampleCrossEntropy()
@@ -183,6 +184,41 @@ def test_a_padded_conv_traces_its_padding_as_one_op_with_the_batch_symbolic():
     targets = [n.target for n in graph.graph.nodes]
     assert torch.ops.aten.constant_pad_nd.default in targets
     assert torch.ops.aten.cat.default not in targets
+
+
+B = sympy.Symbol("B", positive=True, integer=True)
+
+
+@pytest.mark.parametrize("old, new, common", [
+    ([32, 4 * B, 16], [32, B, 64], [32, B, 4, 16]),  # MHA's heads back into the width
+    ([B, 64], [B, 4, 16], [B, 4, 16]),  # a pure split is its own refinement
+    ([B, 1, 6], [B, 6, 1], [B, 6]),  # 1s are dropped
+    ([2 * B, 6], [B, 12], [B, 2, 6]),
+    ([B, 6], [B, 4, 3, 2], None),  # 6 and 4 cut the elements at different places
+    ([4 * B, 3], [B, 12], [B, 4, 3]),
+    ([6 * B], [4, 6 * B], None),  # 4 does not divide 6·B
+])
+def test_common_refinement_of_two_shapes(old, new, common):
+    to_exprs = lambda sizes: [sympy.sympify(s) for s in sizes]  # noqa: E731
+    assert _common_refinement(to_exprs(old), to_exprs(new)) == (None if common is None else to_exprs(common))
+
+
+def test_a_reshape_that_recuts_a_batch_sized_dim_is_split_in_two_with_the_same_values():
+    """MHA views its attention gradient [T, 4·B, 16] as [T, B, 64]; inductor indexes that (a
+    symbolic modulus per element) slowly, so the step graph splits it at [T, B, 4, 16] first."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(
+        torch.nn.TransformerEncoderLayer(16, 4, 32, dropout=0.0, batch_first=True), torch.nn.Flatten(), torch.nn.Linear(5 * 16, 3)
+    )
+    private = fxclip.transform(model, LOSS, 1.0)
+    inputs, targets = torch.randn(6, 5, 16), torch.randint(0, 3, (6,))
+    bound = private.bind(inputs, targets)
+    graph, _ = CompiledStep(bound, 1.0).trace(bound.flat_args)
+    reshapes = [n for n in graph.graph.nodes if n.target in (torch.ops.aten.view.default, torch.ops.aten._unsafe_view.default)]
+    splits = [n for n in reshapes if [str(s) for s in n.meta["val"].shape][2:] == ["4", "4"] and n.args[0].meta["val"].dim() == 3]
+    assert splits, "no split of [T, 4·B, 4] at [T, B, 4, 4]"
+    losses, norms, *_ = graph(torch.ones(6), *bound.flat_args)  # the graph run as Python: the same values
+    torch.testing.assert_close(norms, private.step(inputs, targets).norms)
 
 
 def test_bucket_sizes_pad_at_most_an_eighth_and_are_few():
