@@ -65,15 +65,17 @@ def test_float32_within_1e4(case):
     check_against_reference(t, inputs, targets, rtol=1e-4)
 
 
-@pytest.mark.parametrize("chunk_elements", [1 << 20, 1], ids=["whole", "chunked"])
-@pytest.mark.parametrize("case", [c for c in CASES if c.name.startswith("conv")], ids=lambda c: c.name)
-def test_conv_per_example_kernel_matches_reference(case, chunk_elements, monkeypatch):
+@pytest.mark.parametrize("offsets_max_in_channels, chunk_elements", [(0, 1 << 20), (0, 1), (64, 1 << 20)],
+                         ids=["kernel", "kernel_chunked", "per_offset"])
+@pytest.mark.parametrize("case", [c for c in CASES if {"conv", "conv_transpose"} & set(c.expect.split())], ids=lambda c: c.name)
+def test_conv_per_example_kernel_matches_reference(case, offsets_max_in_channels, chunk_elements, monkeypatch):
     """The table's convs are small, so their per-example gradients come from patches; with the
-    threshold at 0 they come from the conv kernel with examples as groups, which must agree too,
-    also when the kernel runs one group at a time."""
+    threshold at 0 they come from the conv kernel with examples as groups (also when the kernel
+    runs one group at a time) or from one product per kernel offset, which must agree too."""
     import fxclip.rules.conv
 
     monkeypatch.setattr(fxclip.rules.conv, "PATCHES_MAX_ENTRIES", 0)
+    monkeypatch.setattr(fxclip.rules.conv, "OFFSETS_MAX_IN_CHANNELS", offsets_max_in_channels)
     monkeypatch.setattr(fxclip.rules.conv, "WEIGHT_GRAD_CHUNK_ELEMENTS", chunk_elements)
     g = torch.Generator().manual_seed(3)
     model = on_device(case.model().double())

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import itertools
 import math
 
 import torch
 import torch.nn.functional as F
 
-from ..forms import Dense, LinearForm, accumulation_dtype
+from ..forms import Dense, LinearForm, accumulation_dtype, outer_sum
 from ..ops import define
 from .helpers import Rows, bias_form, bilinear_rule
 from .registry import OpCall
@@ -34,9 +35,9 @@ def _pads(padding, kernel, dilation) -> list[tuple[int, int]]:
     return [(p, p) for p in _per_dim(padding, len(kernel))]
 
 
-def patches(x, kernel, stride, padding, dilation, groups: int) -> torch.Tensor:
-    """im2col for any number of spatial dims: x [N, C, *S] -> [N, groups, L, (C/groups)·∏kernel],
-    L the number of output positions, columns ordered like the weight's (C/groups, *kernel)."""
+def _windows(x, kernel, stride, padding, dilation) -> torch.Tensor:
+    """x [N, C, *S] padded and unfolded, a view: [N, C, *out, *kernel], entry (..., *o, *κ) the
+    input that kernel offset κ meets at output position o."""
     nd = len(kernel)
     stride, dilation = _per_dim(stride, nd), _per_dim(dilation, nd)
     flat_pad = [p for before_after in reversed(_pads(padding, kernel, dilation)) for p in before_after]
@@ -46,6 +47,14 @@ def patches(x, kernel, stride, padding, dilation, groups: int) -> torch.Tensor:
         x = x.unfold(2 + i, d * (k - 1) + 1, s)
         if d > 1:
             x = x[..., ::d]
+    return x
+
+
+def patches(x, kernel, stride, padding, dilation, groups: int) -> torch.Tensor:
+    """im2col for any number of spatial dims: x [N, C, *S] -> [N, groups, L, (C/groups)·∏kernel],
+    L the number of output positions, columns ordered like the weight's (C/groups, *kernel)."""
+    nd = len(kernel)
+    x = _windows(x, kernel, stride, padding, dilation)
     n, c = x.shape[:2]
     out = x.shape[2 : 2 + nd]
     x = x.unflatten(1, (groups, c // groups))  # [N, G, C/G, *out, *kernel]
@@ -68,6 +77,16 @@ PATCHES_MAX_ENTRIES = 8192
 # step from 191 to 160 MB peak RSS at B=128 on a CPU, at the same speed side by side (1.29x vs
 # 1.26x the eager non-private step); chunks of 2^18 saved little more (156 MB) and were slower.
 WEIGHT_GRAD_CHUNK_ELEMENTS = 1 << 20
+
+
+# Per-example weight gradients of a conv with at most this many input channels per group (an RGB
+# or grayscale stem) and at most this many kernel offsets come from one batched product per offset
+# (the output gradient with the input window that offset meets) on a CPU: oneDNN's grouped kernel
+# is slow on groups of so few channels. Side by side at B=128 (2 threads; kernel : per offset):
+# 3->16 3x3 on 32x32 9.4 : 3.4 ms, 1->32 3x3 on 28x28 5.5 : 1.9 ms, 1->16 5x5 4.2 : 3.2 ms; but
+# 8->16 3x3 2.5 : 7.1 ms, and a 7x7 stem (49 offsets), 3->64 on 64x64 stride 2, 51 : 82 ms.
+OFFSETS_MAX_IN_CHANNELS = 4
+OFFSETS_MAX_KERNEL = 25
 
 
 def _example_positions(x: torch.Tensor, call: OpCall) -> torch.Tensor:
@@ -159,7 +178,8 @@ def _conv_rows(call: OpCall, out_rows, in_rows, weight_shape, groups: int, paddi
 
     The patches are built for ghost norms and for the per-example gradients of small convs (at most
     PATCHES_MAX_ENTRIES per example); larger convs get per-example gradients from the
-    weight-gradient kernel with every example's channels as groups of their own, and, when no
+    weight-gradient kernel with every example's channels as groups of their own (on a CPU, convs with
+    few input channels per group from one batched product per kernel offset), and, when no
     patches were built, the clipped sum from the same kernel on (c ⊙ g), with no im2col copy."""
     batch = call.batch_size
     stride, dilation = call["stride"], call["dilation"]
@@ -171,6 +191,14 @@ def _conv_rows(call: OpCall, out_rows, in_rows, weight_shape, groups: int, paddi
 
     def patch_factor():
         return _example_positions(patches(in_rows, kernel, stride, padding, dilation, groups), call)
+
+    def per_example_grads_by_offset():
+        windows = _windows(in_rows, kernel, stride, padding, dilation)  # [N, C_in, *out, *kernel]
+        per_offset = []
+        for offset in itertools.product(*(range(k) for k in kernel)):
+            x = windows[(..., *offset)].reshape(windows.shape[0], groups, weight_shape[1], -1).transpose(-1, -2)
+            per_offset.append(outer_sum(Dense(g), Dense(_example_positions(x, call))))  # [B, G, C_out/G, C_in/G]
+        return torch.stack(per_offset, -1).reshape(batch, *weight_shape)
 
     def per_example_grads():
         grads = _weight_grad_kernel(
@@ -185,10 +213,13 @@ def _conv_rows(call: OpCall, out_rows, in_rows, weight_shape, groups: int, paddi
         return _weight_grad_kernel(scaled, in_rows, weight_shape, stride, padding, dilation)
 
     by_patches = groups * g.shape[2] * columns <= PATCHES_MAX_ENTRIES  # an example's patches
+    by_offset = (
+        weight_shape[1] <= OFFSETS_MAX_IN_CHANNELS and math.prod(kernel) <= OFFSETS_MAX_KERNEL and in_rows.device.type == "cpu"
+    )
     return Rows(
         Dense.deferred((batch, groups, g.shape[2], columns), patch_factor),
         Dense(g),
-        materializer=None if by_patches else per_example_grads,
+        materializer=None if by_patches else per_example_grads_by_offset if by_offset else per_example_grads,
         contraction=clipped_sum,
     )
 
