@@ -14,9 +14,10 @@ LOSS = PerExampleCrossEntropy()
 aten, ops = torch.ops.aten, torch.ops.fxclip
 
 # zoo models with a large conv, whose per-example gradients come from fxclip::conv_weight_grad,
-# and with a padded conv small enough to be unfolded into patches (its pad is an op of the step)
+# and with a padded conv small enough to be unfolded into patches or with few input channels (an
+# RGB stem: per kernel offset), whose pad is an op of the step
 CONV_KERNEL = {"mnist_cnn", "resnet_gn", "depthwise"}
-PADDED_PATCHES = {"small_cnn"}
+PADDED_PATCHES = {"small_cnn", "resnet_gn", "depthwise"}
 UNROLLED = {"lstm", "gru"}  # written out per time step: cut to 8 steps
 
 

@@ -11,6 +11,7 @@ from abc import ABC, abstractmethod
 from typing import Callable, ClassVar, Sequence
 
 import torch
+from torch.fx.experimental.symbolic_shapes import statically_known_true
 
 from ..ops import add_rows, concat
 
@@ -197,8 +198,14 @@ def batch_outer_sum(left: Factor, right: Factor) -> torch.Tensor:
     """Σ over examples and positions of left_tᵀ right_t, per group: [G, k_L, k_R] (the clipped
     sum's contraction, once one factor is scaled by the clip factors)."""
     if isinstance(left, Dense) and isinstance(right, Dense):
+        # the sum runs over (example, position) pairs in any order: take them in the order of
+        # left's memory, where the fold is a view (a sequence-first layout, [T, B, k], has the
+        # batch inner: folded batch-major, both factors were copied)
+        batch_inner = statically_known_true(left.values.stride(0) < left.values.stride(2))  # no guard on a traced batch
+
         def fold(x: torch.Tensor) -> torch.Tensor:  # [G, B·T, k]
-            return accumulate(x).transpose(0, 1).flatten(1, 2)
+            x = accumulate(x).transpose(0, 1)
+            return (x.transpose(1, 2) if batch_inner else x).flatten(1, 2)
 
         return torch.bmm(fold(left.values).transpose(1, 2), fold(right.values))
     return outer_sum(fold_batch(left), fold_batch(right))[0]

@@ -81,8 +81,10 @@ WEIGHT_GRAD_CHUNK_ELEMENTS = 1 << 20
 
 # Per-example weight gradients of a conv with at most this many input channels per group (an RGB
 # or grayscale stem) and at most this many kernel offsets come from one batched product per offset
-# (the output gradient with the input window that offset meets) on a CPU: oneDNN's grouped kernel
-# is slow on groups of so few channels. Side by side at B=128 (2 threads; kernel : per offset):
+# (the output gradient with the input window that offset meets): oneDNN's grouped kernel is slow
+# on groups of so few channels (cuDNN's is not measured yet; batched products suit a GPU, and a
+# per-device choice would trace differently on a CPU). Side by side on a CPU at B=128 (2 threads;
+# kernel : per offset):
 # 3->16 3x3 on 32x32 9.4 : 3.4 ms, 1->32 3x3 on 28x28 5.5 : 1.9 ms, 1->16 5x5 4.2 : 3.2 ms; but
 # 8->16 3x3 2.5 : 7.1 ms, and a 7x7 stem (49 offsets), 3->64 on 64x64 stride 2, 51 : 82 ms.
 OFFSETS_MAX_IN_CHANNELS = 4
@@ -178,8 +180,8 @@ def _conv_rows(call: OpCall, out_rows, in_rows, weight_shape, groups: int, paddi
 
     The patches are built for ghost norms and for the per-example gradients of small convs (at most
     PATCHES_MAX_ENTRIES per example); larger convs get per-example gradients from the
-    weight-gradient kernel with every example's channels as groups of their own (on a CPU, convs with
-    few input channels per group from one batched product per kernel offset), and, when no
+    weight-gradient kernel with every example's channels as groups of their own (convs with few
+    input channels per group from one batched product per kernel offset), and, when no
     patches were built, the clipped sum from the same kernel on (c ⊙ g), with no im2col copy."""
     batch = call.batch_size
     stride, dilation = call["stride"], call["dilation"]
@@ -213,9 +215,7 @@ def _conv_rows(call: OpCall, out_rows, in_rows, weight_shape, groups: int, paddi
         return _weight_grad_kernel(scaled, in_rows, weight_shape, stride, padding, dilation)
 
     by_patches = groups * g.shape[2] * columns <= PATCHES_MAX_ENTRIES  # an example's patches
-    by_offset = (
-        weight_shape[1] <= OFFSETS_MAX_IN_CHANNELS and math.prod(kernel) <= OFFSETS_MAX_KERNEL and in_rows.device.type == "cpu"
-    )
+    by_offset = weight_shape[1] <= OFFSETS_MAX_IN_CHANNELS and math.prod(kernel) <= OFFSETS_MAX_KERNEL
     return Rows(
         Dense.deferred((batch, groups, g.shape[2], columns), patch_factor),
         Dense(g),
