@@ -67,21 +67,30 @@ def cost_formulas(forms: Sequence) -> dict[str, sympy.Expr]:
 
 def cost_values(forms: Sequence) -> dict:
     """The formulas evaluated on these linear forms' shapes, plus the extra memory each needs
-    (elements); "formulas" holds the sympy expressions themselves (for `explain`)."""
+    (elements); "formulas" holds the sympy expressions themselves (for `explain`). The same shapes
+    give the same dict (computed once: an eager step asks for every use's costs)."""
     f = forms[0]
-    groups = f.left.groups
-    positions = sum(u.left.positions for u in forms)
-    shapes = {"T": positions, "k_L": f.left.k, "k_R": f.right.k, "G": groups}
-    kinds = factor_kinds(forms)
-    flops = {name: int(fn(positions, f.left.k, f.right.k, groups)) for name, fn in _cost_functions(*kinds).items()}
-    one_hot = one_hot_side(*kinds)
-    rows = f.left.k * f.right.k if one_hot is None else positions * (f.right.k if one_hot == "left" else f.left.k)
     # a deferred factor (a conv's patches) is extra memory wherever a strategy builds it: ghost
     # always, materialize unless the rule's kernel makes the gradients without it
     deferred = sum(x.groups * x.positions * x.k for u in forms for x in (u.left, u.right) if x.is_deferred)
+    key = (
+        factor_kinds(forms), sum(u.left.positions for u in forms), f.left.k, f.right.k, f.left.groups, deferred,
+        len(forms) == 1 and f.materializer is not None,
+    )
+    if all(type(n) is int for n in key[1:6]):  # not a size traced as a symbol (unhashable)
+        return _cost_values(*key)
+    return _cost_values.__wrapped__(*key)
+
+
+@lru_cache(maxsize=4096)
+def _cost_values(kinds, positions, k_left, k_right, groups, deferred, own_kernel: bool) -> dict:
+    shapes = {"T": positions, "k_L": k_left, "k_R": k_right, "G": groups}
+    flops = {name: int(fn(positions, k_left, k_right, groups)) for name, fn in _cost_functions(*kinds).items()}
+    one_hot = one_hot_side(*kinds)
+    rows = k_left * k_right if one_hot is None else positions * (k_right if one_hot == "left" else k_left)
     memory = {
         "ghost": 2 * groups * positions**2 + deferred,
-        "materialize": groups * rows + (0 if len(forms) == 1 and f.materializer else deferred),
+        "materialize": groups * rows + (0 if own_kernel else deferred),
     }
     return {"flops": flops, "memory": memory, "shapes": shapes, "formulas": _formulas(*kinds)}
 

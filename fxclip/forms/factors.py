@@ -23,7 +23,8 @@ def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 def accumulate(x: torch.Tensor) -> torch.Tensor:
-    return x.to(accumulation_dtype(x.dtype))
+    dtype = accumulation_dtype(x.dtype)
+    return x if x.dtype == dtype else x.to(dtype)  # `to` costs a call even when it returns x
 
 
 class Factor(ABC):

@@ -68,6 +68,8 @@ def ghost_norm_sq(blocks: Sequence, safe: bool = False) -> torch.Tensor:
             total = term if total is None else total + term
     if safe:
         return torch.ldexp(total.clamp_min(0), 2 * (e_left + e_right))
+    if len(pairs) == 1 and pairs[0][0].positions == 1 and pairs[0][1].positions == 1:
+        return total  # a product of two sums of squares: never below zero
     return torch.where(total >= 0, total, torch.nan)  # inf stays inf
 
 

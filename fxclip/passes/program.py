@@ -10,8 +10,9 @@ call did per use (`plan`, which `explain` prints).
 
 from __future__ import annotations
 
+import operator
 from dataclasses import dataclass, field
-from functools import partial
+from functools import partial, reduce
 from typing import Any, NamedTuple
 
 import torch
@@ -76,14 +77,17 @@ def run(
                 forms.update(rule_forms(plan, node, state.env, dz[node], batch))
         merged = _merged_shared_forms(plan, forms)
         dtype = torch.float32 if losses.dtype != torch.float64 else torch.float64
-        norm_sq = losses.new_zeros(batch, dtype=torch.float64 if safe else dtype)
+        zero = partial(losses.new_zeros, batch, dtype=torch.float64 if safe else dtype)
         column = clipping.column_of() if clipping.per_group else None
         if column is None:
+            terms = []
             for comp in plan.components:
                 with phase("norms", comp.params):
-                    norm_sq = norm_sq + _norm_sq(plan, comp, state, merged.get(comp))
+                    terms.append(_norm_sq(plan, comp, state, merged.get(comp)))
+            with phase("norms"):
+                norm_sq = _total(terms) if terms else zero()
         else:
-            norm_sq = _group_norm_sq(plan, state, merged, column, len(clipping.groups), norm_sq)
+            norm_sq = _group_norm_sq(plan, state, merged, column, len(clipping.groups), zero())
         with phase("norms"):
             norms = norm_sq.sqrt()  # every term is >= 0, or NaN (ghost_norm_sq)
             group_norms = None
@@ -211,12 +215,12 @@ def _separate_norm_sq(plan: StepPlan, i: int, form, state: _StepState) -> tuple[
 def _norm_sq(plan: StepPlan, comp: Component, state: _StepState, merged=None) -> torch.Tensor:
     ids, forms, safe, entries = comp.ids, state.forms, state.safe, state.entries
     if comp.kind == "separate":
-        total = 0
+        terms = []
         for i in ids:
             term, entry = state.terms.pop(i) if i in state.terms else _separate_norm_sq(plan, i, forms[i], state)
-            total = total + term
+            terms.append(term)
             entries.append(entry)
-        return total
+        return _total(terms)
     if merged is not None:
         costs = cost_values(merged)
         chosen = choose_strategy(merged, state.strategy, plan.memory_budget, costs)
@@ -224,8 +228,13 @@ def _norm_sq(plan: StepPlan, comp: Component, state: _StepState, merged=None) ->
         return linear_forms_norm_sq(merged, chosen, safe)
     entries.extend(_entry(plan, state, i, _materialized(plan, i)) for i in ids)
     if comp.kind == "shared":
-        return materialized_norm_sq(sum(f.materialize() for f in _oriented(plan, comp, forms)), safe)
-    return sum(_param_norm_sq(plan, comp, state).values())
+        return materialized_norm_sq(_total(f.materialize() for f in _oriented(plan, comp, forms)), safe)
+    return _total(_param_norm_sq(plan, comp, state).values())
+
+
+def _total(tensors) -> torch.Tensor:
+    """The sum of one or more tensors, without the extra op of Python's sum (0 + the first)."""
+    return reduce(operator.add, tensors)
 
 
 def _param_norm_sq(plan: StepPlan, comp: Component, state: _StepState) -> dict[str, torch.Tensor]:
@@ -282,7 +291,7 @@ def _clipped_sums(plan: StepPlan, forms: dict, env: dict, clip: torch.Tensor, me
         (key,) = comp.params
         c = clip if column is None else clip[:, column[key]]
         with phase("book-keeping", comp.params):
-            grads[key] = sum(f.clipped_sum(c).reshape(plan.param_shape(key)) for f in blocks)
+            grads[key] = _total(f.clipped_sum(c).reshape(plan.param_shape(key)) for f in blocks)
         done.update(comp.ids)
     for i, use in enumerate(plan.uses):
         if i in done:
