@@ -23,6 +23,19 @@ def on_device(tree):
     return pytree.tree_map(lambda x: x.to(DEVICE) if isinstance(x, (torch.Tensor, torch.nn.Module)) else x, tree)
 
 
+def snapshot(model):
+    """Each parameter's value and gradient (None if it has none), copied."""
+    return {k: (p.detach().clone(), None if p.grad is None else p.grad.clone()) for k, p in model.named_parameters()}
+
+
+def assert_unchanged(model, before):
+    """Every parameter's value and gradient are as `snapshot` saw them (a refused call changes nothing)."""
+    for k, p in model.named_parameters():
+        value, grad = before[k]
+        assert torch.equal(p.detach(), value), k
+        assert (p.grad is None and grad is None) or torch.equal(p.grad, grad), k
+
+
 def sum_loss(out, target):
     return ((out - target) ** 2).flatten(1).sum(1)
 

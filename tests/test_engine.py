@@ -12,7 +12,7 @@ import fxclip
 from fxclip.dp.accounting import epsilon_spent, noise_multiplier_for_epsilon
 from fxclip.integrations.engine import PerExampleLoss
 from fxclip.reference import any_per_example_grads, clipped_sum
-from tests.helpers import relative_error
+from helpers import assert_unchanged, relative_error, snapshot
 
 
 def data(n=60, features=6, classes=3, dtype=torch.float64):
@@ -31,17 +31,6 @@ def make_private(model=None, criterion=None, batch_size=10, noise=0.0, clip=0.5,
     private = engine.make_private(module=model, optimizer=torch.optim.SGD(model.parameters(), lr=lr), data_loader=loader,
                                   criterion=criterion or nn.CrossEntropyLoss(), noise_multiplier=noise, max_grad_norm=clip, **options)
     return engine, model, private
-
-
-def snapshot(model):
-    return {k: (p.detach().clone(), None if p.grad is None else p.grad.clone()) for k, p in model.named_parameters()}
-
-
-def assert_unchanged(model, before):
-    for k, p in model.named_parameters():
-        value, grad = before[k]
-        assert torch.equal(p.detach(), value), k
-        assert (p.grad is None and grad is None) or torch.equal(p.grad, grad), k
 
 
 def per_example_ce(out, y):

@@ -9,21 +9,11 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import fxclip
+from helpers import assert_unchanged, snapshot
 
 
 def ce(out, y):
     return F.cross_entropy(out, y, reduction="none")
-
-
-def snapshot(model):
-    return {k: (p.detach().clone(), None if p.grad is None else p.grad.clone()) for k, p in model.named_parameters()}
-
-
-def assert_unchanged(model, before):
-    for k, p in model.named_parameters():
-        value, grad = before[k]
-        assert torch.equal(p.detach(), value), k
-        assert (p.grad is None and grad is None) or torch.equal(p.grad, grad), k
 
 
 def model_with_grads():
