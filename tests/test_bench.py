@@ -40,6 +40,24 @@ def test_opacus_cells_are_checked_or_skipped_with_a_reason():
         assert (c.skipped is None and c.check == "ok") or (c.skipped and c.seconds is None), c
 
 
+@pytest.mark.parametrize("method", ["opacus_hooks", "opacus_ghost"])
+def test_opacus_runs_on_a_model_that_comes_in_eval_mode(method):
+    """Opacus records activations only in training mode; the Hugging Face models come in eval
+    mode, and ghost clipping failed on them with "No activations detected"."""
+    pytest.importorskip("opacus")
+    from fxclip.reference import clipped_sum, per_example_grads
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(5, 7), torch.nn.Tanh(), torch.nn.Linear(7, 3)).eval()
+    x, y = torch.randn(6, 5), torch.randint(0, 3, (6,))
+    loss = lambda out, t: torch.nn.functional.cross_entropy(out, t, reduction="none")  # noqa: E731
+    want = clipped_sum(per_example_grads(model, loss, (x,), y), 0.5)[1]
+    built = METHODS[method](model, loss, 0.5, (x,), y)
+    built.step()
+    for k, g in built.grads().items():
+        torch.testing.assert_close(g, want[k], rtol=1e-4, atol=1e-6)
+
+
 def test_quick_run_writes_table_json_and_chart(tmp_path, capsys):
     assert main(["--quick", "--methods", "floor", "fxclip", "naive", "--out", str(tmp_path)]) == 0
     table = (tmp_path / "benchmark.md").read_text()

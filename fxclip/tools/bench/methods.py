@@ -91,17 +91,21 @@ def vmap_grad(model, loss_fn, max_grad_norm, inputs, targets, compiled: bool = F
     return Method(step, lambda: out["grads"])
 
 
-def _opacus():
+def _opacus(model: torch.nn.Module) -> None:
+    """Opacus must be installed, and it records activations only in training mode: the model
+    goes to it in training mode (the benchmark's dropout probabilities are 0, so both modes compute
+    the same function; the Hugging Face models come in eval mode)."""
     try:
         import opacus  # noqa: F401  (optional: pip install fxclip[peers])
     except ImportError as e:
         raise MethodUnavailable("Opacus is not installed (pip install 'fxclip[peers]')") from e
+    model.train()
 
 
 def opacus_hooks(model, loss_fn, max_grad_norm, inputs, targets) -> Method:
     """Opacus GradSampleModule (per-sample gradients by hooks) and DPOptimizer's clipping
     (noise 0), the clipped sum read from p.summed_grad."""
-    _opacus()
+    _opacus(model)
     from opacus import GradSampleModule
     from opacus.optimizers import DPOptimizer
 
@@ -137,7 +141,7 @@ class _Reducible:
 def opacus_ghost(model, loss_fn, max_grad_norm, inputs, targets) -> Method:
     """Opacus ghost clipping (GradSampleModuleFastGradientClipping, DPLossFastGradientClipping):
     a first backward for the norms, a second one of the clip-weighted loss into p.grad."""
-    _opacus()
+    _opacus(model)
     from opacus.grad_sample import GradSampleModuleFastGradientClipping
     from opacus.optimizers import DPOptimizerFastGradientClipping
     from opacus.utils.fast_gradient_clipping_utils import DPLossFastGradientClipping
