@@ -231,3 +231,42 @@ def test_fused_gpu_cells_written_out_compute_the_cells():
     h_lstm, c_lstm, _ = _lstm_cell_unfused(x @ lstm.weight_ih.T, h @ lstm.weight_hh.T, c, lstm.bias_ih, lstm.bias_hh)
     for got, expected in zip((h_lstm, c_lstm), lstm(x, (h, c))):
         torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-12)
+
+
+def test_an_eager_step_concatenates_the_per_step_gradients_once(monkeypatch):
+    """W_hh and b_hh of an LSTM read the same per-step gate gradients: the eager step concatenates
+    them once and reuses the Gram product of the concatenation (the compiled step's graph merges
+    them by CSE), with the same results as computing each use's own."""
+    from contextlib import nullcontext
+
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    import fxclip.passes.program as program
+
+    class Count(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.ops.append(func)
+            return func(*args, **(kwargs or {}))
+
+    def step():
+        torch.manual_seed(0)
+        model = Recurrent(nn.LSTM).double()
+        x, y = batch()
+        private = fxclip.transform(model, ce, max_grad_norm=0.5, strategy="ghost")
+        private.step(x.double(), y)  # the capture
+        model.zero_grad()
+        counter = Count()
+        counter.ops = []
+        with counter:
+            result = private.step(x.double(), y)
+        return result, {k: p.grad.clone() for k, p in model.named_parameters()}, counter.ops
+
+    reused, reused_grads, reused_ops = step()
+    monkeypatch.setattr(program, "reusing_products", nullcontext)
+    own, own_grads, own_ops = step()
+    concats = [ops.count(torch.ops.fxclip.concat.default) for ops in (reused_ops, own_ops)]
+    grams = [ops.count(torch.ops.aten.bmm.default) for ops in (reused_ops, own_ops)]
+    assert concats[0] < concats[1] and grams[0] < grams[1], (concats, grams)
+    torch.testing.assert_close(reused.norms, own.norms, rtol=0, atol=0)
+    for k in own_grads:
+        torch.testing.assert_close(reused_grads[k], own_grads[k], rtol=0, atol=0)

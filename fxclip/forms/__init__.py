@@ -28,7 +28,9 @@ from typing import Callable, Sequence
 import torch
 
 from .costs import MEMORY_COST, STRATEGIES, choose_strategy, cost_formulas, cost_values, one_hot_side
-from .factors import Dense, Factor, OneHot, accumulate, accumulation_dtype, batch_outer_sum, concat_positions, gram, outer_sum
+from .factors import (
+    Dense, Factor, OneHot, accumulate, accumulation_dtype, batch_outer_sum, concat_positions, gram, outer_sum, reusing_products,
+)
 from .norms import ghost_norm_sq, materialized_norm_sq, one_hot_rows_norm_sq
 
 
@@ -181,6 +183,6 @@ def linear_forms_norm_sq(forms: Sequence[LinearForm], strategy: str, safe: bool 
 __all__ = [
     "Form", "LinearForm", "PerExampleGrad", "Factor", "Dense", "OneHot",
     "concatenated", "linear_forms_norm_sq", "ghost_norm_sq", "one_hot_rows_norm_sq", "materialized_norm_sq",
-    "gram", "outer_sum", "accumulation_dtype",
+    "gram", "outer_sum", "accumulation_dtype", "reusing_products",
     "STRATEGIES", "MEMORY_COST", "choose_strategy", "cost_formulas", "cost_values",
 ]

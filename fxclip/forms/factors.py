@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import math
 from abc import ABC, abstractmethod
+from contextlib import contextmanager
+from contextvars import ContextVar
 from typing import Callable, ClassVar, Sequence
 
 import torch
@@ -25,6 +27,35 @@ def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
 def accumulate(x: torch.Tensor) -> torch.Tensor:
     dtype = accumulation_dtype(x.dtype)
     return x if x.dtype == dtype else x.to(dtype)  # `to` costs a call even when it returns x
+
+
+# One eager step's products and concatenations of factors, by the memory they read (`reusing_products`).
+_PRODUCTS: ContextVar[dict | None] = ContextVar("fxclip_products", default=None)
+
+
+@contextmanager
+def reusing_products():
+    """Inside: a Gram product or a concatenation of factors that an earlier use made from the same
+    tensors is reused (a weight and its bias share their output gradient's Gram matrix, a
+    recurrent weight and its bias the concatenation of the per-step gradients). For eager steps:
+    tensors are matched by their memory (address, sizes, strides), and each result keeps its
+    inputs alive so no other tensor takes their address meanwhile. A traced step has no addresses;
+    its graph merges the same ops by fx_graph_cse instead."""
+    token = _PRODUCTS.set({})
+    try:
+        yield
+    finally:
+        _PRODUCTS.reset(token)
+
+
+def _reused(kind: str, tensors: Sequence[torch.Tensor], compute: Callable[[], torch.Tensor]) -> torch.Tensor:
+    memo = _PRODUCTS.get()
+    if memo is None:
+        return compute()
+    key = (kind, *((t.data_ptr(), t.dtype, t.device, tuple(t.shape), t.stride()) for t in tensors))
+    if key not in memo:
+        memo[key] = (compute(), tuple(tensors))
+    return memo[key][0]
 
 
 class Factor(ABC):
@@ -170,7 +201,9 @@ def gram(x: Factor, y: Factor) -> torch.Tensor:
     if isinstance(x, Dense) and isinstance(y, Dense):
         if x.positions == 1 and y.positions == 1:  # one inner product: no matrix product needed
             return (accumulate(x.values) * accumulate(y.values)).sum(-1, keepdim=True)
-        return _bmm(accumulate(x.values), accumulate(y.values).transpose(-1, -2))
+        return _reused(
+            "gram", (x.values, y.values), lambda: _bmm(accumulate(x.values), accumulate(y.values).transpose(-1, -2))
+        )
     if isinstance(x, OneHot) and isinstance(y, OneHot):
         same = x.index.unsqueeze(-1) == y.index.unsqueeze(-2)
         return same * (accumulate(x.weight).unsqueeze(-1) * accumulate(y.weight).unsqueeze(-2))
@@ -226,6 +259,9 @@ def concat_positions(factors: Sequence[Factor]) -> Factor:
     """Factors of one kind (and k) as one, their positions one after another."""
     if len(factors) == 1:
         return factors[0]
+    def joined(pieces: list[torch.Tensor]) -> torch.Tensor:
+        return _reused("concat", pieces, lambda: concat(pieces, 2))
+
     if isinstance(factors[0], Dense):
-        return Dense(concat([f.values for f in factors], 2))
-    return OneHot(concat([f.index for f in factors], 2), factors[0].k, concat([f.weight for f in factors], 2))
+        return Dense(joined([f.values for f in factors]))
+    return OneHot(joined([f.index for f in factors]), factors[0].k, joined([f.weight for f in factors]))

@@ -11,15 +11,19 @@ call did per use (`plan`, which `explain` prints).
 from __future__ import annotations
 
 import operator
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from functools import partial, reduce
 from typing import Any, NamedTuple
 
 import torch
 from torch.fx import Node
+from torch.fx.experimental.proxy_tensor import get_proxy_mode
 
 from ..clipping import FLAT, Clipping, StepOutput
-from ..forms import LinearForm, choose_strategy, concatenated, cost_values, linear_forms_norm_sq, materialized_norm_sq
+from ..forms import (
+    LinearForm, choose_strategy, concatenated, cost_values, linear_forms_norm_sq, materialized_norm_sq, reusing_products,
+)
 from ..rules.registry import fallback_rule
 from .components import Component, replay
 from .emit import StepPlan, phase, rule_forms
@@ -71,7 +75,8 @@ def run(
     forms, batch = state.forms, state.batch
     # fxclip's own arithmetic runs outside any autocast region: norms, clip factors and
     # clipped sums accumulate in float32 (or float64) whatever dtype the forward ran in.
-    with torch.no_grad(), torch.autocast(losses.device.type, enabled=False):
+    eager = get_proxy_mode() is None
+    with torch.no_grad(), torch.autocast(losses.device.type, enabled=False), reusing_products() if eager else nullcontext():
         for node in plan.use_nodes:
             if not all(i in forms for call in plan.rule_calls[node] for i in call.ids):
                 forms.update(rule_forms(plan, node, state.env, dz[node], batch))
