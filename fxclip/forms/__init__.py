@@ -29,7 +29,16 @@ import torch
 
 from .costs import MEMORY_COST, STRATEGIES, choose_strategy, cost_formulas, cost_values, one_hot_side
 from .factors import (
-    Dense, Factor, OneHot, accumulate, accumulation_dtype, batch_outer_sum, concat_positions, gram, outer_sum, reusing_products,
+    Dense,
+    Factor,
+    OneHot,
+    accumulate,
+    accumulation_dtype,
+    batch_outer_sum,
+    concat_positions,
+    gram,
+    outer_sum,
+    reusing_products,
 )
 from .norms import ghost_norm_sq, materialized_norm_sq, one_hot_rows_norm_sq
 

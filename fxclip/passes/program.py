@@ -22,7 +22,13 @@ from torch.fx.experimental.proxy_tensor import get_proxy_mode
 
 from ..clipping import FLAT, Clipping, StepOutput
 from ..forms import (
-    LinearForm, choose_strategy, concatenated, cost_values, linear_forms_norm_sq, materialized_norm_sq, reusing_products,
+    LinearForm,
+    choose_strategy,
+    concatenated,
+    cost_values,
+    linear_forms_norm_sq,
+    materialized_norm_sq,
+    reusing_products,
 )
 from ..rules.registry import fallback_rule
 from .components import Component, replay
