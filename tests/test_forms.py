@@ -84,13 +84,22 @@ def test_cost_model_prefers_materialize_for_long_sequences():
 
 def test_one_hot_forms_materialize_only_the_nonzero_rows():
     """An embedding's per-example gradient has at most T nonzero rows: materializing it costs T·k
-    work and memory, not V·k, so "auto" takes it over T² Gram products for any sequence length."""
+    work (plus the sort's per-position cost) and memory, not V·k, so "auto" takes it over T² Gram
+    products for long sequences, and the Gram products for short ones."""
+    from fxclip.forms.costs import ONE_HOT_ROWS_PER_POSITION
+
     gen = torch.Generator().manual_seed(3)
-    emb = LinearForm(factor("onehot", 1, 1, 512, 50000, gen), factor("dense", 1, 1, 512, 64, gen), torch.Size([50000, 64]))
-    costs = cost_values([emb])
-    assert costs["flops"]["materialize"] == 512 * 64 and costs["memory"]["materialize"] == 512 * 64
-    assert choose_strategy([emb], "auto") == "materialize"
-    assert choose_strategy([emb.transposed()], "auto") == "materialize"
+
+    def embedding(positions):
+        return LinearForm(
+            factor("onehot", 1, 1, positions, 50000, gen), factor("dense", 1, 1, positions, 64, gen), torch.Size([50000, 64])
+        )
+
+    costs = cost_values([embedding(512)])
+    assert costs["flops"]["materialize"] == 512 * (64 + ONE_HOT_ROWS_PER_POSITION) and costs["memory"]["materialize"] == 512 * 64
+    for positions, strategy in ((512, "materialize"), (64, "materialize"), (32, "ghost"), (8, "ghost")):
+        assert choose_strategy([embedding(positions)], "auto") == strategy, positions
+        assert choose_strategy([embedding(positions).transposed()], "auto") == strategy, positions
 
 
 def _float32(f):
