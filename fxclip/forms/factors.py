@@ -36,8 +36,8 @@ _PRODUCTS: ContextVar[dict | None] = ContextVar("fxclip_products", default=None)
 @contextmanager
 def reusing_products():
     """Inside: a Gram product or a concatenation of factors that an earlier use made from the same
-    tensors is reused (a weight and its bias share their output gradient's Gram matrix, a
-    recurrent weight and its bias the concatenation of the per-step gradients). For eager steps:
+    tensors is reused (an LSTM's W_hh and b_hh read the same per-step gate gradients: one
+    concatenation and one Gram product of it instead of several). For eager steps:
     tensors are matched by their memory (address, sizes, strides), and each result keeps its
     inputs alive so no other tensor takes their address meanwhile. A traced step has no addresses;
     its graph merges the same ops by fx_graph_cse instead."""
@@ -259,6 +259,7 @@ def concat_positions(factors: Sequence[Factor]) -> Factor:
     """Factors of one kind (and k) as one, their positions one after another."""
     if len(factors) == 1:
         return factors[0]
+
     def joined(pieces: list[torch.Tensor]) -> torch.Tensor:
         return _reused("concat", pieces, lambda: concat(pieces, 2))
 
