@@ -39,10 +39,9 @@ class _LiveTensorBytes(TorchDispatchMode):
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
         # a view of an operand (of memory held before `fn`, such as a slice of the batch) is no allocation
-        operands = {a.untyped_storage().data_ptr() for a in tree_leaves((args, kwargs)) if isinstance(a, torch.Tensor) and a.device.type == "cpu"}
+        operands = {a.untyped_storage().data_ptr() for a in tree_leaves((args, kwargs)) if _holds_cpu_memory(a)}
         for t in tree_leaves(out):
-            # not the fake tensors of a compilation that runs inside `fn`: they hold no memory
-            if isinstance(t, torch.Tensor) and t.device.type == "cpu" and not t.is_meta and not isinstance(t, FakeTensor):
+            if _holds_cpu_memory(t):
                 storage = t.untyped_storage()
                 key = storage.data_ptr()
                 if key in self._seen or key in operands or storage.nbytes() == 0:
@@ -52,6 +51,12 @@ class _LiveTensorBytes(TorchDispatchMode):
                 weakref.finalize(storage, self._release, key, storage.nbytes())
         self.peak = max(self.peak, self.live)
         return out
+
+
+def _holds_cpu_memory(t) -> bool:
+    """A CPU tensor with real storage: not the fake or meta tensors of a capture or compilation
+    that runs inside `fn` (they hold no memory, and asking for their storage's address raises)."""
+    return isinstance(t, torch.Tensor) and t.device.type == "cpu" and not t.is_meta and not isinstance(t, FakeTensor)
 
 
 def peak_memory(fn: Callable[[], object], device: str | torch.device = "cpu") -> int:

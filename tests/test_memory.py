@@ -28,6 +28,16 @@ def test_peak_memory_counts_tensors_alive_together():
     assert 3 * MiB <= peak < 3 * MiB + 64 * 1024
 
 
+def test_peak_memory_of_a_first_step_that_captures_the_model():
+    # the capture traces with fake tensors inside the measurement: they hold no memory to count
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 32), nn.Tanh(), nn.Linear(32, 3))
+    step = fxclip.transform(model, sum_loss, 1.0)
+    x, y = torch.randn(64, 6), torch.randn(64, 3)
+    first = peak_memory(lambda: step.step(x, y))
+    assert 64 * 32 * 4 <= first < 64 * MiB  # at least the hidden activations; no fake tensor counted
+
+
 def test_peak_memory_rejects_other_devices():
     with pytest.raises(ValueError, match="'cpu' or 'cuda'"):
         peak_memory(lambda: None, device="meta")
