@@ -64,6 +64,9 @@ def transform(
     "materialize" for every linear-form parameter; "auto" picks per parameter from the cost
     formulas. `verify=True` checks the first step against the torch.func reference.
     `memory_budget` (elements per example) makes "auto" prefer strategies that fit.
+    `compile=False` runs the first steps of each capture by fxclip's step program, then traces
+    the step into one graph and runs it op by op (the same ops, less Python, each value freed
+    after its last use; fxclip/passes/compile.py, backend "python").
     `compile=True` traces the whole step into one graph and compiles it with torch.compile
     (fxclip/passes/compile.py): same results to float32 tolerance, one compile for all batch sizes;
     compile="buckets" pads each batch to one of a few sizes compiled statically instead.
@@ -183,7 +186,8 @@ class PrivateStep:
 
     @property
     def strategy(self) -> str:
-        """"auto", "ghost" or "materialize"; may be changed between steps (not for a compiled capture)."""
+        """"auto", "ghost" or "materialize"; may be changed between steps (a traced or compiled step is
+        then traced and compiled again)."""
         return self.options.strategy
 
     @strategy.setter
@@ -226,7 +230,8 @@ class PrivateStep:
         except BaseException:
             self._captures.discard_unless_completed(capture)
             raise
-        capture.completed, self._last = True, capture
+        capture.step_completed()
+        self._last = capture
         if self.verify and capture.step.verifiable:
             verify_step(capture.step, inputs, targets, dims, _bound_arg(clipping, bounds), self.strategy, clipping=clipping)
             self._verified = True

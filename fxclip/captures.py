@@ -41,6 +41,7 @@ class Step(Protocol):
     verifiable: bool  # whether verify=True compares it with the torch.func reference
     fallbacks: list[str]  # the parameter uses it covers by a fallback, in words
     compiled: CompiledStep | None  # the compiled step, once a compiled step ran
+    steps_completed: int  # steps that completed on it (a GraphStep traces its graph after a few)
     program: StepProgram  # the graph's program (the WholeModelStep raises: it has none)
 
     def __call__(
@@ -50,10 +51,21 @@ class Step(Protocol):
     def bind(self, inputs: tuple, targets, params: dict | None = None) -> BoundStep: ...
 
 
+# Completed steps of a capture after which its non-compiled step is traced into the step graph
+# and run as Python code (CompiledStep, backend "python"): a trace costs tens to hundreds of steps
+# (0.4 s for the zoo MLP, 13 s for the GRU's unrolled recurrence, on this project's 2-core CPU),
+# which a run of a few steps (a dry run, a test) would not win back. Counted in whole steps, so
+# that the physical batches of one step (max_physical_batch_size="auto" measures them) all run
+# the same way.
+TRACE_AFTER_STEPS = 2
+
+
 class GraphStep:
     """The captured graph's step: the model's state and the batch bound to the graph's inputs,
-    run by the StepProgram, or by its CompiledStep when compiled (made on the first compiled
-    step; if compiling fails, `compile_failed` is set and this capture runs eagerly)."""
+    run by the StepProgram or by a CompiledStep of it (`compiled`): inductor's from the first
+    step when compiling, else the step graph run as Python code once TRACE_AFTER_STEPS steps
+    completed on it. If compiling or tracing fails, `compile_failed` is set and the
+    program runs this capture (with a warning when compiling was asked for)."""
 
     verifiable = True
 
@@ -65,6 +77,7 @@ class GraphStep:
         self.compile, self.batch_mode, self.cuda_graphs = options.compile, options.batch_mode, options.cuda_graphs
         self.compiled: CompiledStep | None = None
         self.compile_failed = False
+        self.steps_completed = 0
 
     @property
     def fallbacks(self) -> list[str]:
@@ -77,16 +90,15 @@ class GraphStep:
     def __call__(
         self, inputs: tuple, targets, max_grad_norm, strategy: str, safe: bool = False, params: dict | None = None, clipping: Clipping = FLAT
     ) -> StepOutput:
-        """The step on one physical batch, eagerly when `safe` (StepProgram's float64 norms)."""
+        """The step on one physical batch, by the program when `safe` (its float64 norms)."""
         bound = self.bind(inputs, targets, params)
         try:
-            if self.compile and not (safe or self.compile_failed):
+            if not safe and (graph := self._graph_step(bound, max_grad_norm, strategy, clipping)) is not None:
                 try:
-                    if self.compiled is None or self.compiled.clipping != clipping:  # per_layer groups are traced in
-                        self.compiled = CompiledStep(bound, max_grad_norm, strategy, self.batch_mode, cuda_graphs=self.cuda_graphs, clipping=clipping)
-                    return self.compiled(bound.flat_args, max_grad_norm)
-                except CompileFailed as e:  # the same step, eagerly: slower, same results
-                    warnings.warn(f"{e}; the step runs eagerly instead (compile=False)", stacklevel=5)
+                    return graph(bound.flat_args, max_grad_norm)
+                except CompileFailed as e:  # the same step by the program: slower, same results
+                    if self.compile:
+                        warnings.warn(f"{e}; the step runs eagerly instead (compile=False)", stacklevel=5)
                     self.compiled, self.compile_failed = None, True
             return self.program(bound.flat_args, max_grad_norm, strategy, safe, clipping)
         except FxclipError:
@@ -94,6 +106,19 @@ class GraphStep:
         except Exception:  # torch's error from inside the step: the batch's fault, or fxclip's
             raise_if_the_batch_fails(self.model, self.loss_fn, inputs, targets)
             raise
+
+    def _graph_step(self, bound: BoundStep, max_grad_norm, strategy: str, clipping: Clipping) -> CompiledStep | None:
+        """The CompiledStep that runs this batch, made for the strategy and clipping asked for
+        (per_layer groups are traced in); None: the program runs it."""
+        if self.compile_failed or not (self.compile or self.steps_completed >= TRACE_AFTER_STEPS):
+            return None
+        made = self.compiled
+        if made is None or made.clipping != clipping or made.strategy != strategy:
+            backend = "inductor" if self.compile else "python"
+            self.compiled = CompiledStep(
+                bound, max_grad_norm, strategy, self.batch_mode, cuda_graphs=self.cuda_graphs, clipping=clipping, backend=backend
+            )
+        return self.compiled
 
 
 @dataclass
@@ -104,6 +129,11 @@ class Capture:
     key: tuple
     step: Step
     completed: bool = False  # a step on it completed (one whose first step fails is not kept)
+
+    def step_completed(self) -> None:
+        """A step on this capture completed: the capture is kept, and its step counts the step."""
+        self.completed = True
+        self.step.steps_completed += 1
 
     def __call__(
         self, inputs: tuple, targets, max_grad_norm, strategy: str, safe: bool = False, params: dict | None = None, clipping: Clipping = FLAT

@@ -35,6 +35,7 @@ class WholeModelStep:
     batch_limit = None
     verifiable = False  # it is the reference's own method
     compiled = None  # never compiled
+    steps_completed = 0
 
     def __init__(self, model: torch.nn.Module, loss_fn, batch_dims, reason: str):
         self.model, self.batch_dims, self.reason = model, tuple(batch_dims), reason

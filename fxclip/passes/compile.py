@@ -1,4 +1,4 @@
-"""compile (optional, after the passes): the whole private step as one fx graph, compiled by inductor.
+"""compile (after the passes): the whole private step as one fx graph, compiled by inductor or run op by op.
 
 `passes.program.run` is Python around a forward graph: one `torch.autograd.grad`, the
 rules' forms, norms, clip factors and book-keeping contractions. `make_fx` traces all of it —
@@ -8,7 +8,12 @@ computations are merged (`fx_graph_cse`: uses whose op outputs are summed get on
 their factor concatenations and Gram products are the same ops). That graph goes to inductor
 (`compile_fx`, torch.compile's backend, called directly: the graph is already aten ops, so Dynamo
 would only add guard checks to every call), which fuses the forward, backward, norm terms and
-contractions (C++ on a CPU, Triton on a GPU). Each compiled graph is kept under its
+contractions (C++ on a CPU, Triton on a GPU). With `backend="python"` (the non-compiled step,
+`compile=False`, once a capture has run a few steps) the same graph runs as Python code, one
+eager aten op per node: none of the program's per-step Python (walking the plan, making forms,
+choosing strategies), repeated products computed once, and each value freed after its last use
+(the zoo's eager steps 1.1x-1.5x faster, and peak memory up to half lower, than the program:
+docs/benchmarks.md). Each compiled graph is kept under its
 inputs' dtypes, devices, ranks and memory formats; the generated code asserts their sizes and
 strides, so a tensor in no dense format (a transposed or sliced view) is made contiguous first.
 
@@ -43,6 +48,7 @@ from __future__ import annotations
 import copy
 import math
 import warnings
+from functools import partial
 from typing import Callable, Sequence
 
 import sympy
@@ -61,6 +67,7 @@ from ..ops import gather_rows
 from .program import BoundStep
 
 BATCH_MODES = ("dynamic", "buckets")
+BACKENDS = ("inductor", "python")
 
 # Inductor settings for the step graph (a caller's `options` go on top): no layout optimization,
 # since channels-last activations make the per-example conv kernel (examples as groups) copy and
@@ -73,7 +80,7 @@ INDUCTOR_OPTIONS = {"layout_optimization": False, "max_fusion_unique_io_buffers"
 
 class BatchSpecializedError(FxclipError):
     """Tracing with a symbolic batch fixed it to the example's size; the step then compiles
-    per bucket instead."""
+    per bucket instead (inductor), or runs as the program (python)."""
 
 
 class CompileFailed(FxclipError):
@@ -97,9 +104,12 @@ class CompiledStep:
     strategy, clipping=clipping)` returns — a StepOutput — to float32 tolerance (C from the
     constructor unless given; one bound per group for per_layer `clipping`). The bounds are an
     input of the compiled graph, one row per example, so a new bound does not recompile. `flat_args` are laid out as `bound.flat_args`: the user's inputs and targets are
-    batched (inputs along `bound.batch_dims`, targets along dim 0). `compiles` counts inductor
-    compilations: one for "dynamic", one per bucket used for "buckets". `options` are inductor
-    settings applied on top of INDUCTOR_OPTIONS. Nothing runs until the first call."""
+    batched (inputs along `bound.batch_dims`, targets along dim 0). `compiles` counts the graphs
+    made (inductor compilations, or traces for `backend="python"`): one for "dynamic", one per
+    bucket used for "buckets". `options` are inductor settings applied on top of INDUCTOR_OPTIONS.
+    `backend="python"` runs the traced graph op by op instead of compiling it (no CUDA graphs, and
+    a batch that tracing cannot keep symbolic raises CompileFailed: the program runs it then).
+    Nothing runs until the first call."""
 
     def __init__(
         self,
@@ -110,12 +120,17 @@ class CompiledStep:
         options: dict | None = None,
         cuda_graphs: bool | None = None,
         clipping: Clipping = FLAT,
+        backend: str = "inductor",
     ):
         if batch_mode not in BATCH_MODES:
             raise FxclipError(f"batch_mode must be one of {BATCH_MODES}, got {batch_mode!r}")
+        if backend not in BACKENDS:
+            raise FxclipError(f"backend must be one of {BACKENDS}, got {backend!r}")
         flat_args = bound.flat_args
         if cuda_graphs is None:
-            cuda_graphs = _device(flat_args).type == "cuda"
+            cuda_graphs = backend == "inductor" and _device(flat_args).type == "cuda"
+        if cuda_graphs and backend != "inductor":
+            raise FxclipError("cuda_graphs=True replays the inductor-compiled step: pass backend='inductor'")
         if cuda_graphs and _device(flat_args).type != "cuda":
             raise FxclipError(
                 f"cuda_graphs=True needs the model and the batch on a CUDA device; they are on {_device(flat_args)}"
@@ -127,6 +142,7 @@ class CompiledStep:
         self.clipping = clipping
         self.max_grad_norm = bound_values(max_grad_norm)
         self.batch_mode = batch_mode
+        self.backend = backend
         self.options = {**INDUCTOR_OPTIONS, **(options or {})}
         self.compiles = 0
         self.graphs = _StepGraphs(self._user_batch_dims) if cuda_graphs else None
@@ -157,7 +173,7 @@ class CompiledStep:
         # a CUDA graph is recorded per batch size: padded to buckets, a few of them serve every size
         padded = bucket_size(batch) if self.batch_mode == "buckets" or self.graphs is not None else max(batch, 2)
         args = [_dense(a) for a in self._padded(list(flat_args), batch, padded)]
-        key = (None if self.batch_mode == "dynamic" else padded, _signature(args))
+        key = (None if self.batch_mode == "dynamic" else padded, _signature(args), _autocast_state(args))
         if max_grad_norm is not None and bound_values(max_grad_norm) != self.max_grad_norm:
             self.max_grad_norm = bound_values(max_grad_norm)
             self._bounds_made.clear()
@@ -166,12 +182,16 @@ class CompiledStep:
         if fn is None:
             try:
                 fn = self._compile(key, bounds, args)
-            except BatchSpecializedError as e:
+            except FxclipError as e:
+                # the Python graph stands in for the program, which runs the step instead (and
+                # raises what is the user's to fix); a compile asked for surfaces it
+                if self.backend == "python":
+                    raise CompileFailed(str(e)) from e
+                if not isinstance(e, BatchSpecializedError):
+                    raise
                 warnings.warn(f"{e}; compiling per bucket of batch sizes instead (batch_mode='buckets')")
                 self.batch_mode = "buckets"
                 return self(flat_args, max_grad_norm)
-            except FxclipError:
-                raise
             except Exception as e:  # inductor and make_fx raise many types
                 raise CompileFailed(f"compiling the step failed ({describe(e)})") from e
         with torch.no_grad():
@@ -248,15 +268,19 @@ class CompiledStep:
         return gm, fakes
 
     def _compile(self, key, bounds: torch.Tensor, args: list) -> Callable:
-        """Inductor on the traced step graph directly (no Dynamo: the graph is already aten ops,
+        """The traced step graph as Python code (backend "python"), or inductor on it directly (no Dynamo: the graph is already aten ops,
         and Dynamo's guards cost a few hundred microseconds per call). What Dynamo's guards would
         check is in `key` (dtypes, devices, ranks, requires_grad, memory formats); sizes and strides are asserted
         by the generated code itself."""
         from torch._inductor.compile_fx import compile_fx
 
         gm, fakes = self._trace(key[0], bounds, args)
-        self._graphs.setdefault(None, copy.deepcopy(gm))  # compile_fx may rewrite its input
         self.compiles += 1
+        if self.backend == "python":
+            self._graphs.setdefault(None, gm)
+            fn = self._compiled[key] = partial(_run_op_by_op, gm, _device(args).type)
+            return fn
+        self._graphs.setdefault(None, copy.deepcopy(gm))  # compile_fx may rewrite its input
         with torch.no_grad():
             fn = compile_fx(gm, fakes, config_patches=self.options)
         self._compiled[key] = fn
@@ -330,6 +354,14 @@ class _StepGraphs:
             outputs = fn(static_bounds, *inputs)
         self.records += 1
         return graph, inputs, static_bounds, tuple(outputs), self._addresses(args)
+
+
+def _run_op_by_op(gm: GraphModule, device_type: str, *args) -> list[torch.Tensor]:
+    """The step graph's Python code on real tensors. The graph holds every cast the step made
+    (under autocast, the forward's), so autocast is off for it: on, it would cast fxclip's
+    float32 products down again."""
+    with torch.no_grad(), torch.autocast(device_type, enabled=False):
+        return gm(*args)
 
 
 def _concatenate_early(graph: torch.fx.Graph) -> None:
@@ -441,6 +473,13 @@ def _signature(args: Sequence) -> tuple:
 
 # the dense layouts a tensor may keep into a compiled step, by rank (the first that fits is its)
 _FORMATS = {4: (torch.contiguous_format, torch.channels_last), 5: (torch.contiguous_format, torch.channels_last_3d)}
+
+
+def _autocast_state(args: Sequence) -> tuple:
+    """The autocast state a step graph is traced under (its casts are in the graph): a step under
+    another state needs its own graph."""
+    device = _device(args).type
+    return (True, torch.get_autocast_dtype(device)) if torch.is_autocast_enabled(device) else (False,)
 
 
 def _memory_format(t: torch.Tensor) -> torch.memory_format | None:
