@@ -63,7 +63,7 @@ def jobs(quick: bool) -> list[dict]:
     return (
         hf
         + [{"kind": "zoo", "model": m, "batch": 128, "methods": ZOO_METHODS_128, "reps": 20, "warmup": 3} for m in ZOO]
-        + [{"kind": "zoo", "model": m, "batch": 1024, "methods": ZOO_METHODS_1024, "reps": 10, "warmup": 2} for m in ZOO]
+        + [{"kind": "zoo", "model": m, "batch": 1024, "methods": ZOO_METHODS_1024, "reps": 10, "warmup": 3} for m in ZOO]
     )
 
 
