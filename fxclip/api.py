@@ -14,6 +14,9 @@ import torch.utils._pytree as pytree
 
 from .batch import run_in_chunks
 from .batch_checks import checked_batch, raise_if_an_empty_batch_fails, raise_if_not_finite
+
+# TRACE_AFTER_STEPS, public: the steps a capture runs before compile=False traces its step graph
+from .captures import TRACE_AFTER_STEPS as TRACE_AFTER_STEPS
 from .captures import Capture, CaptureCache
 from .clipping import AUTOMATIC_GAMMA, Clipping, sensitivity
 from .errors import FxclipError

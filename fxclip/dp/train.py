@@ -27,7 +27,7 @@ import torch.nn as nn
 from tqdm.auto import tqdm
 
 from fxclip import zoo
-from fxclip.api import transform
+from fxclip.api import TRACE_AFTER_STEPS, transform
 from fxclip.dp.accounting import ACCOUNTANTS, check_delta, check_epsilon, epsilon_spent, noise_multiplier_for_epsilon
 from fxclip.checks import check_integer, check_number
 from fxclip.clipping import clip_factors
@@ -376,12 +376,13 @@ def _median_seconds(fn: Callable[[], None], repeats: int, warmup: int, device: s
 
 
 def measure_step_times(
-    model: nn.Module, data: Dataset, config: TrainConfig, repeats: int = 5, warmup: int = 2
+    model: nn.Module, data: Dataset, config: TrainConfig, repeats: int = 5, warmup: int = TRACE_AFTER_STEPS + 1
 ) -> dict[str, float]:
     """Median seconds of one gradient step on a batch of config.batch_size training examples, for
     the non-private step (mean loss backward), fxclip's clipped step as the run took it (compiled
-    or not, `config.compile`), fxclip's eager step, and the naive per-example loop. Works on a
-    copy of `model`."""
+    or not, `config.compile`), fxclip's eager step, and the naive per-example loop, each after
+    `warmup` untimed steps (by default through the one on which the eager step traces its graph).
+    Works on a copy of `model`."""
     model = copy.deepcopy(model)
     n = min(config.batch_size, len(data.x_train))
     x, y = data.x_train[:n], data.y_train[:n]

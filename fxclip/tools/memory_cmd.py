@@ -15,6 +15,7 @@ import json
 
 import torch
 
+from fxclip.captures import TRACE_AFTER_STEPS
 from fxclip.errors import describe
 from fxclip.zoo import ZOO, PerExampleCrossEntropy
 
@@ -24,6 +25,8 @@ from .bench.methods import MethodUnavailable
 
 # label here -> the benchmark's method (fxclip.tools.bench.methods), so both measure the same steps
 METHODS = {"nonprivate": "floor", "fxclip": "fxclip", "opacus": "opacus_hooks"}
+# untimed steps first: capture, lazy state, and the step graph fxclip traces after TRACE_AFTER_STEPS
+WARMUP_STEPS = TRACE_AFTER_STEPS + 1
 
 
 def step_memory(
@@ -32,7 +35,7 @@ def step_memory(
     """Peak bytes of one gradient step of zoo model `name` at `batch`, per method in METHODS, each
     on its own copy of the model (Opacus only when installed and able to run it), plus
     "fxclip/<physical_batch>": fxclip with `max_physical_batch_size=physical_batch`, if given.
-    Each method runs once untimed first (capture, lazy state)."""
+    Each method runs WARMUP_STEPS steps first, so that the measured step is a steady one."""
     entry = ZOO[name]
     inputs, targets = entry.make_batch(batch, torch.Generator().manual_seed(0))
     inputs, targets = tuple(x.to(device) for x in inputs), targets.to(device)
@@ -45,7 +48,8 @@ def step_memory(
         model = entry.factory().to(device)
         try:
             method = BENCH_METHODS[method_name](model, PerExampleCrossEntropy(), max_grad_norm, inputs, targets, **options)
-            method.step()
+            for _ in range(WARMUP_STEPS):
+                method.step()
         except (MethodUnavailable, RuntimeError, AttributeError) as e:
             if label != "opacus":  # a peer that cannot run this model is reported, not fatal
                 raise
