@@ -272,14 +272,14 @@ class CompiledStep:
         and Dynamo's guards cost a few hundred microseconds per call). What Dynamo's guards would
         check is in `key` (dtypes, devices, ranks, requires_grad, memory formats); sizes and strides are asserted
         by the generated code itself."""
-        from torch._inductor.compile_fx import compile_fx
-
         gm, fakes = self._trace(key[0], bounds, args)
         self.compiles += 1
         if self.backend == "python":
             self._graphs.setdefault(None, gm)
             fn = self._compiled[key] = partial(_run_op_by_op, gm, _device(args).type)
             return fn
+        from torch._inductor.compile_fx import compile_fx  # imported when first needed: 1.5 s
+
         self._graphs.setdefault(None, copy.deepcopy(gm))  # compile_fx may rewrite its input
         with torch.no_grad():
             fn = compile_fx(gm, fakes, config_patches=self.options)
