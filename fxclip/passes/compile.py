@@ -12,7 +12,7 @@ contractions (C++ on a CPU, Triton on a GPU). With `backend="python"` (the non-c
 `compile=False`, once a capture has run a few steps) the same graph runs as Python code, one
 eager aten op per node: none of the program's per-step Python (walking the plan, making forms,
 choosing strategies), repeated products computed once, and each value freed after its last use
-(the zoo's eager steps 1.1x-1.5x faster, and peak memory up to half lower, than the program:
+(the zoo's eager steps 1.1x-1.7x faster, and peak memory up to half lower, than the program:
 docs/benchmarks.md). Each compiled graph is kept under its
 inputs' dtypes, devices, ranks and memory formats; the generated code asserts their sizes and
 strides, so a tensor in no dense format (a transposed or sliced view) is made contiguous first.
