@@ -61,6 +61,7 @@ from torch.fx import GraphModule
 from torch.fx.experimental.proxy_tensor import make_fx
 from torch.fx.experimental.symbolic_shapes import DimDynamic, ShapeEnv, StatelessSymbolicContext
 
+from ..capture_key import autocast_state
 from ..clipping import FLAT, Clipping, StepOutput, bound_values
 from ..errors import FxclipError, describe
 from ..ops import gather_rows
@@ -173,7 +174,8 @@ class CompiledStep:
         # a CUDA graph is recorded per batch size: padded to buckets, a few of them serve every size
         padded = bucket_size(batch) if self.batch_mode == "buckets" or self.graphs is not None else max(batch, 2)
         args = [_dense(a) for a in self._padded(list(flat_args), batch, padded)]
-        key = (None if self.batch_mode == "dynamic" else padded, _signature(args), _autocast_state(args))
+        # the graph holds the casts of the autocast state it was traced under
+        key = (None if self.batch_mode == "dynamic" else padded, _signature(args), autocast_state(args))
         if max_grad_norm is not None and bound_values(max_grad_norm) != self.max_grad_norm:
             self.max_grad_norm = bound_values(max_grad_norm)
             self._bounds_made.clear()
@@ -473,13 +475,6 @@ def _signature(args: Sequence) -> tuple:
 
 # the dense layouts a tensor may keep into a compiled step, by rank (the first that fits is its)
 _FORMATS = {4: (torch.contiguous_format, torch.channels_last), 5: (torch.contiguous_format, torch.channels_last_3d)}
-
-
-def _autocast_state(args: Sequence) -> tuple:
-    """The autocast state a step graph is traced under (its casts are in the graph): a step under
-    another state needs its own graph."""
-    device = _device(args).type
-    return (True, torch.get_autocast_dtype(device)) if torch.is_autocast_enabled(device) else (False,)
 
 
 def _memory_format(t: torch.Tensor) -> torch.memory_format | None:
