@@ -15,18 +15,15 @@ import json
 
 import torch
 
-from fxclip.captures import TRACE_AFTER_STEPS
 from fxclip.errors import describe
 from fxclip.zoo import ZOO, PerExampleCrossEntropy
 
 from ..peak import peak_memory
 from .bench.methods import METHODS as BENCH_METHODS
-from .bench.methods import MethodUnavailable
+from .bench.methods import WARMUP_STEPS, MethodUnavailable
 
 # label here -> the benchmark's method (fxclip.tools.bench.methods), so both measure the same steps
 METHODS = {"nonprivate": "floor", "fxclip": "fxclip", "opacus": "opacus_hooks"}
-# untimed steps first: capture, lazy state, and the step graph fxclip traces after TRACE_AFTER_STEPS
-WARMUP_STEPS = TRACE_AFTER_STEPS + 1
 
 
 def step_memory(

@@ -28,13 +28,12 @@ import torch
 from fxclip.errors import FxclipError
 from fxclip.zoo import ZOO
 
-from .methods import COMPILED, DEFAULT_METHODS, METHODS
+from .methods import COMPILED, DEFAULT_METHODS, METHODS, WARMUP_STEPS
 from .report import write_outputs
 from .runner import MODELS, compare_batch_modes, run_benchmark
 from .user_models import USER_MODELS
 
-# warm-up 3: the non-compiled fxclip step runs the program for 2 steps, then traces (captures.TRACE_AFTER_STEPS)
-QUICK = {"models": ["mlp", "tied"], "batches": [8, 16], "reps": 3, "warmup": 3}
+QUICK = {"models": ["mlp", "tied"], "batches": [8, 16], "reps": 3, "warmup": WARMUP_STEPS}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -45,8 +44,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batches", nargs="+", type=int, default=[128, 512], metavar="B", help="batch sizes (default 128 512)")
     parser.add_argument("--methods", nargs="+", metavar="NAME", help=f"methods (default: {', '.join(DEFAULT_METHODS)}; also {', '.join(set(METHODS) - set(DEFAULT_METHODS))})")
     parser.add_argument("--reps", type=int, default=10, help="timed steps per method (median kept; default 10)")
-    parser.add_argument("--warmup", type=int, default=3,
-                        help="untimed steps per method first (default 3: a non-compiled fxclip step traces its graph on its third)")
+    parser.add_argument("--warmup", type=int, default=WARMUP_STEPS,
+                        help=f"untimed steps per method first (default {WARMUP_STEPS}: a non-compiled fxclip step traces its graph on the last)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda")
     parser.add_argument("--threads", type=int, help="torch CPU threads (default torch's; 1 is steadier on a shared machine)")
     parser.add_argument("--memory", action="store_true", help="also measure peak memory per method")

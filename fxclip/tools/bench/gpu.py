@@ -51,6 +51,8 @@ def jobs(quick: bool) -> list[dict]:
     B=1024 (memory)."""
     from fxclip.zoo import ZOO
 
+    from .methods import WARMUP_STEPS
+
     if quick:  # a CPU dry run: every code path once, small
         return (
             [{"kind": "zoo", "model": m, "batch": 16, "methods": ZOO_METHODS_128, "reps": 2, "warmup": 1} for m in ("mlp", "small_cnn")]
@@ -62,8 +64,8 @@ def jobs(quick: bool) -> list[dict]:
           for m in ("hf_gpt2", "hf_bert", "hf_vit", "hf_gpt2_lora") for d in ("float32", "bfloat16")]
     return (
         hf
-        + [{"kind": "zoo", "model": m, "batch": 128, "methods": ZOO_METHODS_128, "reps": 20, "warmup": 3} for m in ZOO]
-        + [{"kind": "zoo", "model": m, "batch": 1024, "methods": ZOO_METHODS_1024, "reps": 10, "warmup": 3} for m in ZOO]
+        + [{"kind": "zoo", "model": m, "batch": 128, "methods": ZOO_METHODS_128, "reps": 20, "warmup": WARMUP_STEPS} for m in ZOO]
+        + [{"kind": "zoo", "model": m, "batch": 1024, "methods": ZOO_METHODS_1024, "reps": 10, "warmup": WARMUP_STEPS} for m in ZOO]
     )
 
 

@@ -15,9 +15,13 @@ from typing import Callable, Optional
 
 import torch
 
-from fxclip.api import transform
+from fxclip.api import TRACE_AFTER_STEPS, transform
 from fxclip.errors import describe
 from fxclip.reference import any_per_example_grads, clipped_sum, naive_per_example_grads, per_example_grads
+
+# untimed steps before a method is measured: capture, lazy state, and the step graph a
+# non-compiled fxclip step traces after TRACE_AFTER_STEPS completed steps
+WARMUP_STEPS = TRACE_AFTER_STEPS + 1
 
 
 class MethodUnavailable(Exception):
