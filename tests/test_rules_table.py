@@ -10,6 +10,9 @@ from helpers import check_against_reference, mean_loss, on_device, relative_erro
 
 
 LOSSES = {"sum": sum_loss, "mean": mean_loss}
+# tracing a vmap over examples (the per-op fallback's, or a general component's chain of two
+# overlapping slices of one weight) fixes the batch size: these steps keep running the program
+UNTRACEABLE = {"overlapping_slices", "fallback_bilinear", "fallback_bilinear_seq_first"}
 COMBINATIONS = [
     pytest.param(case, loss, batch, strategy, id=f"{case.name}-{loss}-B{batch}-{strategy}")
     for case in CASES for loss in LOSSES for batch in (1, 5) for strategy in ("ghost", "materialize")
@@ -53,6 +56,8 @@ def test_case(case, loss, batch, strategy, captured):
     assert routes(t) == set(expected) - {f"decomposed:{op}" for op in decomposed}
     left = {str(n.target) for n in t.program.forward.graph.nodes} & {f"aten.{op}.default" for op in decomposed}
     assert not left, f"not written out: {left}"
+    if case.name not in UNTRACEABLE:  # the step graph, not the program, ran its later steps
+        assert not any(c.step.compile_failed for c in t.captures)
 
 
 @pytest.mark.parametrize("case", [c for c in CASES if c.name in {"conv2d_groups", "tied_embedding_output", "linear_leading_dims"}], ids=lambda c: c.name)

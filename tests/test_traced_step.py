@@ -1,14 +1,16 @@
 """The non-compiled step after its first steps: the step graph run as Python code
 (CompiledStep, backend "python"), equal to the program's step, traced once for every batch size."""
 
+import re
 import warnings
 
 import pytest
 import torch
 
 import fxclip
+import fxclip.passes.compile as compile_module
 from fxclip.captures import TRACE_AFTER_STEPS
-from fxclip.passes.compile import CompiledStep
+from fxclip.passes.compile import CompiledStep, _OpByOp, _python_binding
 from fxclip.peak import peak_memory
 from fxclip.zoo import ZOO, PerExampleCrossEntropy
 
@@ -33,6 +35,10 @@ def _warmed_up(name: str, **options):
 def _traced(t: fxclip.PrivateStep) -> CompiledStep | None:
     (capture,) = t.captures
     return capture.step.compiled
+
+
+def _targets(graph: torch.fx.GraphModule) -> list:
+    return [n.target for n in graph.graph.nodes if n.op == "call_function"]
 
 
 def _assert_step_is_the_programs(model, t, inputs, targets, strategy="auto"):
@@ -111,3 +117,66 @@ def test_traced_step_frees_values_after_their_last_use():
         t.step(inputs, targets)
     assert _traced(t) is not None
     assert peak_memory(lambda: t.step(inputs, targets)) < 0.85 * program_peak
+
+
+def _aten_overloads():
+    for schema in torch._C._jit_get_all_schemas():
+        namespace, _, name = schema.name.partition("::")
+        if namespace == "aten":
+            yield getattr(getattr(torch.ops.aten, name), schema.overload_name or "default")
+
+
+def test_every_python_binding_is_called_by_the_name_the_graph_code_gives_it():
+    # the python backend calls aten ops through their C bindings; fx writes each as a dotted name
+    # (torch.mul, torch.Tensor.view), which must be that binding and not a Python wrapper of it
+    bindings = {b for op in _aten_overloads() if (b := _python_binding(op)) is not None}
+    assert torch._C._VariableFunctions.mul in bindings and torch._C.TensorBase.view in bindings
+    assert torch._C.TensorBase.split not in bindings  # Tensor.split is Python, with other arguments
+    graph = torch.fx.Graph()
+    x = graph.placeholder("x")
+    nodes = {binding: graph.call_function(binding, (x,)) for binding in bindings}
+    graph.output(list(nodes.values()))
+    code = torch.fx.GraphModule(torch.nn.Module(), graph)
+    called = dict(re.findall(r"^\s*(\w+) = ([\w.]+)\(", code.code, re.MULTILINE))
+    namespace = code.forward.__globals__
+    for binding, node in nodes.items():
+        assert eval(called[node.name], namespace) is binding, node.name
+
+
+def test_the_traced_graph_runs_aten_ops_through_python_bindings_and_shows_aten_ops():
+    model, t = _warmed_up("mlp")
+    inputs, targets = ZOO["mlp"].make_batch(5, torch.Generator().manual_seed(0))
+    _assert_step_is_the_programs(model, t, inputs, targets)
+    shown = _targets(_traced(t).step_graph)
+    assert torch.ops.aten.mm.default in shown and torch._C._VariableFunctions.mm not in shown
+    (run,) = _traced(t)._compiled.values()
+    ran = _targets(run.bound)
+    assert torch._C._VariableFunctions.mm in ran and torch.ops.aten.mm.default not in ran
+    # backward ops have no binding and stay aten ops
+    assert torch.ops.aten.tanh_backward.default in ran
+
+
+def _index_put_graph() -> torch.fx.GraphModule:
+    # index_put's Python binding takes no None among its indices; the aten op does
+    graph = torch.fx.Graph()
+    x, index, values = graph.placeholder("x"), graph.placeholder("index"), graph.placeholder("values")
+    put = graph.call_function(torch.ops.aten.index_put.default, (x, [None, index], values, True))
+    graph.output([graph.call_function(torch.ops.aten.mul.Tensor, (put, put))])
+    return torch.fx.GraphModule(torch.nn.Module(), graph)
+
+
+def test_a_binding_that_disagrees_with_its_aten_op_is_not_used(monkeypatch):
+    args = (torch.zeros(2, 3), torch.tensor([0, 2, 0]), torch.ones(2, 3))
+    want = _index_put_graph()(*args)
+    run = _OpByOp(_index_put_graph(), "cpu")
+    # a wrong binding for mul: the check sees other values and keeps the aten op
+    wrong = {torch.ops.aten.mul.Tensor: torch._C._VariableFunctions.add}
+    monkeypatch.setattr(compile_module, "_python_binding", wrong.get)
+    for _ in range(2):  # the checked run, then the bound graph
+        assert torch.equal(run(*args)[0], want[0])
+    assert _targets(run.bound) == [torch.ops.aten.index_put.default, torch.ops.aten.mul.Tensor]
+    monkeypatch.undo()
+    run = _OpByOp(_index_put_graph(), "cpu")
+    for _ in range(2):
+        assert torch.equal(run(*args)[0], want[0])
+    assert _targets(run.bound) == [torch.ops.aten.index_put.default, torch.mul]

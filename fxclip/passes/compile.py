@@ -10,7 +10,7 @@ their factor concatenations and Gram products are the same ops). That graph goes
 would only add guard checks to every call), which fuses the forward, backward, norm terms and
 contractions (C++ on a CPU, Triton on a GPU). With `backend="python"` (the non-compiled step,
 `compile=False`, once a capture has run a few steps) the same graph runs as Python code, one
-eager aten op per node: none of the program's per-step Python (walking the plan, making forms,
+eager op per node (aten ops through their Python bindings, checked on the first run: `_OpByOp`): none of the program's per-step Python (walking the plan, making forms,
 choosing strategies), repeated products computed once, and each value freed after its last use
 (the zoo's eager steps 1.1x-1.7x faster, and peak memory up to half lower, than the program:
 docs/benchmarks.md). Each compiled graph is kept under its
@@ -47,8 +47,8 @@ from __future__ import annotations
 
 import copy
 import math
+import types
 import warnings
-from functools import partial
 from typing import Callable, Sequence
 
 import sympy
@@ -278,7 +278,7 @@ class CompiledStep:
         self.compiles += 1
         if self.backend == "python":
             self._graphs.setdefault(None, gm)
-            fn = self._compiled[key] = partial(_run_op_by_op, gm, _device(args).type)
+            fn = self._compiled[key] = _OpByOp(gm, _device(args).type)
             return fn
         from torch._inductor.compile_fx import compile_fx  # imported when first needed: 1.5 s
 
@@ -358,12 +358,113 @@ class _StepGraphs:
         return graph, inputs, static_bounds, tuple(outputs), self._addresses(args)
 
 
-def _run_op_by_op(gm: GraphModule, device_type: str, *args) -> list[torch.Tensor]:
-    """The step graph's Python code on real tensors. The graph holds every cast the step made
-    (under autocast, the forward's), so autocast is off for it: on, it would cast fxclip's
-    float32 products down again."""
-    with torch.no_grad(), torch.autocast(device_type, enabled=False):
-        return gm(*args)
+class _OpByOp:
+    """The step graph run as Python code on real tensors, one eager op per node. The graph holds
+    every cast the step made (under autocast, the forward's), so autocast is off for it: on, it
+    would cast fxclip's float32 products down again.
+
+    Its aten ops are called through their generated Python bindings where those were checked to
+    give the same result (`aten.mul.Tensor` as `torch.mul`, `aten.view.default` as `Tensor.view`):
+    the same kernel without `OpOverload.__call__`'s boxed call. That call costs about 3.5 us, a
+    binding 1.4-1.7 us, and a small model's step graph is mostly such cheap ops (the zoo MLP's:
+    168 ops, 0.3 ms of the 0.9 ms the graph took). A binding parses its arguments by the Python
+    signature, which is not always the schema's (`torch.index_put` takes no None among its
+    indices), so the first run is op by op in an interpreter that calls both and keeps the binding
+    only where its result has the aten op's values, dtype, sizes, strides and aliasing; that run
+    returns the aten ops' results, and later runs are the bound graph's code. `graph` (what
+    `step_graph` shows) keeps its aten ops."""
+
+    def __init__(self, graph: GraphModule, device_type: str):
+        self.graph, self.device_type = graph, device_type
+        self.bound: GraphModule | None = None
+
+    def __call__(self, *args) -> list[torch.Tensor]:
+        with torch.no_grad(), torch.autocast(self.device_type, enabled=False):
+            if self.bound is None:
+                checker = _BindingChecker(self.graph)
+                outs = checker.run(*args)
+                self.bound = checker.bound_graph()
+                return outs
+            return self.bound(*args)
+
+
+class _BindingChecker(torch.fx.Interpreter):
+    """Runs the graph's aten ops and, beside each that has a Python binding, the binding on the
+    same arguments; `bound_graph()` is a copy of the graph calling the bindings that agreed."""
+
+    def __init__(self, graph: GraphModule):
+        super().__init__(graph)
+        self.agreed: dict[torch.fx.Node, Callable] = {}
+
+    def call_function(self, target, args, kwargs):
+        want = super().call_function(target, args, kwargs)
+        binding = _python_binding(target) if isinstance(target, torch._ops.OpOverload) else None
+        if binding is not None:
+            try:
+                got = binding(*args, **kwargs)
+            except Exception:  # the binding parses these arguments otherwise: the aten op stays
+                return want
+            if _same_results(got, want, [a for a in pytree.tree_leaves((args, kwargs)) if isinstance(a, torch.Tensor)]):
+                self.agreed[self.node] = binding
+        return want
+
+    def run_node(self, node):
+        self.node = node
+        return super().run_node(node)
+
+    def bound_graph(self) -> GraphModule:
+        graph, copies = torch.fx.Graph(), {}
+        graph.output(graph.graph_copy(self.module.graph, copies))
+        for node, binding in self.agreed.items():
+            copies[node].target = binding
+        return GraphModule(self.module, graph)
+
+
+def _same_results(got, want, inputs: list[torch.Tensor]) -> bool:
+    """Same structure; tensors with equal values (NaN included), dtype, sizes, strides, offset
+    and the same inputs aliased; other values equal."""
+    got_leaves, got_spec = pytree.tree_flatten(got)
+    want_leaves, want_spec = pytree.tree_flatten(want)
+    if got_spec != want_spec:
+        return False
+
+    def layout(t: torch.Tensor) -> tuple:
+        aliased = tuple(t.untyped_storage().data_ptr() == x.untyped_storage().data_ptr() for x in inputs)
+        return t.dtype, t.device, t.shape, t.stride(), t.storage_offset(), aliased
+
+    for g, w in zip(got_leaves, want_leaves):
+        if isinstance(w, torch.Tensor):
+            if not (
+                isinstance(g, torch.Tensor) and layout(g) == layout(w)
+                and (torch.equal(g, w) or (w.is_floating_point() and torch.allclose(g, w, rtol=0, atol=0, equal_nan=True)))
+            ):
+                return False
+        elif type(g) is not type(w) or g != w:
+            return False
+    return True
+
+
+def _python_binding(op: torch._ops.OpOverload) -> Callable | None:
+    """The generated binding of an aten op: `torch.<name>` or `torch._C._nn.<name>`, else the
+    method `Tensor.<name>` for an op whose first argument is self; only where that name is the C
+    binding itself, not a Python wrapper around it (`torch.split`, `Tensor.split`), which may
+    take other arguments. None if there is none."""
+    if op.namespace != "aten" or op._schema.is_mutable or torch.Tag.nondeterministic_seeded in op.tags:
+        return None  # checking an in-place or random op's binding would run it twice
+    if op is torch.ops.aten.sym_size.int:
+        return torch._C.TensorBase.size
+    name = op._opname
+    function = getattr(torch._C._VariableFunctions, name, None)
+    if function is not None and getattr(torch, name, None) is function:
+        return function
+    if hasattr(torch._C._nn, name):
+        return getattr(torch._C._nn, name)
+    arguments = op._schema.arguments
+    if arguments and arguments[0].name == "self" and not arguments[0].kwarg_only:
+        method = getattr(torch._C.TensorBase, name, None)  # a property (mT, real) is no method
+        if isinstance(method, types.MethodDescriptorType) and getattr(torch.Tensor, name, None) is method:
+            return method
+    return None
 
 
 def _concatenate_early(graph: torch.fx.Graph) -> None:
