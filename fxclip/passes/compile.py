@@ -579,7 +579,10 @@ _FORMATS = {4: (torch.contiguous_format, torch.channels_last), 5: (torch.contigu
 
 
 def _memory_format(t: torch.Tensor) -> torch.memory_format | None:
-    return next((f for f in _FORMATS.get(t.dim(), (torch.contiguous_format,)) if t.is_contiguous(memory_format=f)), None)
+    for memory_format in _FORMATS.get(t.dim(), (torch.contiguous_format,)):  # a loop: called per input per step
+        if t.is_contiguous(memory_format=memory_format):
+            return memory_format
+    return None
 
 
 def _dense(a):
