@@ -88,9 +88,13 @@ def test_recurrent_steps_render_as_one_line():
 def test_forced_strategy_shows(strategy):
     t, _, _ = stepped("mnist_cnn", strategy=strategy)
     explanation = t.explain()
-    for row in explanation.rows:
-        for use in row.uses:
+    uses = [use for row in explanation.rows for use in row.uses]
+    for use in uses:
+        if use.formulas:  # a linear form: the forced strategy
             assert use.strategy == strategy and use.forced
+        else:  # a bias's per-example gradient is built: there is no choice to force
+            assert use.strategy == "materialize" and not use.forced
+    assert sum(bool(use.formulas) for use in uses) == 4  # the two convs' and two linears' weights
     assert f"{strategy} (forced)" in str(explanation)
     assert "strategy=" + strategy in str(explanation)
 

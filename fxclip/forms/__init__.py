@@ -5,14 +5,14 @@ A rule never builds per-example gradients unless that is the cheap way. It retur
 - `LinearForm(left, right, shape)`: example i's gradient is G_i = L_iᵀ R_i (one [k_L, k_R] block
   per group g), where L_i ∈ R^{T×k_L} and R_i ∈ R^{T×k_R} are factors over T positions (see
   `factors`: `Dense`, or `OneHot` for rows of one-hot vectors such as an embedding's tokens).
-  Linear layers, convolutions (patches), embeddings (one-hot rows) and biases (a column of ones)
-  have this form. Its squared norm is available two ways, which must agree:
+  Linear layers, convolutions (patches) and embeddings (one-hot rows) have this form. Its
+  squared norm is available two ways, which must agree:
     ghost:        ‖L_iᵀ R_i‖² = ⟨L_i L_iᵀ, R_i R_iᵀ⟩ (Gram products, never G_i itself)
     materialize:  build G_i (or, with one one-hot factor, its nonzero rows), square and sum
   with the costs of `costs`, and the clipped sum Σ_i c_i G_i is one contraction of (c ⊙ L) with R
   over (i, t).
 - `PerExampleGrad(grads)`: G_i itself, [B, *parameter shape]. For parameters whose per-example
-  gradient is small (normalization affine weights, scales, broadcast biases) and for the fallback.
+  gradient is small (normalization affine weights, scales, biases) and for the fallback.
 
 The package: `factors` (the factor types and their products), `norms` (the squared-norm kernels),
 `costs` (the cost model and the strategy choice), and here the form types.
@@ -116,11 +116,11 @@ class LinearForm(Form):
         if self.sparse:
             return _sparse_rows(self.left.scaled(c), self.right, self.left.weight != 0, self.shape)
         if self._materialized is not None:
-            return torch.tensordot(c.to(self._materialized.dtype), self._materialized, dims=1)
+            return weighted_sum(c, self._materialized)
         if self.contraction is not None and not (self.left.built and self.right.built):
             return self.contraction(c).reshape(self.shape)
         left, right = self.left, self.right
-        if left.entries <= right.entries:  # scale the smaller factor (a bias's column of ones)
+        if left.entries <= right.entries:  # scale the smaller factor
             left = left.scaled(c)
         else:
             right = right.scaled(c)
@@ -159,8 +159,12 @@ class PerExampleGrad(Form):
         return self.grads
 
     def clipped_sum(self, c: torch.Tensor) -> torch.Tensor:
-        grads = accumulate(self.grads)
-        return torch.tensordot(c.to(grads.dtype), grads, dims=1)
+        return weighted_sum(c, accumulate(self.grads))
+
+
+def weighted_sum(c: torch.Tensor, grads: torch.Tensor) -> torch.Tensor:
+    """Σ_i c_i grads_i over the batch dim: one matrix-vector product (tensordot's is six ops)."""
+    return torch.mv(grads.reshape(grads.shape[0], -1).t(), c.to(grads.dtype)).reshape(grads.shape[1:])
 
 
 def concatenated(forms: Sequence[LinearForm]) -> list[LinearForm]:

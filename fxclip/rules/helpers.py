@@ -10,7 +10,7 @@ import torch
 
 from ..batch import BatchAxis
 from ..errors import FxclipError
-from ..forms import Dense, Factor, LinearForm, PerExampleGrad, accumulation_dtype
+from ..forms import Factor, LinearForm, PerExampleGrad, accumulation_dtype
 from .registry import ExtraCheck, OpCall, OpNode, OperandRule, Rule, add_rule, call_site
 
 
@@ -19,15 +19,14 @@ def positions(x: torch.Tensor) -> torch.Tensor:
     return x.flatten(1, -2).unsqueeze(1)
 
 
-def bias_form(g: torch.Tensor, shape: torch.Size) -> LinearForm:
-    """A bias added at every position, g the output gradient as [B, G, T, p]: G_i = Σ_t g_it, the
-    linear form with L = g and R = a column of ones, materialized as that sum over positions."""
-    return LinearForm(
-        Dense(g),
-        Dense(g.new_ones(*g.shape[:-1], 1)),
-        shape,
-        materializer=lambda: g.sum(2, dtype=accumulation_dtype(g.dtype)).unsqueeze(-1),
-    )
+def bias_form(g: torch.Tensor, shape: torch.Size) -> PerExampleGrad:
+    """A bias added at every position, g the output gradient as [B, G, T, p]: G_i = Σ_t g_it
+    (summed in at least float32), built. It is as small as g at one position, and the linear form
+    it also is (L = g, R = a column of ones) costs more either way: T² per example in Gram
+    products, and ops for the ones that a sum does not need (a third of an MLP's norm and
+    clipped-sum ops went to its biases' ones)."""
+    summed = g.sum(2, dtype=accumulation_dtype(g.dtype)) if g.shape[2] != 1 else g
+    return PerExampleGrad(summed.reshape(g.shape[0], *shape))
 
 
 def per_example_sum_to(h: torch.Tensor, axis: BatchAxis, batch_size: int, shape) -> torch.Tensor:
