@@ -62,7 +62,10 @@ def test_ghost_gram_products_traced_for_cuda_keep_the_batch_symbolic():
     inputs, y = (torch.randn(5, 7, 8),), torch.randint(0, 4, (5, 7))
     private = fxclip.transform(model, LOSS, 1.0, strategy="ghost")
     private.step(inputs, y)
-    assert {e.strategy for e in private.program.plan} == {"ghost"}
+    # the weights' norms by Gram products; the biases' per-example gradients are built (bias_form)
+    assert {e.use.params[0]: e.strategy for e in private.program.plan} == {
+        "0.weight": "ghost", "0.bias": "materialize", "2.weight": "ghost", "2.bias": "materialize"
+    }
     assert aten.bmm.default in _check(cuda_step_graph(private, inputs, y))
 
 
