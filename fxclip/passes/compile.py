@@ -10,8 +10,9 @@ their factor concatenations and Gram products are the same ops). That graph goes
 would only add guard checks to every call), which fuses the forward, backward, norm terms and
 contractions (C++ on a CPU, Triton on a GPU). With `backend="python"` (the non-compiled step,
 `compile=False`, once a capture has run a few steps) the same graph runs as Python code, one
-eager op per node (aten ops through their Python bindings, checked on the first run: `_OpByOp`): none of the program's per-step Python (walking the plan, making forms,
-choosing strategies), repeated products computed once, and each value freed after its last use
+eager op per node (aten ops through their Python bindings, checked on the first run: `_OpByOp`):
+none of the program's per-step Python (walking the plan, making forms, choosing strategies),
+repeated products computed once, and each value freed after its last use
 (the zoo's eager steps 1.1x-1.7x faster, and peak memory up to half lower, than the program:
 docs/benchmarks.md). Each compiled graph is kept under its
 inputs' dtypes, devices, ranks and memory formats; the generated code asserts their sizes and

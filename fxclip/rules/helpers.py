@@ -20,11 +20,11 @@ def positions(x: torch.Tensor) -> torch.Tensor:
 
 
 def bias_form(g: torch.Tensor, shape: torch.Size) -> PerExampleGrad:
-    """A bias added at every position, g the output gradient as [B, G, T, p]: G_i = Σ_t g_it
-    (summed in at least float32), built. It is as small as g at one position, and the linear form
-    it also is (L = g, R = a column of ones) costs more either way: T² per example in Gram
-    products, and ops for the ones that a sum does not need (a third of an MLP's norm and
-    clipped-sum ops went to its biases' ones)."""
+    """A bias added at every position, g the output gradient as [B, G, T, p]: G_i = Σ_t g_it (a
+    sum over several positions in at least float32; one position is g itself), built. It is as
+    small as g at one position, and the linear form it also is (L = g, R = a column of ones)
+    costs more either way: T² per example in Gram products, and ops for the ones that a sum does
+    not need (a third of an MLP's norm and clipped-sum ops went to its biases' ones)."""
     summed = g.sum(2, dtype=accumulation_dtype(g.dtype)) if g.shape[2] != 1 else g
     return PerExampleGrad(summed.reshape(g.shape[0], *shape))
 
