@@ -154,6 +154,8 @@ def test_the_traced_graph_runs_aten_ops_through_python_bindings_and_shows_aten_o
     assert torch._C._VariableFunctions.mm in ran and torch.ops.aten.mm.default not in ran
     # backward ops have no binding and stay aten ops
     assert torch.ops.aten.tanh_backward.default in ran
+    # a factor's view, permute, view, unsqueeze is one view (test_a_chain_of_views_...); detach goes
+    assert not {torch.permute, torch.detach} & set(ran)
 
 
 def _index_put_graph() -> torch.fx.GraphModule:
@@ -180,3 +182,57 @@ def test_a_binding_that_disagrees_with_its_aten_op_is_not_used(monkeypatch):
     for _ in range(2):
         assert torch.equal(run(*args)[0], want[0])
     assert _targets(run.bound) == [torch.ops.aten.index_put.default, torch.mul]
+
+
+def _traced_with_symbolic_batch(fn, x: torch.Tensor) -> torch.fx.GraphModule:
+    """`fn` traced as the step graph is: fake tensors whose first dim is the one symbol."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.fx.experimental.proxy_tensor import make_fx
+    from torch.fx.experimental.symbolic_shapes import DimDynamic, ShapeEnv, StatelessSymbolicContext
+
+    mode = FakeTensorMode(shape_env=ShapeEnv(duck_shape=False))
+    sizes = [DimDynamic.DYNAMIC] + [DimDynamic.STATIC] * (x.dim() - 1)
+    fake = mode.from_tensor(x, symbolic_context=StatelessSymbolicContext(dynamic_sizes=sizes))
+    with mode:
+        return make_fx(lambda x: (fn(x),), tracing_mode="fake")(fake)
+
+
+VIEW = torch._C.TensorBase.view
+# (the function on a [B, 6] batch, the ops its bound graph calls): a chain of views that keeps the
+# elements' order is one view of its first input (or that input itself); a transpose of two sizes
+# > 1 reorders them and ends a chain
+VIEW_CHAINS = {
+    "size-1 dims moved": (lambda x: x.view(1, -1, 1, 6).permute(1, 0, 2, 3).view(-1, 1, 6).unsqueeze(1) * 2, [VIEW, torch.mul]),
+    "back to its own sizes": (lambda x: x.unsqueeze(0).transpose(0, 1).view(-1, 6) * 2, [torch.mul]),
+    "a transpose of two sizes > 1": (
+        lambda x: x.view(-1, 2, 3).transpose(1, 2).unsqueeze(0).view(1, -1, 3, 2) * 2,
+        [VIEW, torch.transpose, VIEW, torch.mul],
+    ),
+    "a detach": (lambda x: x.detach() * 2, [torch.mul]),
+}
+
+
+@pytest.mark.parametrize("case", VIEW_CHAINS)
+def test_a_chain_of_views_that_keeps_the_order_runs_as_one_view(case):
+    fn, ops = VIEW_CHAINS[case]
+    run = _OpByOp(_traced_with_symbolic_batch(fn, torch.randn(4, 6)), "cpu")
+    for size in (4, 4, 7):  # the checked run, then the bound graph at the checked size and another
+        x = torch.randn(size, 6)
+        (got,) = run(x)
+        want = fn(x)
+        assert torch.equal(got, want) and got.stride() == want.stride()
+    assert [t for t in _targets(run.bound) if t is not torch._C.TensorBase.size] == ops
+
+
+def test_a_collapsed_view_with_other_strides_than_the_chain_is_not_used():
+    # the permute gives the moved size-1 dim its own stride ([B, 1, 1, 6]: (6, 6B, 6, 1)), one
+    # view another ((6, 6, 6, 1)): the same values, but the check keeps the chain
+    def fn(x):
+        return x.view(1, -1, 1, 6).permute(1, 0, 2, 3) * 2
+
+    run = _OpByOp(_traced_with_symbolic_batch(fn, torch.randn(4, 6)), "cpu")
+    for size in (4, 4, 7):
+        x = torch.randn(size, 6)
+        (got,) = run(x)
+        assert torch.equal(got, fn(x))
+    assert [t for t in _targets(run.bound) if t is not torch._C.TensorBase.size] == [VIEW, torch.permute, torch.mul]

@@ -10,12 +10,12 @@ their factor concatenations and Gram products are the same ops). That graph goes
 would only add guard checks to every call), which fuses the forward, backward, norm terms and
 contractions (C++ on a CPU, Triton on a GPU). With `backend="python"` (the non-compiled step,
 `compile=False`, once a capture has run a few steps) the same graph runs as Python code, one
-eager op per node (aten ops through their Python bindings, checked on the first run: `_OpByOp`):
-none of the program's per-step Python (walking the plan, making forms, choosing strategies),
-repeated products computed once, and each value freed after its last use
-(the zoo's eager steps 1.1x-1.7x faster, and peak memory up to half lower, than the program:
-docs/benchmarks.md). Each compiled graph is kept under its
-inputs' dtypes, devices, ranks and memory formats; the generated code asserts their sizes and
+eager op per node (aten ops through their Python bindings, chains of views as one view, checked
+on the first run: `_OpByOp`): none of the program's per-step Python (walking the plan, making
+forms, choosing strategies), repeated products computed once, and each value freed after its
+last use (the zoo's eager steps 1.1x-1.7x faster, and peak memory up to half lower, than the
+program: docs/benchmarks.md). Each compiled graph is kept under its inputs' dtypes, devices,
+ranks and memory formats; the generated code asserts their sizes and
 strides, so a tensor in no dense format (a transposed or sliced view) is made contiguous first.
 
 Not in `PASSES`: it needs real parameters and a batch, and runs on the first compiled step.
@@ -167,16 +167,16 @@ class CompiledStep:
         """The step graph for these arguments traced with a symbolic batch, without compiling
         (what inductor would get): (graph with inputs (bounds, *flat_args), the fake inputs it was
         traced on). `device` picks the device-dependent graph passes (default: the arguments')."""
-        args = [_dense(a) for a in flat_args]
+        args, _ = _dense(flat_args)
         return self._trace(None, self._bound_rows(self._batch_size(args), args), args, device)
 
     def __call__(self, flat_args: Sequence, max_grad_norm: float | None = None) -> StepOutput:
         batch = self._batch_size(flat_args)
         # a CUDA graph is recorded per batch size: padded to buckets, a few of them serve every size
         padded = bucket_size(batch) if self.batch_mode == "buckets" or self.graphs is not None else max(batch, 2)
-        args = [_dense(a) for a in self._padded(list(flat_args), batch, padded)]
+        args, signature = _dense(self._padded(list(flat_args), batch, padded))
         # the graph holds the casts of the autocast state it was traced under
-        key = (None if self.batch_mode == "dynamic" else padded, _signature(args), autocast_state(args))
+        key = (None if self.batch_mode == "dynamic" else padded, signature, autocast_state(args))
         if max_grad_norm is not None and bound_values(max_grad_norm) != self.max_grad_norm:
             self.max_grad_norm = bound_values(max_grad_norm)
             self._bounds_made.clear()
@@ -372,8 +372,10 @@ class _OpByOp:
     signature, which is not always the schema's (`torch.index_put` takes no None among its
     indices), so the first run is op by op in an interpreter that calls both and keeps the binding
     only where its result has the aten op's values, dtype, sizes, strides and aliasing; that run
-    returns the aten ops' results, and later runs are the bound graph's code. `graph` (what
-    `step_graph` shows) keeps its aten ops."""
+    returns the aten ops' results, and later runs are the bound graph's code. The same check
+    makes each chain of views that keeps the elements' order one view (a weight's factor was
+    view, permute, view, unsqueeze of the activation), and detach goes: the MLP's graph runs 96
+    ops instead of 148. `graph` (what `step_graph` shows) keeps its aten ops."""
 
     def __init__(self, graph: GraphModule, device_type: str):
         self.graph, self.device_type = graph, device_type
@@ -390,12 +392,24 @@ class _OpByOp:
 
 
 class _BindingChecker(torch.fx.Interpreter):
-    """Runs the graph's aten ops and, beside each that has a Python binding, the binding on the
-    same arguments; `bound_graph()` is a copy of the graph calling the bindings that agreed."""
+    """Runs the graph's aten ops and, beside each, a cheaper call the first run checks gives the
+    same result: the op's Python binding, or for the last of a chain of views that keep the
+    elements' order (`_collapsible_views`), one view of the chain's first input. `bound_graph()` is
+    a copy of the graph with the cheaper calls that agreed, without the views and sizes that
+    nothing reads any more."""
 
     def __init__(self, graph: GraphModule):
         super().__init__(graph)
         self.agreed: dict[torch.fx.Node, Callable] = {}
+        self.collapsible = _collapsible_views(graph.graph)
+        self.collapsed: dict[torch.fx.Node, tuple[torch.fx.Node, list[int]]] = {}
+        # a chain's first input is kept until its last view, which the check makes from it
+        last_use = {n: user for user, ns in self.user_to_last_uses.items() for n in ns}
+        for end, (root, _) in self.collapsible.items():
+            if last_use[root] < end:
+                self.user_to_last_uses[last_use[root]].remove(root)
+                self.user_to_last_uses.setdefault(end, []).append(root)
+                last_use[root] = end
 
     def call_function(self, target, args, kwargs):
         want = super().call_function(target, args, kwargs)
@@ -411,14 +425,109 @@ class _BindingChecker(torch.fx.Interpreter):
 
     def run_node(self, node):
         self.node = node
-        return super().run_node(node)
+        want = super().run_node(node)
+        if node in self.collapsible:
+            root, sizes = self.collapsible[node]
+            base = self.env[root]
+            try:
+                got = base if sizes is None else base.view(want.shape)
+            except RuntimeError:
+                return want
+            if _same_results(got, want, [base]):
+                self.collapsed[node] = (root, sizes)
+        return want
 
     def bound_graph(self) -> GraphModule:
         graph, copies = torch.fx.Graph(), {}
         graph.output(graph.graph_copy(self.module.graph, copies))
         for node, binding in self.agreed.items():
             copies[node].target = binding
+        for node, (root, sizes) in self.collapsed.items():
+            if sizes is None:
+                copies[node].replace_all_uses_with(copies[root])
+            else:
+                copies[node].target, copies[node].args, copies[node].kwargs = torch._C.TensorBase.view, (copies[root], sizes), {}
+        for node in self.module.graph.nodes:
+            if node.target is torch.ops.aten.detach.default:  # no autograd here: the value itself
+                copies[node].replace_all_uses_with(copies[node].args[0])
+        _one_node_per_size(graph)
+        graph.eliminate_dead_code()
         return GraphModule(self.module, graph)
+
+
+# views that keep the order of a tensor's elements (unless a permute moves a dim past another of
+# size > 1), so that a chain of them is one view of its first input
+_REORDERING_VIEWS = (torch.ops.aten.permute.default, torch.ops.aten.transpose.int, torch.ops.aten.t.default)
+_ORDER_KEEPING_VIEWS = (
+    torch.ops.aten.view.default,
+    torch.ops.aten._unsafe_view.default,
+    torch.ops.aten.unsqueeze.default,
+    torch.ops.aten.squeeze.default,
+    torch.ops.aten.squeeze.dim,
+    torch.ops.aten.squeeze.dims,
+)
+
+
+def _keeps_order(node: torch.fx.Node) -> bool:
+    if node.op != "call_function" or "val" not in node.meta:
+        return False
+    if node.target in _ORDER_KEEPING_VIEWS:
+        return True
+    if node.target not in _REORDERING_VIEWS:
+        return False
+    shape = node.args[0].meta["val"].shape
+    if node.target is torch.ops.aten.permute.default:
+        order = [d % len(shape) for d in node.args[1]]
+    else:
+        order = list(range(len(shape)))
+        if len(shape) >= 2:
+            a, b = (0, 1) if node.target is torch.ops.aten.t.default else (node.args[1] % len(shape), node.args[2] % len(shape))
+            order[a], order[b] = order[b], order[a]
+    moved = [d for d in order if not (isinstance(shape[d], int) and shape[d] == 1)]  # a symbolic size is never 1
+    return moved == sorted(moved)
+
+
+def _collapsible_views(graph: torch.fx.Graph) -> dict[torch.fx.Node, tuple[torch.fx.Node, list[int] | None]]:
+    """{last view: (the chain's first input, the sizes to view it as)} for each chain of views
+    that keep the elements' order: the chain's result then has the first input's elements in the
+    same order, i.e. is that input viewed as the result's sizes (if those strides exist, which the
+    first run checks). The sizes are ints with -1 for the one symbolic size; None where they are
+    the input's own (the input itself). A single view is listed only then."""
+    out = {}
+    for node in graph.nodes:
+        if not _keeps_order(node):
+            continue
+        root = node.args[0]
+        while _keeps_order(root):
+            root = root.args[0]
+        shape = node.meta["val"].shape
+        if _same_sizes(shape, root.meta["val"].shape):
+            out[node] = (root, None)
+            continue
+        symbolic = [i for i, s in enumerate(shape) if not isinstance(s, int)]
+        if root is node.args[0] or len(symbolic) > 1 or any(isinstance(s, int) and s == 0 for s in shape):
+            continue  # one view already; -1 stands for one size only, and cannot be inferred beside a 0
+        out[node] = (root, [-1 if i in symbolic else s for i, s in enumerate(shape)])
+    return out
+
+
+def _same_sizes(a: Sequence, b: Sequence) -> bool:
+    """Equal sizes, a symbolic size equal to a symbolic one by its expression (no guard is made)."""
+    def expr(s):
+        return s.node.expr if isinstance(s, torch.SymInt) else s
+
+    return len(a) == len(b) and all(expr(x) == expr(y) for x, y in zip(a, b))
+
+
+def _one_node_per_size(graph: torch.fx.Graph) -> None:
+    """Each `aten.sym_size` read of a size already read elsewhere (the batch, read from each view
+    of it) uses the first read: the views read from can then go."""
+    first: dict = {}
+    for node in list(graph.nodes):
+        if node.target in (torch.ops.aten.sym_size.int, torch._C.TensorBase.size) and isinstance(node.meta.get("val"), torch.SymInt):
+            kept = first.setdefault(node.meta["val"].node.expr, node)
+            if kept is not node:
+                node.replace_all_uses_with(kept)
 
 
 def _same_results(got, want, inputs: list[torch.Tensor]) -> bool:
@@ -566,33 +675,32 @@ def _common_refinement(old: list, new: list) -> list | None:
     return common if not old and not new else None
 
 
-def _signature(args: Sequence) -> tuple:
-    """What a compiled step graph assumes of its inputs besides their sizes (and of their strides,
-    the memory format `_dense` left them in)."""
-    return tuple(
-        (a.dtype, a.device, a.dim(), a.requires_grad, _memory_format(a)) if isinstance(a, torch.Tensor) else a
-        for a in args
-    )
-
-
 # the dense layouts a tensor may keep into a compiled step, by rank (the first that fits is its)
 _FORMATS = {4: (torch.contiguous_format, torch.channels_last), 5: (torch.contiguous_format, torch.channels_last_3d)}
 
 
-def _memory_format(t: torch.Tensor) -> torch.memory_format | None:
-    for memory_format in _FORMATS.get(t.dim(), (torch.contiguous_format,)):  # a loop: called per input per step
-        if t.is_contiguous(memory_format=memory_format):
-            return memory_format
-    return None
-
-
-def _dense(a):
-    """`a` in a dense layout: the generated code asserts the strides it was traced with, so a
-    transposed, sliced or expanded tensor (same sizes, other strides) is copied into a contiguous
-    one; a contiguous or channels-last tensor stays as it is (its format is in `_signature`)."""
-    if isinstance(a, torch.Tensor) and _memory_format(a) is None:
-        return a.contiguous()
-    return a
+def _dense(args: Sequence) -> tuple[list, tuple]:
+    """(the arguments in a dense layout, their signature). The generated code asserts the strides
+    it was traced with, so a transposed, sliced or expanded tensor (same sizes, other strides) is
+    copied into a contiguous one; a contiguous or channels-last tensor stays as it is. The
+    signature is what a compiled step graph assumes of its inputs besides their sizes: dtype,
+    device, rank, requires_grad and memory format (hence strides); a non-tensor's value. One pass
+    over the arguments: it runs on every step."""
+    dense, signature = [], []
+    for a in args:
+        if isinstance(a, torch.Tensor):
+            layout = None
+            for memory_format in _FORMATS.get(a.dim(), (torch.contiguous_format,)):
+                if a.is_contiguous(memory_format=memory_format):
+                    layout = memory_format
+                    break
+            if layout is None:
+                a, layout = a.contiguous(), torch.contiguous_format
+            signature.append((a.dtype, a.device, a.dim(), a.requires_grad, layout))
+        else:
+            signature.append(a)
+        dense.append(a)
+    return dense, tuple(signature)
 
 
 def _user_dims(flat_args, user: list[int], batch_dims: Sequence[int]) -> dict[int, int]:
