@@ -46,8 +46,10 @@ _FSDP_MODULE_PREFIX = "torch.distributed.fsdp._fully_shard"
 
 
 def _fsdp_api():
-    """torch's FSDP2 and DTensor classes, or None where torch.distributed is not built."""
-    if not dist.is_available():
+    """torch's FSDP2 and DTensor classes, or None where torch.distributed is not built or not
+    initialized (a device mesh, which DTensor and fully_shard need, initializes it): then no
+    module walk on every step."""
+    if not dist.is_available() or not dist.is_initialized():
         return None
     from torch.distributed.fsdp import FSDPModule
     from torch.distributed.tensor import DTensor, Shard
