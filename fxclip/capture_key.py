@@ -27,7 +27,6 @@ from torch.nn.modules import module as module_globals
 _SCALARS = frozenset({bool, int, float, complex, str, type(None), torch.dtype, torch.device, torch.memory_format})
 _FUNCTIONS = frozenset({types.FunctionType, types.MethodType, types.BuiltinFunctionType, functools.partial, type})
 _MODULE_INTERNALS = frozenset(vars(torch.nn.Module())) - {"training"}  # hooks are keyed on their own
-_HOOKS = ("_forward_pre_hooks", "_forward_hooks", "_backward_pre_hooks", "_backward_hooks")
 _GLOBAL_HOOKS = ("_global_forward_pre_hooks", "_global_forward_hooks", "_global_backward_pre_hooks", "_global_backward_hooks")
 
 
@@ -75,17 +74,30 @@ def _modules_key(model: torch.nn.Module) -> tuple:
     """Per module: name, type, attributes, hooks, parameters (shape, dtype, device, trainable)
     and buffers."""
     out = []
-    for name, m in model.named_modules(remove_duplicate=False):
+    for name, m in _modules(model):
         d = vars(m)
         out.append((
             name,
             type(m),
             _attributes(d),
-            tuple(k for h in _HOOKS for k in d[h]),
-            tuple((k, p.shape, p.dtype, p.device, p.requires_grad) for k, p in d["_parameters"].items() if p is not None),
-            tuple((k, b.shape, b.dtype, b.device) for k, b in d["_buffers"].items() if b is not None),
+            (*d["_forward_pre_hooks"], *d["_forward_hooks"], *d["_backward_pre_hooks"], *d["_backward_hooks"]),
+            tuple([(k, p.shape, p.dtype, p.device, p.requires_grad) for k, p in d["_parameters"].items() if p is not None]),
+            tuple([(k, b.shape, b.dtype, b.device) for k, b in d["_buffers"].items() if b is not None]),
         ))
     return tuple(out)
+
+
+def _modules(root: torch.nn.Module) -> list[tuple[str, torch.nn.Module]]:
+    """`root.named_modules(remove_duplicate=False)`, walked without nested generators (each yield
+    passes through every enclosing generator: that walk cost 2x this one on the zoo)."""
+    out, stack = [], [("", root)]
+    while stack:
+        name, m = stack.pop()
+        out.append((name, m))
+        if m._modules:
+            prefix = name + "." if name else ""
+            stack.extend([(prefix + k, c) for k, c in reversed(m._modules.items()) if c is not None])
+    return out
 
 
 def _attributes(attributes: dict) -> tuple:
