@@ -384,14 +384,14 @@ class _OpByOp:
     def __call__(self, *args) -> list[torch.Tensor]:
         with torch.no_grad(), torch.autocast(self.device_type, enabled=False):
             if self.bound is None:
-                checker = _BindingChecker(self.graph)
+                checker = _CheapCallsChecker(self.graph)
                 outs = checker.run(*args)
                 self.bound = checker.bound_graph()
                 return outs
             return self.bound(*args)
 
 
-class _BindingChecker(torch.fx.Interpreter):
+class _CheapCallsChecker(torch.fx.Interpreter):
     """Runs the graph's aten ops and, beside each, a cheaper call the first run checks gives the
     same result: the op's Python binding, or for the last of a chain of views that keep the
     elements' order (`_collapsible_views`), one view of the chain's first input. `bound_graph()` is
@@ -402,7 +402,7 @@ class _BindingChecker(torch.fx.Interpreter):
         super().__init__(graph)
         self.agreed: dict[torch.fx.Node, Callable] = {}
         self.collapsible = _collapsible_views(graph.graph)
-        self.collapsed: dict[torch.fx.Node, tuple[torch.fx.Node, list[int]]] = {}
+        self.collapsed: dict[torch.fx.Node, tuple[torch.fx.Node, list[int] | None]] = {}
         # a chain's first input is kept until its last view, which the check makes from it
         last_use = {n: user for user, ns in self.user_to_last_uses.items() for n in ns}
         for end, (root, _) in self.collapsible.items():
